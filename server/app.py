@@ -1,0 +1,128 @@
+"""Assemble and run the service: database, pool, core, gRPC server, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from follow.v1 import follow_pb2, follow_pb2_grpc
+from server.config import Settings
+from server.core import FollowCore
+from server.cursor import CursorCodec
+from server.database import Database, create_pool, open_database, redact
+from server.rules import Limits
+from server.servicer import AccountServicer, FollowServicer
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    follow_pb2.DESCRIPTOR.services_by_name["FollowService"].full_name,
+    follow_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+)
+HEALTH_INTERVAL_SECONDS = 1.0
+
+
+@dataclass
+class RunningService:
+    server: grpc.aio.Server
+    port: int
+    pool: asyncpg.Pool
+    health: health_aio.HealthServicer
+    store: Store
+    core: FollowCore
+    _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, let in-flight ones finish within `grace`, close the pool."""
+        await self.health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.server.stop(grace)
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout=max(grace, 1.0))
+        except TimeoutError:
+            self.pool.terminate()
+
+
+async def _watch_database(store: Store, health: health_aio.HealthServicer) -> None:
+    """SERVING only while the database answers."""
+    last: int | None = None
+    while True:
+        try:
+            await asyncio.wait_for(store.ping(), timeout=HEALTH_INTERVAL_SECONDS * 2)
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if status != last:
+            for name in ("", *SERVICE_NAMES):
+                await health.set(name, status)
+            if last is not None:
+                log.warning(
+                    "database health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                )
+            last = status
+        await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+
+
+async def start_service(settings: Settings, database_url: str) -> RunningService:
+    pool = await create_pool(database_url, settings.db_pool_size)
+    store = Store(pool)
+    core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(core), server)
+    follow_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(core), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(settings.grpc_listen)
+    if port == 0:
+        await pool.close()
+        raise OSError(f"cannot listen on {settings.grpc_listen}")
+    await server.start()
+    running = RunningService(server, port, pool, health, store, core)
+    running._monitor = asyncio.create_task(_watch_database(store, health))
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    database: Database = await open_database(settings.database_url, settings.data_dir)
+    try:
+        log.info("database: %s%s", redact(database.url), " (embedded)" if database.embedded else "")
+        running = await start_service(settings, database.url)
+        host = settings.grpc_listen.rsplit(":", 1)[0]
+        log.info("gRPC listening on %s:%d", host, running.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
+        await running.stop(settings.grace_seconds)
+    finally:
+        await asyncio.to_thread(database.close)
+    log.info("stopped")

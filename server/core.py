@@ -1,0 +1,256 @@
+"""The service's rules over plain Python values: validation, batch limits, per-item results.
+
+Both doors call this: the gRPC servicer directly, and the v4 shim through the gRPC contract.
+A request-level problem raises ServiceError before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from server import rules
+from server.cursor import CursorCodec, Position
+from server.errors import FollowType, ItemCode, Reason, ServiceError
+from server.store import AccountInput, Counts, Store
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    user_id: str
+    code: ItemCode
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    user_id: str
+    code: ItemCode
+    message: str
+    follow_type: FollowType
+
+
+@dataclass(frozen=True, slots=True)
+class InfoResult:
+    user_id: str
+    code: ItemCode
+    message: str
+    counts: Counts
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    user_id: str
+    at_us: int
+    nick: str
+    face_url: str
+    profile_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    entries: list[Entry]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStatus:
+    user_id: str
+    code: ItemCode
+    message: str
+    imported: bool
+
+
+MESSAGES: dict[ItemCode, str] = {
+    ItemCode.OK: "",
+    ItemCode.ACCOUNT_NOT_FOUND: "account does not exist",
+    ItemCode.FOLLOWING_LIMIT_REACHED: "following limit reached",
+}
+_ZERO = Counts(0, 0, 0)
+
+
+def _require_user(user_id: str, field: str = "user_id") -> None:
+    problem = rules.user_id_problem(user_id)
+    if problem is not None:
+        raise ServiceError(Reason.INVALID_USER_ID, f"{field}: {problem}", field)
+
+
+def _require_batch(items: Sequence[object], maximum: int, field: str) -> None:
+    if not items:
+        raise ServiceError(Reason.MISSING_ITEMS, f"{field}: at least one item is required", field)
+    if len(items) > maximum:
+        raise ServiceError(
+            Reason.TOO_MANY_ITEMS,
+            f"{field}: {len(items)} items given, at most {maximum} are allowed",
+            field,
+        )
+
+
+def _invalid(user_id: str, why: str) -> ItemResult:
+    return ItemResult(user_id, ItemCode.INVALID_ARGUMENT, why)
+
+
+class FollowCore:
+    def __init__(self, store: Store, cursors: CursorCodec, limits: rules.Limits) -> None:
+        self._store = store
+        self._cursors = cursors
+        self._limits = limits
+
+    def _targets(
+        self, user_id: str, targets: Sequence[str], maximum: int, no_self: bool
+    ) -> tuple[dict[str, ItemResult], list[str]]:
+        """Validate the request; per-item failures, and the distinct valid targets in order."""
+        _require_user(user_id)
+        _require_batch(targets, maximum, "target_ids")
+        failed: dict[str, ItemResult] = {}
+        valid: dict[str, None] = {}
+        for target in targets:
+            problem = rules.user_id_problem(target)
+            if problem is not None:
+                failed[target] = _invalid(target, problem)
+            elif no_self and target == user_id:
+                failed[target] = _invalid(target, "a user cannot follow themselves")
+            else:
+                valid[target] = None
+        return failed, list(valid)
+
+    async def follow(self, user_id: str, targets: Sequence[str]) -> list[ItemResult]:
+        failed, valid = self._targets(user_id, targets, rules.MAX_FOLLOW_TARGETS, no_self=True)
+        codes = await self._store.follow(user_id, valid, self._limits.max_following)
+        done = {t: ItemResult(t, code, MESSAGES[code]) for t, code in codes.items()}
+        return [failed.get(t) or done[t] for t in targets]
+
+    async def unfollow(self, user_id: str, targets: Sequence[str]) -> list[ItemResult]:
+        failed, valid = self._targets(user_id, targets, rules.MAX_FOLLOW_TARGETS, no_self=True)
+        await self._store.unfollow(user_id, valid)
+        return [failed.get(t) or ItemResult(t, ItemCode.OK) for t in targets]
+
+    async def check(self, user_id: str, targets: Sequence[str]) -> list[CheckResult]:
+        failed, valid = self._targets(user_id, targets, rules.MAX_CHECK_TARGETS, no_self=False)
+        types = await self._store.check(user_id, valid or [user_id])
+        results = []
+        for t in targets:
+            bad = failed.get(t)
+            if bad is not None:
+                results.append(CheckResult(t, bad.code, bad.message, FollowType.NONE))
+            else:
+                results.append(CheckResult(t, ItemCode.OK, "", types[t]))
+        return results
+
+    async def get_info(self, user_id: str, targets: Sequence[str]) -> list[InfoResult]:
+        failed, valid = self._targets(user_id, targets, rules.MAX_INFO_TARGETS, no_self=False)
+        counts = await self._store.counts([user_id, *valid])
+        if user_id not in counts:
+            raise ServiceError(
+                Reason.USER_NOT_FOUND, "the acting user has not been imported", "user_id"
+            )
+        results = []
+        for t in targets:
+            bad = failed.get(t)
+            if bad is not None:
+                results.append(InfoResult(t, bad.code, bad.message, _ZERO))
+            elif t in counts:
+                results.append(InfoResult(t, ItemCode.OK, "", counts[t]))
+            else:
+                code = ItemCode.ACCOUNT_NOT_FOUND
+                results.append(InfoResult(t, code, MESSAGES[code], _ZERO))
+        return results
+
+    async def list_page(
+        self, user_id: str, list_type: int, page_size: int, page_token: str
+    ) -> Page:
+        _require_user(user_id)
+        if list_type not in (FollowType.FAN, FollowType.FOLLOWING, FollowType.MUTUAL):
+            raise ServiceError(
+                Reason.INVALID_FOLLOW_TYPE,
+                f"follow_type: {list_type} is not a list;"
+                " use 1 (fans), 2 (following) or 3 (mutual)",
+                "follow_type",
+            )
+        size = rules.page_size(page_size)
+        if size is None:
+            raise ServiceError(
+                Reason.INVALID_PAGE_SIZE, "page_size: must not be negative", "page_size"
+            )
+        after = None
+        if page_token:
+            pos = self._cursors.decode(page_token, user_id, list_type)
+            after = (pos.at_us, pos.user_id)
+        rows, profiles = await self._store.page(user_id, FollowType(list_type), size + 1, after)
+        if user_id not in profiles:
+            raise ServiceError(Reason.USER_NOT_FOUND, "the user has not been imported", "user_id")
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            last = rows[-1]
+            token = self._cursors.encode(user_id, list_type, Position(last.at_us, last.user_id))
+        entries = []
+        for row in rows:
+            p = profiles.get(row.user_id)
+            entries.append(
+                Entry(
+                    row.user_id,
+                    row.at_us,
+                    (p.nick or "") if p else "",
+                    (p.face_url or "") if p else "",
+                    p.profile_sequence if p else 0,
+                )
+            )
+        return Page(entries, token)
+
+    # -- accounts ------------------------------------------------------------------------
+
+    async def import_accounts(self, accounts: Sequence[AccountInput]) -> list[ItemResult]:
+        _require_batch(accounts, rules.MAX_ACCOUNTS, "accounts")
+        problems: list[str | None] = []
+        merged: dict[str, AccountInput] = {}
+        for acc in accounts:
+            problem = rules.user_id_problem(acc.user_id)
+            for name, value in (("nick", acc.nick), ("face_url", acc.face_url)):
+                if problem is None and value is not None:
+                    problem = rules.profile_field_problem(name, value)
+            problems.append(problem)
+            if problem is not None:
+                continue
+            earlier = merged.get(acc.user_id)
+            if earlier is not None:  # later fields win, as if imported one after the other
+                acc = AccountInput(
+                    acc.user_id,
+                    acc.nick if acc.nick is not None else earlier.nick,
+                    acc.face_url if acc.face_url is not None else earlier.face_url,
+                )
+            merged[acc.user_id] = acc
+        if merged:
+            await self._store.import_accounts(list(merged.values()))
+        return [
+            ItemResult(a.user_id, ItemCode.OK) if p is None else _invalid(a.user_id, p)
+            for a, p in zip(accounts, problems, strict=True)
+        ]
+
+    async def check_accounts(self, user_ids: Sequence[str]) -> list[AccountStatus]:
+        _require_batch(user_ids, rules.MAX_ACCOUNTS, "user_ids")
+        problems = {u: rules.user_id_problem(u) for u in user_ids}
+        valid = [u for u, p in problems.items() if p is None]
+        existing = await self._store.existing_accounts(valid) if valid else set()
+        results = []
+        for u in user_ids:
+            problem = problems[u]
+            if problem is not None:
+                results.append(AccountStatus(u, ItemCode.INVALID_ARGUMENT, problem, False))
+            else:
+                results.append(AccountStatus(u, ItemCode.OK, "", u in existing))
+        return results
+
+    async def delete_accounts(self, user_ids: Sequence[str]) -> list[ItemResult]:
+        _require_batch(user_ids, rules.MAX_ACCOUNTS, "user_ids")
+        problems = {u: rules.user_id_problem(u) for u in user_ids}
+        valid = [u for u, p in problems.items() if p is None]
+        if valid:
+            await self._store.delete_accounts(valid)
+        results = []
+        for u in user_ids:
+            problem = problems[u]
+            results.append(
+                _invalid(u, problem) if problem is not None else ItemResult(u, ItemCode.OK)
+            )
+        return results

@@ -1,0 +1,94 @@
+"""The error vocabulary: per-item result codes and request-level reasons.
+
+One table maps each to its gRPC status code and v4 number, so both doors say the same thing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import grpc
+
+
+class ItemCode(enum.IntEnum):
+    """Per-item outcome; the numbers are follow.v1.ResultCode's."""
+
+    OK = 0
+    INVALID_ARGUMENT = 1
+    ACCOUNT_NOT_FOUND = 2
+    FOLLOWING_LIMIT_REACHED = 3
+
+
+class FollowType(enum.IntEnum):
+    """Relationship seen from a user; the numbers are follow.v1.FollowType's and v4's."""
+
+    NONE = 0
+    FAN = 1
+    FOLLOWING = 2
+    MUTUAL = 3
+
+
+ITEM_V4_CODES: dict[ItemCode, int] = {
+    ItemCode.OK: 0,
+    ItemCode.INVALID_ARGUMENT: 30001,
+    ItemCode.ACCOUNT_NOT_FOUND: 30003,
+    ItemCode.FOLLOWING_LIMIT_REACHED: 32100,
+}
+
+
+class Reason(enum.StrEnum):
+    """Why a whole request failed: google.rpc.ErrorInfo.reason."""
+
+    INVALID_USER_ID = "INVALID_USER_ID"
+    MISSING_ITEMS = "MISSING_ITEMS"
+    TOO_MANY_ITEMS = "TOO_MANY_ITEMS"
+    INVALID_FOLLOW_TYPE = "INVALID_FOLLOW_TYPE"
+    INVALID_PAGE_SIZE = "INVALID_PAGE_SIZE"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    USER_NOT_FOUND = "USER_NOT_FOUND"
+    CONTENTION = "CONTENTION"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    OVERLOADED = "OVERLOADED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonMapping:
+    grpc_code: grpc.StatusCode
+    v4_code: int
+
+
+REASONS: dict[Reason, ReasonMapping] = {
+    Reason.INVALID_USER_ID: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.MISSING_ITEMS: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.TOO_MANY_ITEMS: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.INVALID_FOLLOW_TYPE: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.INVALID_PAGE_SIZE: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.INVALID_PAGE_TOKEN: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.INVALID_ARGUMENT: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.USER_NOT_FOUND: ReasonMapping(grpc.StatusCode.NOT_FOUND, 30003),
+    Reason.CONTENTION: ReasonMapping(grpc.StatusCode.ABORTED, 30006),
+    Reason.DATABASE_UNAVAILABLE: ReasonMapping(grpc.StatusCode.UNAVAILABLE, 30006),
+    Reason.DEADLINE_EXCEEDED: ReasonMapping(grpc.StatusCode.DEADLINE_EXCEEDED, 30007),
+    Reason.OVERLOADED: ReasonMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 30006),
+    Reason.INTERNAL: ReasonMapping(grpc.StatusCode.INTERNAL, 30006),
+}
+
+ERROR_DOMAIN = "follow.v1"
+
+
+class ServiceError(Exception):
+    """A request that fails as a whole and changes nothing."""
+
+    def __init__(self, reason: Reason, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.field = field
+
+    @property
+    def mapping(self) -> ReasonMapping:
+        return REASONS[self.reason]

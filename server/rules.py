@@ -1,0 +1,52 @@
+"""Limits and id rules shared by both doors (gRPC and the v4 shim): section 5 of the v4 spec."""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+MAX_USER_ID_BYTES = 32
+MAX_PROFILE_FIELD_BYTES = 500
+MAX_FOLLOW_TARGETS = 20
+MAX_CHECK_TARGETS = 100
+MAX_INFO_TARGETS = 20
+MAX_ACCOUNTS = 100
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_MAX_FOLLOWING = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits an operator may change; everything else above is part of the contract."""
+
+    max_following: int = DEFAULT_MAX_FOLLOWING
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """Why `user_id` is not a valid user id, or None when it is."""
+    if not user_id:
+        return "user id is empty"
+    if len(user_id.encode("utf-8", "surrogatepass")) > MAX_USER_ID_BYTES:
+        return f"user id is longer than {MAX_USER_ID_BYTES} bytes of UTF-8"
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in user_id):
+        return "user id contains a control character or an unpaired surrogate"
+    return None
+
+
+def profile_field_problem(name: str, value: str) -> str | None:
+    """Why a nick or face URL cannot be stored, or None when it can."""
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PROFILE_FIELD_BYTES:
+        return f"{name} is longer than {MAX_PROFILE_FIELD_BYTES} bytes of UTF-8"
+    if "\x00" in value or any(unicodedata.category(ch) == "Cs" for ch in value):
+        return f"{name} contains a NUL character or an unpaired surrogate"
+    return None
+
+
+def page_size(requested: int) -> int | None:
+    """The page size to serve for a requested one, or None when the request is invalid."""
+    if requested < 0:
+        return None
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(requested, MAX_PAGE_SIZE)

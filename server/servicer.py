@@ -1,0 +1,228 @@
+"""gRPC servicers: protobuf <-> core, and exceptions <-> google.rpc.Status. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from follow.v1 import follow_pb2 as pb
+from follow.v1 import follow_pb2_grpc as pb_grpc
+from server.core import FollowCore, ItemResult
+from server.errors import ERROR_DOMAIN, Reason, ServiceError
+from server.store import AccountInput
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Servicer = TypeVar("Servicer")
+Handler = Callable[[Servicer, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+def classify(exc: BaseException) -> ServiceError:
+    """The ServiceError a failure is reported as; database trouble never leaks its text."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return ServiceError(Reason.DEADLINE_EXCEEDED, "the database did not answer in time")
+    if isinstance(exc, _UNAVAILABLE_ERRORS):
+        return ServiceError(
+            Reason.DATABASE_UNAVAILABLE, "the database is unavailable; try again later"
+        )
+    return ServiceError(Reason.INTERNAL, "internal error")
+
+
+def to_status(error: ServiceError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=error.reason.value, domain=ERROR_DOMAIN)
+    if error.field:
+        info.metadata["field"] = error.field
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=error.mapping.grpc_code.value[0], message=error.message, details=[detail]
+    )
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+def rpc(
+    handler: Handler[Servicer, Req, Resp],
+) -> Handler[Servicer, Req, Resp]:
+    """Turn failures into a google.rpc.Status with one ErrorInfo (AIP-193)."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Servicer, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            error = classify(exc)
+            if error.reason is Reason.INTERNAL:
+                log.exception("internal error in %s", handler.__name__)
+            elif error is not exc:
+                log.warning(
+                    "%s failed: %s (%s)", handler.__name__, error.reason, type(exc).__name__
+                )
+            status = to_status(error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return wrapper
+
+
+def _results(items: list[ItemResult]) -> list[pb.ItemResult]:
+    return [pb.ItemResult(user_id=i.user_id, code=i.code.value, message=i.message) for i in items]  # type: ignore[arg-type]
+
+
+class FollowServicer(pb_grpc.FollowServiceServicer):
+    def __init__(self, core: FollowCore) -> None:
+        self._core = core
+
+    @rpc
+    async def Follow(
+        self,
+        request: pb.FollowRequest,
+        context: grpc.aio.ServicerContext[pb.FollowRequest, pb.FollowResponse],
+    ) -> pb.FollowResponse:
+        items = await self._core.follow(request.user_id, request.target_ids)
+        return pb.FollowResponse(results=_results(items))
+
+    @rpc
+    async def Unfollow(
+        self,
+        request: pb.UnfollowRequest,
+        context: grpc.aio.ServicerContext[pb.UnfollowRequest, pb.UnfollowResponse],
+    ) -> pb.UnfollowResponse:
+        items = await self._core.unfollow(request.user_id, request.target_ids)
+        return pb.UnfollowResponse(results=_results(items))
+
+    @rpc
+    async def List(
+        self,
+        request: pb.ListRequest,
+        context: grpc.aio.ServicerContext[pb.ListRequest, pb.ListResponse],
+    ) -> pb.ListResponse:
+        page = await self._core.list_page(
+            request.user_id, request.follow_type, request.page_size, request.page_token
+        )
+        entries = []
+        for e in page.entries:
+            entry = pb.ListEntry(
+                user_id=e.user_id,
+                nick=e.nick,
+                face_url=e.face_url,
+                profile_sequence=e.profile_sequence,
+            )
+            entry.follow_time.seconds, micros = divmod(e.at_us, 1_000_000)
+            entry.follow_time.nanos = micros * 1000
+            entries.append(entry)
+        return pb.ListResponse(entries=entries, next_page_token=page.next_page_token)
+
+    @rpc
+    async def Check(
+        self,
+        request: pb.CheckRequest,
+        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
+    ) -> pb.CheckResponse:
+        results = await self._core.check(request.user_id, request.target_ids)
+        return pb.CheckResponse(
+            results=[
+                pb.CheckResult(
+                    user_id=r.user_id,
+                    code=r.code.value,  # type: ignore[arg-type]
+                    message=r.message,
+                    follow_type=r.follow_type.value,  # type: ignore[arg-type]
+                )
+                for r in results
+            ]
+        )
+
+    @rpc
+    async def GetInfo(
+        self,
+        request: pb.GetInfoRequest,
+        context: grpc.aio.ServicerContext[pb.GetInfoRequest, pb.GetInfoResponse],
+    ) -> pb.GetInfoResponse:
+        results = await self._core.get_info(request.user_id, request.target_ids)
+        return pb.GetInfoResponse(
+            infos=[
+                pb.FollowInfo(
+                    user_id=r.user_id,
+                    code=r.code.value,  # type: ignore[arg-type]
+                    message=r.message,
+                    follower_count=r.counts.followers,
+                    following_count=r.counts.following,
+                    mutual_count=r.counts.mutual,
+                )
+                for r in results
+            ]
+        )
+
+
+class AccountServicer(pb_grpc.AccountServiceServicer):
+    def __init__(self, core: FollowCore) -> None:
+        self._core = core
+
+    @rpc
+    async def ImportAccounts(
+        self,
+        request: pb.ImportAccountsRequest,
+        context: grpc.aio.ServicerContext[pb.ImportAccountsRequest, pb.ImportAccountsResponse],
+    ) -> pb.ImportAccountsResponse:
+        accounts = [
+            AccountInput(
+                a.user_id,
+                a.nick if a.HasField("nick") else None,
+                a.face_url if a.HasField("face_url") else None,
+            )
+            for a in request.accounts
+        ]
+        items = await self._core.import_accounts(accounts)
+        return pb.ImportAccountsResponse(results=_results(items))
+
+    @rpc
+    async def CheckAccounts(
+        self,
+        request: pb.CheckAccountsRequest,
+        context: grpc.aio.ServicerContext[pb.CheckAccountsRequest, pb.CheckAccountsResponse],
+    ) -> pb.CheckAccountsResponse:
+        statuses = await self._core.check_accounts(request.user_ids)
+        return pb.CheckAccountsResponse(
+            statuses=[
+                pb.AccountStatus(
+                    user_id=s.user_id,
+                    code=s.code.value,  # type: ignore[arg-type]
+                    message=s.message,
+                    imported=s.imported,
+                )
+                for s in statuses
+            ]
+        )
+
+    @rpc
+    async def DeleteAccounts(
+        self,
+        request: pb.DeleteAccountsRequest,
+        context: grpc.aio.ServicerContext[pb.DeleteAccountsRequest, pb.DeleteAccountsResponse],
+    ) -> pb.DeleteAccountsResponse:
+        items = await self._core.delete_accounts(request.user_ids)
+        return pb.DeleteAccountsResponse(results=_results(items))

@@ -1,0 +1,416 @@
+"""All SQL: one transaction per call, every statement scoped by the user that owns its rows.
+
+Lock discipline (what keeps counts, both copies of each edge and mutual state exact under
+concurrency): a transaction modifies rows owned by user U only while it holds U's
+`follow_counts` row lock. The acting user's row is locked first (SELECT ... FOR UPDATE,
+which also serialises the following cap); other users' rows are locked by the UPDATE of
+their counters, in id order, before any of their edges are touched. Two users acting on
+each other at the same moment (A follows B while B follows A) can deadlock; PostgreSQL
+detects that, and the call is retried, a bounded number of times.
+
+Inputs arrive validated (see server.core); this module decides nothing about ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from server.errors import FollowType, ItemCode, Reason, ServiceError
+
+T = TypeVar("T")
+Conn = PoolConnectionProxy[asyncpg.Record]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_ATTEMPTS = 8
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+def to_micros(at: datetime) -> int:
+    return (at - EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(at_us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=at_us)
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    followers: int
+    following: int
+    mutual: int
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    nick: str | None
+    face_url: str | None
+    profile_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class PageRow:
+    user_id: str
+    at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInput:
+    user_id: str
+    nick: str | None
+    face_url: str | None
+
+
+_LOCK_OWNER = """
+SELECT following, clock_timestamp() AS now FROM follow_counts WHERE user_id = $1 FOR UPDATE
+"""
+
+_CLASSIFY_TARGETS = """
+SELECT t.id,
+       EXISTS (SELECT 1 FROM follow_counts c WHERE c.user_id = t.id) AS known,
+       EXISTS (SELECT 1 FROM following f WHERE f.user_id = $1 AND f.target_id = t.id) AS followed
+FROM unnest($2::text[]) AS t(id)
+"""
+
+_ADD_FOLLOWERS = """
+UPDATE follow_counts SET followers = followers + 1
+WHERE user_id = ANY($1::text[]) RETURNING user_id
+"""
+
+_FANS_AMONG = """
+SELECT follower_id FROM followers WHERE user_id = $1 AND follower_id = ANY($2::text[])
+"""
+
+_WRITE_FOLLOWS = """
+WITH new_following AS (
+    INSERT INTO following (user_id, target_id, followed_at, mutual_since)
+    SELECT $1, t.id, $3, CASE WHEN t.id = ANY($4::text[]) THEN $3::timestamptz END
+    FROM unnest($2::text[]) AS t(id)
+), new_followers AS (
+    INSERT INTO followers (user_id, follower_id, followed_at)
+    SELECT t.id, $1, $3 FROM unnest($2::text[]) AS t(id)
+), their_mutual AS (
+    UPDATE following SET mutual_since = $3 WHERE user_id = ANY($4::text[]) AND target_id = $1
+), their_mutual_counts AS (
+    UPDATE follow_counts SET mutual = mutual + 1 WHERE user_id = ANY($4::text[])
+)
+UPDATE follow_counts
+SET following = following + cardinality($2::text[]), mutual = mutual + cardinality($4::text[])
+WHERE user_id = $1
+"""
+
+_FOLLOWED_AMONG = """
+SELECT target_id, mutual_since IS NOT NULL AS mutual
+FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
+"""
+
+_REMOVE_FOLLOWERS = """
+UPDATE follow_counts
+SET followers = followers - 1, mutual = mutual - (user_id = ANY($2::text[]))::int
+WHERE user_id = ANY($1::text[])
+"""
+
+_WRITE_UNFOLLOWS = """
+WITH gone_following AS (
+    DELETE FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
+), gone_followers AS (
+    DELETE FROM followers WHERE user_id = ANY($2::text[]) AND follower_id = $1
+), their_mutual AS (
+    UPDATE following SET mutual_since = NULL WHERE user_id = ANY($3::text[]) AND target_id = $1
+)
+UPDATE follow_counts
+SET following = following - cardinality($2::text[]), mutual = mutual - cardinality($3::text[])
+WHERE user_id = $1
+"""
+
+_CHECK = """
+SELECT (SELECT true FROM follow_counts WHERE user_id = $1) AS owner_known,
+       t.id,
+       EXISTS (SELECT 1 FROM following f WHERE f.user_id = $1 AND f.target_id = t.id) AS following,
+       EXISTS (SELECT 1 FROM followers r WHERE r.user_id = $1 AND r.follower_id = t.id) AS fan
+FROM unnest($2::text[]) AS t(id)
+"""
+
+_COUNTS = """
+SELECT user_id, followers, following, mutual FROM follow_counts WHERE user_id = ANY($1::text[])
+"""
+
+_PROFILES = """
+SELECT user_id, nick, face_url, profile_sequence FROM accounts WHERE user_id = ANY($1::text[])
+"""
+
+# Keyset pages: (time, id) descending; a row comparison is an index range, so a deep page
+# costs what the first page costs.
+_PAGES: dict[FollowType, tuple[str, str]] = {
+    FollowType.FAN: (
+        """SELECT follower_id AS id, followed_at AS at FROM followers WHERE user_id = $1
+           ORDER BY followed_at DESC, follower_id DESC LIMIT $2""",
+        """SELECT follower_id AS id, followed_at AS at FROM followers WHERE user_id = $1
+             AND (followed_at, follower_id) < ($3, $4)
+           ORDER BY followed_at DESC, follower_id DESC LIMIT $2""",
+    ),
+    FollowType.FOLLOWING: (
+        """SELECT target_id AS id, followed_at AS at FROM following WHERE user_id = $1
+           ORDER BY followed_at DESC, target_id DESC LIMIT $2""",
+        """SELECT target_id AS id, followed_at AS at FROM following WHERE user_id = $1
+             AND (followed_at, target_id) < ($3, $4)
+           ORDER BY followed_at DESC, target_id DESC LIMIT $2""",
+    ),
+    FollowType.MUTUAL: (
+        """SELECT target_id AS id, mutual_since AS at FROM following
+           WHERE user_id = $1 AND mutual_since IS NOT NULL
+           ORDER BY mutual_since DESC, target_id DESC LIMIT $2""",
+        """SELECT target_id AS id, mutual_since AS at FROM following
+           WHERE user_id = $1 AND mutual_since IS NOT NULL
+             AND (mutual_since, target_id) < ($3, $4)
+           ORDER BY mutual_since DESC, target_id DESC LIMIT $2""",
+    ),
+}
+
+_IMPORT_ACCOUNTS = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS i(user_id, nick, face_url)
+), counters AS (
+    INSERT INTO follow_counts (user_id) SELECT user_id FROM input ON CONFLICT DO NOTHING
+)
+INSERT INTO accounts AS a (user_id, nick, face_url)
+SELECT user_id, nick, face_url FROM input
+ON CONFLICT (user_id) DO UPDATE SET
+    nick = COALESCE(EXCLUDED.nick, a.nick),
+    face_url = COALESCE(EXCLUDED.face_url, a.face_url),
+    profile_sequence = a.profile_sequence + (
+        COALESCE(EXCLUDED.nick, a.nick) IS DISTINCT FROM a.nick
+        OR COALESCE(EXCLUDED.face_url, a.face_url) IS DISTINCT FROM a.face_url)::int
+"""
+
+_LOCK_ACCOUNT = "SELECT 1 FROM follow_counts WHERE user_id = $1 FOR UPDATE"
+
+_NEIGHBOURS = """
+SELECT target_id AS id, true AS followee, false AS follower, mutual_since IS NOT NULL AS mutual
+FROM following WHERE user_id = $1
+UNION ALL
+SELECT follower_id, false, true, false FROM followers WHERE user_id = $1
+"""
+
+_UNCOUNT_NEIGHBOURS = """
+UPDATE follow_counts c
+SET followers = c.followers - d.followers, following = c.following - d.following,
+    mutual = c.mutual - d.mutual
+FROM (SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::int[])
+      AS d(user_id, followers, following, mutual) ORDER BY user_id) AS d
+WHERE c.user_id = d.user_id
+"""
+
+_DELETE_ACCOUNT = """
+WITH their_following AS (
+    DELETE FROM following WHERE user_id = ANY($2::text[]) AND target_id = $1
+), their_followers AS (
+    DELETE FROM followers WHERE user_id = ANY($3::text[]) AND follower_id = $1
+), own_following AS (
+    DELETE FROM following WHERE user_id = $1
+), own_followers AS (
+    DELETE FROM followers WHERE user_id = $1
+), own_counts AS (
+    DELETE FROM follow_counts WHERE user_id = $1
+)
+DELETE FROM accounts WHERE user_id = $1
+"""
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def _transaction(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run `work` in one transaction, retrying deadlocks and serialisation failures."""
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return await work(conn)
+            except _RETRYABLE:
+                if attempt == MAX_ATTEMPTS - 1:
+                    break
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+        raise ServiceError(
+            Reason.CONTENTION, "too many concurrent changes to the same users; try again"
+        )
+
+    async def cursor_key(self) -> bytes:
+        """The page-token key, made once per database so every server process shares it."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO service_secrets (name, value) VALUES ('cursor', $1)"
+                " ON CONFLICT DO NOTHING",
+                secrets.token_bytes(32),
+            )
+            key: bytes = await conn.fetchval(
+                "SELECT value FROM service_secrets WHERE name = 'cursor'"
+            )
+            return key
+
+    async def ping(self) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- follow / unfollow ---------------------------------------------------------------
+
+    async def follow(
+        self, user_id: str, targets: Sequence[str], max_following: int
+    ) -> dict[str, ItemCode]:
+        """Follow distinct, valid, non-self `targets` in order; the result code of each."""
+
+        async def work(conn: Conn) -> dict[str, ItemCode]:
+            owner = await conn.fetchrow(_LOCK_OWNER, user_id)
+            if owner is None:
+                raise _user_not_found()
+            results: dict[str, ItemCode] = {}
+            room = max_following - owner["following"]
+            wanted: list[str] = []
+            for row in await conn.fetch(_CLASSIFY_TARGETS, user_id, list(targets)):
+                target = row["id"]
+                if not row["known"]:
+                    results[target] = ItemCode.ACCOUNT_NOT_FOUND
+                elif row["followed"]:
+                    results[target] = ItemCode.OK
+                elif len(wanted) < room:
+                    wanted.append(target)
+                else:
+                    results[target] = ItemCode.FOLLOWING_LIMIT_REACHED
+            if not wanted:
+                return results
+            # Locks each target's counter row (in id order): after this no transaction
+            # of theirs is in flight, and none can start until we commit.
+            locked = {r["user_id"] for r in await conn.fetch(_ADD_FOLLOWERS, sorted(wanted))}
+            for target in wanted:
+                if target not in locked:  # deleted after we classified it
+                    results[target] = ItemCode.ACCOUNT_NOT_FOUND
+            new = [t for t in wanted if t in locked]
+            fans = [r["follower_id"] for r in await conn.fetch(_FANS_AMONG, user_id, new)]
+            await conn.execute(_WRITE_FOLLOWS, user_id, new, owner["now"], fans)
+            results.update(dict.fromkeys(new, ItemCode.OK))
+            return results
+
+        return await self._transaction(work)
+
+    async def unfollow(self, user_id: str, targets: Sequence[str]) -> None:
+        """Stop following `targets` (distinct, valid); not following one is no error."""
+
+        async def work(conn: Conn) -> None:
+            if await conn.fetchrow(_LOCK_OWNER, user_id) is None:
+                raise _user_not_found()
+            rows = await conn.fetch(_FOLLOWED_AMONG, user_id, list(targets))
+            if not rows:
+                return
+            gone = sorted(r["target_id"] for r in rows)
+            mutual = [r["target_id"] for r in rows if r["mutual"]]
+            await conn.execute(_REMOVE_FOLLOWERS, gone, mutual)
+            await conn.execute(_WRITE_UNFOLLOWS, user_id, gone, mutual)
+
+        await self._transaction(work)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def check(self, user_id: str, targets: Sequence[str]) -> dict[str, FollowType]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_CHECK, user_id, list(targets))
+        if not rows or not rows[0]["owner_known"]:
+            raise _user_not_found()
+        return {
+            r["id"]: FollowType((2 if r["following"] else 0) | (1 if r["fan"] else 0)) for r in rows
+        }
+
+    async def counts(self, user_ids: Sequence[str]) -> dict[str, Counts]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_COUNTS, list(user_ids))
+        return {r["user_id"]: Counts(r["followers"], r["following"], r["mutual"]) for r in rows}
+
+    async def page(
+        self,
+        user_id: str,
+        list_type: FollowType,
+        limit: int,
+        after: tuple[int, str] | None,
+    ) -> tuple[list[PageRow], dict[str, Profile]]:
+        """Up to `limit` entries after `after` (time in µs, id), and the profiles of the
+        owner and of every listed user. The owner missing from the profiles means unknown."""
+        first, next_ = _PAGES[list_type]
+        async with self._pool.acquire() as conn:
+            if after is None:
+                rows = await conn.fetch(first, user_id, limit)
+            else:
+                rows = await conn.fetch(next_, user_id, limit, from_micros(after[0]), after[1])
+            page = [PageRow(r["id"], to_micros(r["at"])) for r in rows]
+            profile_rows = await conn.fetch(_PROFILES, [user_id, *(p.user_id for p in page)])
+        profiles = {
+            r["user_id"]: Profile(r["nick"], r["face_url"], r["profile_sequence"])
+            for r in profile_rows
+        }
+        return page, profiles
+
+    # -- accounts ------------------------------------------------------------------------
+
+    async def import_accounts(self, accounts: Sequence[AccountInput]) -> None:
+        """Create or update distinct accounts, in one transaction."""
+        ids = [a.user_id for a in accounts]
+        nicks = [a.nick for a in accounts]
+        faces = [a.face_url for a in accounts]
+
+        async def work(conn: Conn) -> None:
+            await conn.execute(_IMPORT_ACCOUNTS, ids, nicks, faces)
+
+        await self._transaction(work)
+
+    async def existing_accounts(self, user_ids: Sequence[str]) -> set[str]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT user_id FROM accounts WHERE user_id = ANY($1::text[])", list(user_ids)
+            )
+        return {r["user_id"] for r in rows}
+
+    async def delete_accounts(self, user_ids: Sequence[str]) -> None:
+        """Delete distinct accounts with every edge they have, correcting neighbours' counts."""
+
+        async def work(conn: Conn) -> None:
+            for user_id in user_ids:
+                await _delete_account(conn, user_id)
+
+        await self._transaction(work)
+
+
+async def _delete_account(conn: Conn, user_id: str) -> None:
+    if await conn.fetchrow(_LOCK_ACCOUNT, user_id) is None:
+        return
+    deltas: dict[str, list[int]] = {}
+    followees: list[str] = []
+    followers: list[str] = []
+    for r in await conn.fetch(_NEIGHBOURS, user_id):
+        d = deltas.setdefault(r["id"], [0, 0, 0])
+        if r["followee"]:
+            followees.append(r["id"])
+            d[0] += 1  # they lose a follower
+            d[2] += int(r["mutual"])
+        if r["follower"]:
+            followers.append(r["id"])
+            d[1] += 1  # they follow one fewer
+    if deltas:
+        ids = sorted(deltas)
+        await conn.execute(
+            _UNCOUNT_NEIGHBOURS,
+            ids,
+            [deltas[i][0] for i in ids],
+            [deltas[i][1] for i in ids],
+            [deltas[i][2] for i in ids],
+        )
+    await conn.execute(_DELETE_ACCOUNT, user_id, followers, followees)
+
+
+def _user_not_found() -> ServiceError:
+    return ServiceError(Reason.USER_NOT_FOUND, "the acting user has not been imported", "user_id")
