@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import struct
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ _VERSION = 1
 _HEADER = struct.Struct(">Bq")
 _MAC_BYTES = 16
 _MAX_TOKEN_CHARS = 200
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,9 @@ class CursorCodec:
 
         if len(token) > _MAX_TOKEN_CHARS:
             raise invalid("too long")
+        # b64decode skips characters outside the alphabet, which would accept "<token>!".
+        if not _TOKEN_CHARS.fullmatch(token):
+            raise invalid("not URL-safe base64")
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (binascii.Error, ValueError):
