@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server import rules
@@ -24,6 +24,14 @@ class Settings:
     log_level: str = "INFO"
     db_pool_size: int = 10
     grace_seconds: float = 10.0
+    # v4 REST-JSON shim ("" disables it); with grpc_target it runs alone against that server
+    http_listen: str = "127.0.0.1:8080"
+    grpc_target: str | None = None
+    sdkappid: int | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    admins: tuple[str, ...] = ("administrator",)
+    insecure_no_auth: bool = False
+    max_body_bytes: int = 1024 * 1024
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -91,12 +99,106 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("grace_seconds", str(d.grace_seconds)) or d.grace_seconds),
         help="how long shutdown waits for in-flight calls (FOLLOW_GRACE_SECONDS)",
     )
+    add_v4_flags(parser)
     return parser
 
 
+def add_v4_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the v4 REST-JSON shim."""
+    d = Settings()
+    parser.add_argument(
+        "--http-listen",
+        default=_env("http_listen", d.http_listen),
+        metavar="HOST:PORT",
+        help="v4 shim listen address, '' to run without it"
+        " (FOLLOW_HTTP_LISTEN, default %(default)s)",
+    )
+    parser.add_argument(
+        "--grpc-target",
+        default=_env("grpc_target", None),
+        metavar="HOST:PORT",
+        help="run only the v4 shim, against this remote gRPC server (FOLLOW_GRPC_TARGET)",
+    )
+    sdkappid = _env("sdkappid", None)
+    parser.add_argument(
+        "--sdkappid",
+        type=_positive_int,
+        default=_positive_int(sdkappid) if sdkappid else None,
+        help="the one SDKAppID the v4 shim serves (FOLLOW_SDKAPPID)",
+    )
+    parser.add_argument(
+        "--secret-key",
+        default=_env("secret_key", None),
+        metavar="KEY",
+        help="the app's secret key that signs UserSigs (FOLLOW_SECRET_KEY)",
+    )
+    parser.add_argument(
+        "--secret-key-file",
+        type=Path,
+        default=_env("secret_key_file", None),
+        metavar="PATH",
+        help="read the secret key from this file instead (FOLLOW_SECRET_KEY_FILE)",
+    )
+    admins = _env("admin", None)
+    parser.add_argument(
+        "--admin",
+        action="append",
+        dest="admins",
+        metavar="ID",
+        help="an admin identifier allowed to call the v4 shim; repeatable"
+        " (FOLLOW_ADMIN, comma-separated; default administrator)",
+    )
+    parser.set_defaults(
+        admin_default=tuple(a for a in admins.split(",") if a) if admins else d.admins
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=(_env("insecure_no_auth", "") or "").lower() in ("1", "true", "yes"),
+        help="accept v4 calls without checking UserSig; for local experiments only"
+        " (FOLLOW_INSECURE_NO_AUTH)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=int(_env("max_body_bytes", str(d.max_body_bytes)) or d.max_body_bytes),
+        help="largest v4 request body accepted (FOLLOW_MAX_BODY_BYTES, default %(default)s)",
+    )
+
+
+def _secret_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The secret key from --secret-key or --secret-key-file; the key is never echoed."""
+    if args.secret_key_file is None:
+        return str(args.secret_key) if args.secret_key else None
+    if args.secret_key:
+        parser.error("give --secret-key or --secret-key-file, not both")
+    try:
+        key = Path(args.secret_key_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        parser.error(f"cannot read --secret-key-file {args.secret_key_file}: {exc.strerror}")
+    if not key:
+        parser.error(f"--secret-key-file {args.secret_key_file} is empty")
+    return key
+
+
+def _check_v4(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Refuse to start a shim that would run open by accident."""
+    if settings.grpc_target and not settings.http_listen:
+        parser.error("--grpc-target runs only the v4 shim, so it needs --http-listen")
+    if not settings.http_listen or settings.insecure_no_auth:
+        return
+    if settings.secret_key is None or settings.sdkappid is None:
+        parser.error(
+            "the v4 shim needs --sdkappid and --secret-key (or --secret-key-file,"
+            " FOLLOW_SECRET_KEY) to check UserSigs; run without the shim with"
+            " --http-listen '', or without authentication with --insecure-no-auth"
+        )
+
+
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
-    args = build_parser().parse_args(argv)
-    return Settings(
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = Settings(
         grpc_listen=args.grpc_listen,
         database_url=args.database_url or None,
         data_dir=args.data_dir,
@@ -104,4 +206,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         log_level=args.log_level,
         db_pool_size=args.db_pool_size,
         grace_seconds=args.grace_seconds,
+        http_listen=args.http_listen,
+        grpc_target=args.grpc_target or None,
+        sdkappid=args.sdkappid,
+        secret_key=_secret_key(parser, args),
+        admins=tuple(args.admins) if args.admins else args.admin_default,
+        insecure_no_auth=args.insecure_no_auth,
+        max_body_bytes=args.max_body_bytes,
     )
+    _check_v4(parser, settings)
+    return settings
