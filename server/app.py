@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from follow.v1 import follow_pb2, follow_pb2_grpc
+from server import tls
 from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
@@ -77,6 +78,8 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer) -> No
 
 
 async def start_service(settings: Settings, database_url: str) -> RunningService:
+    files = tls.tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    server_tls = tls.load(files)
     pool = await create_pool(database_url, settings.db_pool_size)
     store = Store(pool)
     core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
@@ -98,7 +101,7 @@ async def start_service(settings: Settings, database_url: str) -> RunningService
         ),
         server,
     )
-    port = server.add_insecure_port(settings.grpc_listen)
+    port = tls.add_port(server, settings.grpc_listen, server_tls)
     if port == 0:
         await pool.close()
         raise OSError(f"cannot listen on {settings.grpc_listen}")

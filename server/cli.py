@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from server.app import serve
 from server.config import parse_settings
+from server.tls import TlsConfigError
 
 # subcommand -> module whose main(argv) runs it
 SUBCOMMANDS: dict[str, str] = {
@@ -34,7 +35,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = args[1:]
     settings = parse_settings(args)
     setup_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except TlsConfigError as exc:
+        sys.exit(f"follow-server: error: {exc}")
 
 
 if __name__ == "__main__":

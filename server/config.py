@@ -24,6 +24,12 @@ class Settings:
     log_level: str = "INFO"
     db_pool_size: int = 10
     grace_seconds: float = 10.0
+    # Transport security and observability (server.tls, server.metrics, server.logs).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    metrics_listen: str | None = None
+    log_format: str = "text"
     # v4 REST-JSON shim ("" disables it); with grpc_target it runs alone against that server
     http_listen: str = "127.0.0.1:8080"
     grpc_target: str | None = None
@@ -66,6 +72,50 @@ def add_database_flags(parser: argparse.ArgumentParser) -> None:
         type=str.upper,
         help="log level (FOLLOW_LOG_LEVEL)",
     )
+    parser.add_argument(
+        "--log-format",
+        default=(_env("log_format", "text") or "text").lower(),
+        choices=["text", "json"],
+        type=str.lower,
+        help="log lines as text, or as one JSON object each (FOLLOW_LOG_FORMAT, default text)",
+    )
+
+
+def _optional_path(name: str) -> Path | None:
+    value = _env(name, None)
+    return Path(value) if value else None
+
+
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """TLS for the gRPC port (server.tls) and the Prometheus endpoint (server.metrics)."""
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_optional_path("tls_cert"),
+        metavar="PEM",
+        help="serve gRPC over TLS with this certificate chain (FOLLOW_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_optional_path("tls_key"),
+        metavar="PEM",
+        help="private key of --tls-cert (FOLLOW_TLS_KEY)",
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_optional_path("tls_client_ca"),
+        metavar="PEM",
+        help="require client certificates signed by this CA: mutual TLS (FOLLOW_TLS_CLIENT_CA)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=_env("metrics_listen", None) or None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics"
+        " (FOLLOW_METRICS_LISTEN; off by default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("grace_seconds", str(d.grace_seconds)) or d.grace_seconds),
         help="how long shutdown waits for in-flight calls (FOLLOW_GRACE_SECONDS)",
     )
+    add_security_flags(parser)
     add_v4_flags(parser)
     return parser
 
@@ -206,6 +257,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         log_level=args.log_level,
         db_pool_size=args.db_pool_size,
         grace_seconds=args.grace_seconds,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        metrics_listen=args.metrics_listen,
+        log_format=args.log_format,
         http_listen=args.http_listen,
         grpc_target=args.grpc_target or None,
         sdkappid=args.sdkappid,

@@ -1,0 +1,118 @@
+"""Transport security for the gRPC port: TLS, mutual TLS, and the loopback-only plaintext rule.
+
+Plaintext is the default because a newcomer runs the service on 127.0.0.1, where nobody
+else can listen in. Anywhere else a plaintext port carries user ids and relationships in
+the clear to anyone on the path, so the server says so loudly at start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class TlsConfigError(ValueError):
+    """The TLS flags do not make a usable configuration (missing half, unreadable file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+def listen_host(listen: str) -> str:
+    """The host part of HOST:PORT, without IPv6 brackets ('' when only ':PORT' is given)."""
+    host = listen.rsplit(":", 1)[0] if ":" in listen else listen
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT only accepts connections from this machine.
+
+    An empty host, 0.0.0.0, [::] and any name other than localhost listen (or may resolve
+    to addresses) beyond this machine, so they are not loopback.
+    """
+    host = listen_host(listen).lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsFiles | None:
+    """The TLS configuration the flags ask for, None for plaintext; half a pair is an error."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise TlsConfigError("--tls-client-ca needs --tls-cert and --tls-key as well")
+        return None
+    if cert is None or key is None:
+        raise TlsConfigError("--tls-cert and --tls-key must be given together")
+    return TlsFiles(cert, key, client_ca)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TlsConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise TlsConfigError(f"{what} {path} is not a PEM file")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    credentials: grpc.ServerCredentials
+    mutual: bool
+
+
+def load(files: TlsFiles | None) -> ServerTls | None:
+    """Read the PEM files once, at start, so a bad path fails before anything listens.
+
+    With a client CA, clients must present a certificate it signed (mutual TLS).
+    """
+    if files is None:
+        return None
+    cert = _read(files.cert, "certificate")
+    key = _read(files.key, "private key")
+    client_ca = _read(files.client_ca, "client CA") if files.client_ca is not None else None
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return ServerTls(credentials, mutual=client_ca is not None)
+
+
+def add_port(server: grpc.aio.Server, listen: str, server_tls: ServerTls | None) -> int:
+    """Bind the gRPC port (TLS when configured) and return it; 0 when binding failed."""
+    if server_tls is None:
+        if not is_loopback(listen):
+            log.warning(
+                "PLAINTEXT gRPC on non-loopback address %s: anyone on the network path can "
+                "read and forge calls; give --tls-cert/--tls-key (and --tls-client-ca for "
+                "mutual TLS), or listen on 127.0.0.1",
+                listen,
+            )
+        return server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, server_tls.credentials)
+    log.info(
+        "gRPC over TLS on %s%s",
+        listen,
+        ", client certificates required (mutual TLS)" if server_tls.mutual else "",
+    )
+    return port

@@ -1,0 +1,283 @@
+"""TLS and mutual TLS on the gRPC port, with certificates these tests make; the loopback rule
+for plaintext."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from follow.v1 import follow_pb2 as pb
+from follow.v1 import follow_pb2_grpc as pb_grpc
+from server import tls
+from server.app import start_service
+from server.config import Settings
+from tests.conftest import ServiceFactory
+
+CALL_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its key, as PEM."""
+
+    cert: bytes
+    key: bytes
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class Authority:
+    """A throwaway certificate authority."""
+
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, common_name: str, *, server: bool) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(self.key, hashes.SHA256())
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+@dataclass(frozen=True)
+class Pki:
+    server_ca: Authority
+    client_ca: Authority
+    other_ca: Authority
+    server_files: tls.TlsFiles
+    mutual_files: tls.TlsFiles
+    client: Issued
+    stranger: Issued
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A server CA, a client CA and an unrelated CA; a server cert, a client cert from the
+    client CA, and a client cert from the unrelated CA."""
+    folder = tmp_path_factory.mktemp("pki")
+    server_ca, client_ca, other_ca = Authority("server CA"), Authority("client CA"), Authority("x")
+    server = server_ca.issue("localhost", server=True)
+
+    def write(name: str, data: bytes) -> Path:
+        path = folder / name
+        path.write_bytes(data)
+        return path
+
+    cert, key = write("server.pem", server.cert), write("server.key", server.key)
+    ca = write("client-ca.pem", client_ca.pem)
+    return Pki(
+        server_ca,
+        client_ca,
+        other_ca,
+        tls.TlsFiles(cert, key),
+        tls.TlsFiles(cert, key, ca),
+        client_ca.issue("billing-service", server=False),
+        other_ca.issue("billing-service", server=False),
+    )
+
+
+async def _check_accounts(
+    port: int, root: bytes, client: Issued | None = None
+) -> pb.CheckAccountsResponse:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=root,
+        private_key=client.key if client else None,
+        certificate_chain=client.cert if client else None,
+    )
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        stub = pb_grpc.AccountServiceStub(channel)
+        response: pb.CheckAccountsResponse = await stub.CheckAccounts(
+            pb.CheckAccountsRequest(user_ids=["alice"]), timeout=CALL_TIMEOUT
+        )
+        return response
+
+
+def _settings(files: tls.TlsFiles) -> dict[str, object]:
+    return {"tls_cert": files.cert, "tls_key": files.key, "tls_client_ca": files.client_ca}
+
+
+async def test_tls_call_succeeds_with_the_server_ca(make_service: ServiceFactory, pki: Pki) -> None:
+    """With --tls-cert/--tls-key a client trusting the server's CA gets answers."""
+    service = await make_service(**_settings(pki.server_files))
+    response = await _check_accounts(service.port, pki.server_ca.pem)
+    assert [s.user_id for s in response.statuses] == ["alice"]
+
+
+async def test_tls_call_fails_with_another_ca(make_service: ServiceFactory, pki: Pki) -> None:
+    """A client that trusts a different CA refuses the server's certificate."""
+    service = await make_service(**_settings(pki.server_files))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _check_accounts(service.port, pki.other_ca.pem)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_tls_port_refuses_plaintext_clients(make_service: ServiceFactory, pki: Pki) -> None:
+    """A TLS port does not also speak plaintext."""
+    service = await make_service(**_settings(pki.server_files))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.AccountServiceStub(channel).CheckAccounts(
+                pb.CheckAccountsRequest(user_ids=["alice"]), timeout=CALL_TIMEOUT
+            )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mtls_accepts_a_client_cert_from_the_client_ca(
+    make_service: ServiceFactory, pki: Pki
+) -> None:
+    """With --tls-client-ca, a client certificate signed by that CA is let in."""
+    service = await make_service(**_settings(pki.mutual_files))
+    response = await _check_accounts(service.port, pki.server_ca.pem, pki.client)
+    assert [s.user_id for s in response.statuses] == ["alice"]
+
+
+@pytest.mark.parametrize("who", ["no certificate", "certificate from another CA"])
+async def test_mtls_rejects_clients_without_a_valid_cert(
+    make_service: ServiceFactory, pki: Pki, who: str
+) -> None:
+    """With --tls-client-ca, a client with no certificate, or one signed by another CA, is
+    turned away in the handshake."""
+    service = await make_service(**_settings(pki.mutual_files))
+    client = None if who == "no certificate" else pki.stranger
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _check_accounts(service.port, pki.server_ca.pem, client)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.9.9.9:1", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        (":50051", False),
+        ("10.1.2.3:50051", False),
+        ("example.com:50051", False),
+    ],
+)
+def test_is_loopback_decides_which_addresses_are_private(listen: str, loopback: bool) -> None:
+    """Only loopback addresses count as private; wildcards, LAN addresses and other names
+    do not."""
+    assert tls.is_loopback(listen) is loopback
+
+
+async def test_plaintext_on_all_interfaces_warns_loudly(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Binding 0.0.0.0 without TLS logs a warning naming the address and the TLS flags; the
+    port still answers (talked to only via 127.0.0.1)."""
+    caplog.set_level(logging.WARNING, logger="server.tls")
+    service = await start_service(Settings(grpc_listen="0.0.0.0:0", http_listen=""), db_url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            await pb_grpc.AccountServiceStub(channel).CheckAccounts(
+                pb.CheckAccountsRequest(user_ids=["a"]), timeout=CALL_TIMEOUT
+            )
+    finally:
+        await service.stop(0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("PLAINTEXT" in m and "0.0.0.0:0" in m and "--tls-cert" in m for m in warnings)
+
+
+async def test_plaintext_on_loopback_is_quiet(
+    make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default (plaintext on 127.0.0.1) does not warn."""
+    caplog.set_level(logging.WARNING, logger="server.tls")
+    await make_service()
+    assert not [r for r in caplog.records if r.name == "server.tls"]
+
+
+def test_half_a_tls_configuration_is_refused() -> None:
+    """A certificate without its key, or a client CA without a server certificate, is a
+    configuration error rather than a silent fall back to plaintext."""
+    with pytest.raises(tls.TlsConfigError, match="together"):
+        tls.tls_files(Path("cert.pem"), None, None)
+    with pytest.raises(tls.TlsConfigError, match="--tls-client-ca needs"):
+        tls.tls_files(None, None, Path("ca.pem"))
+    assert tls.tls_files(None, None, None) is None
+
+
+async def test_unreadable_tls_files_fail_at_start(
+    make_service: ServiceFactory, tmp_path: Path, pki: Pki
+) -> None:
+    """A missing or non-PEM file stops the start with a message naming the file."""
+    with pytest.raises(tls.TlsConfigError, match="cannot read certificate"):
+        await make_service(tls_cert=tmp_path / "missing.pem", tls_key=pki.server_files.key)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(tls.TlsConfigError, match="not a PEM file"):
+        await make_service(tls_cert=pki.server_files.cert, tls_key=junk)
