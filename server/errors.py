@@ -77,6 +77,23 @@ REASONS: dict[Reason, ReasonMapping] = {
     Reason.INTERNAL: ReasonMapping(grpc.StatusCode.INTERNAL, 30006),
 }
 
+# A failed gRPC call that carries no follow.v1 ErrorInfo (a remote server that cannot be
+# reached, a deadline passed on the client side): its v4 code by status; anything else 30006.
+STATUS_V4_CODES: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: 30007,
+    grpc.StatusCode.UNAVAILABLE: 30006,
+    grpc.StatusCode.INVALID_ARGUMENT: 30001,
+    grpc.StatusCode.NOT_FOUND: 30003,
+}
+
+
+def v4_code(reason: str | None, status: grpc.StatusCode) -> int:
+    """The v4 number of a failed call: by its ErrorInfo reason, else by its status."""
+    if reason is not None and reason in Reason.__members__:
+        return REASONS[Reason(reason)].v4_code
+    return STATUS_V4_CODES.get(status, 30006)
+
+
 ERROR_DOMAIN = "follow.v1"
 
 

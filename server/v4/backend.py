@@ -1,0 +1,135 @@
+"""How the shim reaches the core: always through the follow.v1 contract (request message in,
+response message or a google.rpc.Status out).
+
+- `over_channel`: the generated stubs over a grpc.aio channel, for a shim run alone against
+  a remote server (--grpc-target).
+- `in_process`: the same servicer methods the gRPC server runs, called directly with the
+  protobuf request, for the shim inside `follow-server`. It skips a loopback HTTP/2 round
+  trip per call (and any TLS on the gRPC port) while keeping exactly the contract's messages
+  and errors: the servicers' abort() is caught and read like a remote call's trailers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar, cast
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from follow.v1 import follow_pb2 as pb
+from follow.v1 import follow_pb2_grpc as pb_grpc
+from server.core import FollowCore
+from server.errors import ERROR_DOMAIN
+from server.servicer import AccountServicer, FollowServicer
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Unary = Callable[[Req], Awaitable[Resp]]
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class CallFailedError(Exception):
+    """A follow.v1 call that failed as a whole."""
+
+    def __init__(
+        self, status: grpc.StatusCode, message: str, reason: str | None, field: str | None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+        self.field = field
+
+    @classmethod
+    def from_trailers(
+        cls,
+        status: grpc.StatusCode,
+        message: str | None,
+        metadata: Sequence[tuple[str, str | bytes]] | None,
+    ) -> CallFailedError:
+        """Read the one follow.v1 ErrorInfo (AIP-193) from the status details, if any."""
+        for key, value in metadata or ():
+            if key != _DETAILS_KEY or not isinstance(value, bytes):
+                continue
+            detail_status = status_pb2.Status.FromString(value)
+            for detail in detail_status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+                    return cls(status, message or "", info.reason, info.metadata.get("field"))
+        return cls(status, message or "", None, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The follow.v1 methods, each a coroutine from request to response raising CallFailedError."""
+
+    Follow: Unary[pb.FollowRequest, pb.FollowResponse]
+    Unfollow: Unary[pb.UnfollowRequest, pb.UnfollowResponse]
+    List: Unary[pb.ListRequest, pb.ListResponse]
+    Check: Unary[pb.CheckRequest, pb.CheckResponse]
+    GetInfo: Unary[pb.GetInfoRequest, pb.GetInfoResponse]
+    ImportAccounts: Unary[pb.ImportAccountsRequest, pb.ImportAccountsResponse]
+    CheckAccounts: Unary[pb.CheckAccountsRequest, pb.CheckAccountsResponse]
+    DeleteAccounts: Unary[pb.DeleteAccountsRequest, pb.DeleteAccountsResponse]
+
+
+def over_channel(channel: grpc.aio.Channel, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Backend:
+    follow = pb_grpc.FollowServiceStub(channel)
+    accounts = pb_grpc.AccountServiceStub(channel)
+
+    def remote(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp]) -> Unary[Req, Resp]:
+        async def call(request: Req) -> Resp:
+            try:
+                return await method(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                trailers = cast(Sequence[tuple[str, str | bytes]], exc.trailing_metadata() or ())
+                raise CallFailedError.from_trailers(exc.code(), exc.details(), trailers) from None
+
+        return call
+
+    return Backend(
+        Follow=remote(follow.Follow),
+        Unfollow=remote(follow.Unfollow),
+        List=remote(follow.List),
+        Check=remote(follow.Check),
+        GetInfo=remote(follow.GetInfo),
+        ImportAccounts=remote(accounts.ImportAccounts),
+        CheckAccounts=remote(accounts.CheckAccounts),
+        DeleteAccounts=remote(accounts.DeleteAccounts),
+    )
+
+
+class _Context:
+    """The part of a grpc.aio.ServicerContext the servicers use: abort()."""
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+    ) -> NoReturn:
+        raise CallFailedError.from_trailers(code, details, trailing_metadata)
+
+
+def in_process(core: FollowCore) -> Backend:
+    follow = FollowServicer(core)
+    accounts = AccountServicer(core)
+    context = cast(Any, _Context())
+
+    def local(method: Callable[[Req, Any], Awaitable[Resp]]) -> Unary[Req, Resp]:
+        return lambda request: method(request, context)
+
+    return Backend(
+        Follow=local(follow.Follow),
+        Unfollow=local(follow.Unfollow),
+        List=local(follow.List),
+        Check=local(follow.Check),
+        GetInfo=local(follow.GetInfo),
+        ImportAccounts=local(accounts.ImportAccounts),
+        CheckAccounts=local(accounts.CheckAccounts),
+        DeleteAccounts=local(accounts.DeleteAccounts),
+    )

@@ -1,0 +1,179 @@
+"""The v4 shim's HTTP side (aiohttp): routing, body limits, and its start and graceful stop.
+
+Every answered request is HTTP 200 with the v4 envelope, errors included; an unexpected
+exception is logged and answered 30006, never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+from server.config import Settings
+from server.core import FollowCore
+from server.v4 import backend as backends
+from server.v4.commands import COMMANDS
+from server.v4.envelope import (
+    HTTP_PARSE_ERROR,
+    INTERNAL_ERROR,
+    UNKNOWN_COMMAND,
+    Authenticator,
+    V4Error,
+    fail,
+    ok,
+    parse_body,
+)
+from server.v4.usersig import UserSigVerifier
+
+log = logging.getLogger(__name__)
+
+OPENAPI_PATH = "/v4/openapi.yaml"
+OPENAPI = (Path(__file__).parent / "openapi.yaml").read_bytes()
+_JSON = "application/json"
+
+
+class Shim:
+    """The request handler: envelope checks, then one call of the contract."""
+
+    def __init__(self, auth: Authenticator, backend: backends.Backend, max_body_bytes: int) -> None:
+        self._auth = auth
+        self._backend = backend
+        self._max_body = max_body_bytes
+
+    def application(self) -> web.Application:
+        # client_max_size bounds request.read() as it reads, chunked bodies included
+        app = web.Application(client_max_size=self._max_body)
+        app.router.add_get(OPENAPI_PATH, self.openapi)
+        app.router.add_post("/v4/{service}/{command}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", self.unknown)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            command = COMMANDS.get(
+                f"{request.match_info['service']}/{request.match_info['command']}"
+            )
+            if command is None:
+                raise V4Error(UNKNOWN_COMMAND, f"no such command: POST {request.path}")
+            length = request.content_length
+            if length is not None and length > self._max_body:
+                return self._too_large(length)
+            self._auth.check(request.query)
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._too_large(None)
+            payload = ok(await command(self._backend, parse_body(raw)))
+        except V4Error as exc:
+            payload = fail(exc.code, exc.info)
+        except Exception:
+            log.exception("v4 %s failed unexpectedly", request.path)
+            payload = fail(INTERNAL_ERROR, "internal error; try again")
+        response = web.Response(body=payload, content_type=_JSON)
+        if not request.content.at_eof():
+            response.force_close()  # an unread body is not drained: the connection goes
+        return response
+
+    def _too_large(self, length: int | None) -> web.Response:
+        size = f"{length} bytes" if length is not None else "larger than that"
+        response = web.Response(
+            body=fail(
+                HTTP_PARSE_ERROR,
+                f"request body is {size}; at most {self._max_body} bytes are accepted",
+            ),
+            content_type=_JSON,
+        )
+        response.force_close()
+        return response
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        response = web.Response(
+            body=fail(
+                UNKNOWN_COMMAND,
+                f"no such command: {request.method} {request.path};"
+                " commands are POST /v4/follow/<command> and /v4/im_open_login_svc/<command>",
+            ),
+            content_type=_JSON,
+        )
+        if not request.content.at_eof():
+            response.force_close()
+        return response
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI, content_type="application/yaml")
+
+
+@dataclass
+class RunningShim:
+    runner: web.AppRunner
+    host: str
+    port: int
+    channel: grpc.aio.Channel | None = None
+
+    async def stop(self) -> None:
+        """Stop listening, let in-flight requests finish (the grace given at start)."""
+        await self.runner.cleanup()
+        if self.channel is not None:
+            await self.channel.close(None)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT) as (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def authenticator(settings: Settings) -> Authenticator:
+    verifier = None
+    if settings.insecure_no_auth:
+        log.warning(
+            "!!! v4 shim runs WITHOUT AUTHENTICATION (--insecure-no-auth): UserSigs are not"
+            " checked; anyone who can reach %s can change every relationship !!!",
+            settings.http_listen,
+        )
+    else:
+        if settings.sdkappid is None or settings.secret_key is None:
+            raise ValueError("the v4 shim needs an sdkappid and a secret key")
+        verifier = UserSigVerifier(settings.sdkappid, settings.secret_key)
+    return Authenticator(settings.sdkappid, frozenset(settings.admins), verifier)
+
+
+async def start_shim(settings: Settings, core: FollowCore | None = None) -> RunningShim:
+    """Serve the shim on settings.http_listen: in-process over `core`, or, with
+    settings.grpc_target, over a channel to that gRPC server."""
+    channel = None
+    if settings.grpc_target:
+        channel = grpc.aio.insecure_channel(settings.grpc_target)
+        backend = backends.over_channel(channel)
+    elif core is not None:
+        backend = backends.in_process(core)
+    else:
+        raise ValueError("the v4 shim needs a core or a --grpc-target")
+    shim = Shim(authenticator(settings), backend, settings.max_body_bytes)
+    runner = web.AppRunner(shim.application(), access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = split_address(settings.http_listen)
+    site = web.TCPSite(runner, host, port, shutdown_timeout=settings.grace_seconds)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        if channel is not None:
+            await channel.close(None)
+        raise
+    bound = runner.addresses[0][1]
+    log.info(
+        "v4 shim listening on http://%s:%d (sdkappid %s, admins %s, %s)",
+        host,
+        bound,
+        settings.sdkappid if settings.sdkappid is not None else "any",
+        ",".join(settings.admins),
+        f"gRPC target {settings.grpc_target}" if settings.grpc_target else "in-process core",
+    )
+    return RunningShim(runner, host, bound, channel)
