@@ -1,0 +1,466 @@
+"""A hypothesis state machine drives the real service (a real gRPC server on 127.0.0.1 over
+the real PostgreSQL) with random imports, follows, unfollows and deletes, and after every
+step compares what the service says with an in-memory model of the rules.
+
+Hypothesis is synchronous, so the server runs on its own asyncio loop in a background thread
+and the machine calls it through ordinary blocking stubs. One server and one database serve
+every example; each example starts from empty tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from follow.v1 import follow_pb2 as pb
+from follow.v1 import follow_pb2_grpc as pb_grpc
+from server.app import RunningService, start_service
+from server.config import Settings
+from server.database import Database
+from tests.conftest import TEMPLATE, database_url
+from tests.invariants import assert_sound
+
+T = TypeVar("T")
+
+CAP = 4  # small, so random follows keep running into the following limit
+USERS = tuple(f"u{i}" for i in range(6))
+GHOST = "ghost"  # valid, never imported
+BAD = "x" * 33  # not a valid user id
+TIMEOUT = 10.0  # seconds, per call
+_databases = itertools.count()
+
+
+class ServiceThread:
+    """The real server on a private asyncio loop in a background thread, plus one direct
+    database connection on that loop for resets and SQL checks."""
+
+    def __init__(self, url: str, max_following: int) -> None:
+        self._url = url
+        self._max_following = max_following
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._running: RunningService | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="follow-server")
+
+    def _thread_main(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            settings = Settings(grpc_listen="127.0.0.1:0", max_following=self._max_following)
+            self._running = await start_service(settings, self._url)
+            self._conn = await asyncpg.connect(self._url)
+        except Exception as exc:  # reported to the starting thread
+            self._error = exc
+            if self._running is not None:
+                await self._running.stop(0)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._conn.close()
+            await self._running.stop(0)
+
+    def start(self) -> int:
+        """Start the server; its port."""
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise TimeoutError("the service did not start within 60 s")
+        if self._error is not None:
+            self._thread.join(10)
+            raise self._error
+        assert self._running is not None
+        return self._running.port
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the server's loop and wait for its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(TIMEOUT)
+
+    @property
+    def conn(self) -> asyncpg.Connection:
+        assert self._conn is not None
+        return self._conn
+
+    def close(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+@dataclass
+class Served:
+    service: ServiceThread
+    follow: pb_grpc.FollowServiceStub
+    accounts: pb_grpc.AccountServiceStub
+
+
+@pytest.fixture(scope="module")
+def served(pg_cluster: Database) -> Iterator[Served]:
+    """One database (from the migrated template) and one server, with blocking stubs."""
+    name = f"stateful_{next(_databases)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(pg_cluster.url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    service = ServiceThread(database_url(pg_cluster, name), CAP)
+    try:
+        port = service.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Served(
+                service,
+                pb_grpc.FollowServiceStub(channel),
+                pb_grpc.AccountServiceStub(channel),
+            )
+    finally:
+        service.close()
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+# -- the model -----------------------------------------------------------------------------
+
+
+@dataclass
+class Account:
+    nick: str
+    profile_sequence: int = 0
+
+
+@dataclass
+class Model:
+    """The rules of issue 2 over plain sets. Time is a logical clock: one tick per call, so
+    everything one call writes shares an instant, and later calls are later."""
+
+    accounts: dict[str, Account] = field(default_factory=dict)
+    edges: dict[tuple[str, str], int] = field(default_factory=dict)  # (fan, followed) -> tick
+    clock: int = 0
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def following(self, user: str) -> dict[str, int]:
+        return {b: t for (a, b), t in self.edges.items() if a == user}
+
+    def fans(self, user: str) -> dict[str, int]:
+        return {a: t for (a, b), t in self.edges.items() if b == user}
+
+    def mutual(self, user: str) -> dict[str, int]:
+        """Mutual since the later of the two follows."""
+        fans = self.fans(user)
+        return {b: max(t, fans[b]) for b, t in self.following(user).items() if b in fans}
+
+    def relation(self, user: str, other: str) -> int:
+        return (pb.FOLLOW_TYPE_FOLLOWING if (user, other) in self.edges else 0) | (
+            pb.FOLLOW_TYPE_FAN if (other, user) in self.edges else 0
+        )
+
+
+def newest_first(entries: dict[str, int]) -> list[tuple[str, int]]:
+    """The order the lists promise: time descending, equal times by user id descending."""
+    return sorted(entries.items(), key=lambda e: (e[1], e[0].encode()), reverse=True)
+
+
+def micros(entry: pb.ListEntry) -> int:
+    return entry.follow_time.seconds * 1_000_000 + entry.follow_time.nanos // 1000
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+actors = st.sampled_from((*USERS, GHOST))
+targets = st.lists(st.sampled_from((*USERS, GHOST, BAD)), min_size=1, max_size=5)
+nicks = st.one_of(st.none(), st.sampled_from(("ann", "bob")))
+LISTS = (pb.FOLLOW_TYPE_FAN, pb.FOLLOW_TYPE_FOLLOWING, pb.FOLLOW_TYPE_MUTUAL)
+
+
+class FollowMachine(RuleBasedStateMachine):
+    def __init__(self, served: Served) -> None:
+        super().__init__()
+        self.served = served
+        self.follow_stub = served.follow
+        self.account_stub = served.accounts
+        self.model = Model()
+        self.steps = 0
+        self.touched: set[str] = set()  # users whose lists the last step may have changed
+        served.service.run(
+            served.service.conn.execute("TRUNCATE accounts, follow_counts, following, followers")
+        )
+
+    def _few_users(self) -> list[str]:
+        """The users the last step touched, plus one more in turn: every user's lists are
+        still read at least every few steps, and all of them at the end (teardown)."""
+        return sorted(self.touched | {USERS[self.steps % len(USERS)]})
+
+    def _not_found(self, call: Any, request: Any) -> None:
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, timeout=TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # -- rules -----------------------------------------------------------------------------
+
+    @rule(
+        batch=st.lists(
+            st.tuples(st.sampled_from((*USERS, BAD)), nicks),
+            min_size=1,
+            max_size=3,
+            unique_by=lambda a: a[0],
+        )
+    )
+    def import_accounts(self, batch: list[tuple[str, str | None]]) -> None:
+        response = self.account_stub.ImportAccounts(
+            pb.ImportAccountsRequest(
+                accounts=[pb.Account(user_id=u, nick=n) for u, n in batch]  # nick None = absent
+            ),
+            timeout=TIMEOUT,
+        )
+        expected = [
+            pb.RESULT_CODE_INVALID_ARGUMENT if u == BAD else pb.RESULT_CODE_OK for u, _ in batch
+        ]
+        assert [r.code for r in response.results] == expected
+        self.touched = {u for u, _ in batch if u != BAD}
+        for user, nick in batch:
+            if user == BAD:
+                continue
+            account = self.model.accounts.get(user)
+            if account is None:
+                self.model.accounts[user] = Account(nick or "")
+            elif nick is not None and nick != account.nick:
+                account.nick = nick
+                account.profile_sequence += 1
+
+    @rule(actor=actors, batch=targets)
+    def follow(self, actor: str, batch: list[str]) -> None:
+        self.touched = {actor, *batch} & set(USERS)
+        request = pb.FollowRequest(user_id=actor, target_ids=batch)
+        if actor not in self.model.accounts:
+            self._not_found(self.follow_stub.Follow, request)
+            return
+        response = self.follow_stub.Follow(request, timeout=TIMEOUT)
+        now = self.model.tick()
+        expected = []
+        for target in batch:  # in request order: that is how the cap is shared out
+            if target in (BAD, actor):
+                expected.append(pb.RESULT_CODE_INVALID_ARGUMENT)
+            elif target not in self.model.accounts:
+                expected.append(pb.RESULT_CODE_ACCOUNT_NOT_FOUND)
+            elif (actor, target) in self.model.edges:
+                expected.append(pb.RESULT_CODE_OK)  # keeps the first time
+            elif len(self.model.following(actor)) < CAP:
+                self.model.edges[actor, target] = now
+                expected.append(pb.RESULT_CODE_OK)
+            else:
+                expected.append(pb.RESULT_CODE_FOLLOWING_LIMIT_REACHED)
+        assert [(r.user_id, r.code) for r in response.results] == list(
+            zip(batch, expected, strict=True)
+        )
+
+    @rule(actor=actors, batch=targets)
+    def unfollow(self, actor: str, batch: list[str]) -> None:
+        self.touched = {actor, *batch} & set(USERS)
+        request = pb.UnfollowRequest(user_id=actor, target_ids=batch)
+        if actor not in self.model.accounts:
+            self._not_found(self.follow_stub.Unfollow, request)
+            return
+        response = self.follow_stub.Unfollow(request, timeout=TIMEOUT)
+        self.model.tick()
+        expected = []
+        for target in batch:
+            if target in (BAD, actor):
+                expected.append(pb.RESULT_CODE_INVALID_ARGUMENT)
+            else:
+                self.model.edges.pop((actor, target), None)
+                expected.append(pb.RESULT_CODE_OK)
+        assert [r.code for r in response.results] == expected
+
+    @precondition(lambda self: bool(self.model.accounts))
+    @rule(batch=st.lists(st.sampled_from((*USERS, GHOST)), min_size=1, max_size=2, unique=True))
+    def delete_accounts(self, batch: list[str]) -> None:
+        response = self.account_stub.DeleteAccounts(
+            pb.DeleteAccountsRequest(user_ids=batch), timeout=TIMEOUT
+        )
+        assert [r.code for r in response.results] == [pb.RESULT_CODE_OK] * len(batch)
+        self.model.tick()
+        self.touched = {u for e in self.model.edges if set(e) & set(batch) for u in e}
+        self.touched |= set(batch) & set(USERS)
+        for user in batch:
+            self.model.accounts.pop(user, None)
+            for edge in [e for e in self.model.edges if user in e]:
+                del self.model.edges[edge]
+
+    # -- what must hold after every step ----------------------------------------------------
+
+    def _whole_list(self, user: str, follow_type: pb.FollowType.ValueType) -> list[pb.ListEntry]:
+        page_size = 1 + self.steps % 3  # 1, 2 or 3: lists of up to 5 span several pages
+        entries: list[pb.ListEntry] = []
+        token = ""
+        for _ in range(20):  # at most 5 entries: a page loop that does not end is a bug
+            page = self.follow_stub.List(
+                pb.ListRequest(
+                    user_id=user, follow_type=follow_type, page_size=page_size, page_token=token
+                ),
+                timeout=TIMEOUT,
+            )
+            assert len(page.entries) <= page_size
+            entries.extend(page.entries)
+            token = page.next_page_token
+            if not token:
+                return entries
+        raise AssertionError(f"the {follow_type} list of {user} never ended")
+
+    @invariant()
+    def lists_match_model(self) -> None:
+        """Every list of the users just touched (and one more), read page by page, is the
+        model's, in the model's order; every entry carries the other user's profile; and the
+        instants the service reports map one-to-one and in order onto the model's ticks."""
+        self.steps += 1
+        self._compare_lists(self._few_users())
+
+    def _compare_lists(self, users: list[str]) -> None:
+        """Every list of `users`, read page by page, is the model's, in the model's order;
+        every entry carries the other user's profile; and the instants the service reports
+        map one-to-one and in order onto the model's ticks (a repeated follow keeps its
+        first time, both copies of an edge share one time, a pair became mutual at its
+        later follow)."""
+        instants: dict[int, int] = {}  # model tick -> reported microseconds
+        for user in users:
+            if user not in self.model.accounts:
+                self._not_found(
+                    self.follow_stub.List,
+                    pb.ListRequest(user_id=user, follow_type=pb.FOLLOW_TYPE_FAN),
+                )
+                continue
+            for follow_type, model_list in (
+                (pb.FOLLOW_TYPE_FAN, self.model.fans(user)),
+                (pb.FOLLOW_TYPE_FOLLOWING, self.model.following(user)),
+                (pb.FOLLOW_TYPE_MUTUAL, self.model.mutual(user)),
+            ):
+                entries = self._whole_list(user, follow_type)
+                expected = newest_first(model_list)
+                assert [e.user_id for e in entries] == [u for u, _ in expected], (
+                    f"{user} list {follow_type}"
+                )
+                for entry, (other, tick) in zip(entries, expected, strict=True):
+                    account = self.model.accounts[other]
+                    assert (entry.nick, entry.profile_sequence) == (
+                        account.nick,
+                        account.profile_sequence,
+                    )
+                    at = instants.setdefault(tick, micros(entry))
+                    assert at == micros(entry), f"tick {tick} reported as two instants"
+        ticks = sorted(instants)
+        assert [instants[t] for t in ticks] == sorted(set(instants.values())), (
+            "reported follow times are not in the order the calls happened"
+        )
+
+    @invariant()
+    def counts_match_model(self) -> None:
+        """GetInfo's three counts of each user equal the model's (and so the list lengths);
+        users never imported or deleted answer ACCOUNT_NOT_FOUND with zeros."""
+        if not self.model.accounts:
+            return
+        asker = min(self.model.accounts)
+        wanted = [*USERS, GHOST]
+        response = self.follow_stub.GetInfo(
+            pb.GetInfoRequest(user_id=asker, target_ids=wanted), timeout=TIMEOUT
+        )
+        got = [
+            (i.user_id, i.code, i.follower_count, i.following_count, i.mutual_count)
+            for i in response.infos
+        ]
+        expected = [
+            (u, pb.RESULT_CODE_OK, len(self.model.fans(u)), len(self.model.following(u)),
+             len(self.model.mutual(u)))
+            if u in self.model.accounts
+            else (u, pb.RESULT_CODE_ACCOUNT_NOT_FOUND, 0, 0, 0)
+            for u in wanted
+        ]  # fmt: skip
+        assert got == expected
+
+    @invariant()
+    def check_matches_model(self) -> None:
+        """Check from the side of each user just touched (and one more) agrees with the model."""
+        self._compare_checks(self._few_users())
+
+    def _compare_checks(self, users: list[str]) -> None:
+        """Check from each user's side gives the model's relationship with every other id,
+        NONE for unknown ids, INVALID_ARGUMENT for a malformed one; an unknown asker is
+        NOT_FOUND."""
+        wanted = [*USERS, GHOST, BAD]
+        for user in users:
+            request = pb.CheckRequest(user_id=user, target_ids=wanted)
+            if user not in self.model.accounts:
+                self._not_found(self.follow_stub.Check, request)
+                continue
+            response = self.follow_stub.Check(request, timeout=TIMEOUT)
+            got = [(r.user_id, r.code, r.follow_type) for r in response.results]
+            expected = [
+                (t, pb.RESULT_CODE_INVALID_ARGUMENT, pb.FOLLOW_TYPE_NONE)
+                if t == BAD
+                else (t, pb.RESULT_CODE_OK, self.model.relation(user, t))
+                for t in wanted
+            ]
+            assert got == expected, user
+
+    @invariant()
+    def stored_graph_sound(self) -> None:
+        """The SQL invariants (both copies of each edge, symmetric mutual state, stored counts
+        equal rows, the cap) hold in the database itself."""
+        self.served.service.run(assert_sound(self.served.service.conn, CAP))
+
+    def teardown(self) -> None:
+        """At the end of each example, every user's lists and Check, not just a few."""
+        self._compare_lists(list(USERS))
+        self._compare_checks(list(USERS))
+
+
+def test_service_agrees_with_model(served: Served) -> None:
+    """Pins the whole rule set of issue 2 over a real channel and database: per-item codes
+    (self, malformed, unknown, over the cap in request order, idempotent repeats), NOT_FOUND
+    for unknown actors, deletes removing both directions, and after every step all lists
+    (all pages, in order, with profiles and times), counts, Check and the stored invariants
+    agree with an in-memory model."""
+
+    class OnThisServer(FollowMachine):
+        def __init__(self) -> None:
+            super().__init__(served)
+
+    run_state_machine_as_test(
+        OnThisServer,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=25,
+            deadline=None,
+            database=None,  # no .hypothesis/ in the tree; failures print a reproduction blob
+            print_blob=True,
+            suppress_health_check=[HealthCheck.too_slow],  # each step is real network I/O
+        ),
+    )
