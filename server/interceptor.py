@@ -1,10 +1,12 @@
 """The outermost gRPC interceptor: a request id for every call, metrics, a debug access line,
 and a clear INVALID_ARGUMENT for a request that is not a valid protobuf message.
 
-Malformed requests: grpcio deserializes a request before any handler or interceptor code
-runs, and when that fails (a string field holding invalid UTF-8, a truncated varint) it
-answers INTERNAL "Exception deserializing request!" by itself. INTERNAL says "our bug",
-which it is not, so this interceptor swaps in a deserializer that never raises: a message
+Malformed requests: grpcio deserializes a request before any handler code runs, and when
+that fails (a string field holding invalid UTF-8, a truncated varint) it answers by itself:
+grpcio 1.85's asyncio server says UNKNOWN "Unexpected <class DecodeError>: Error parsing
+message ... String field had bad UTF-8" (the threaded server says INTERNAL "Exception
+deserializing request!"). Both blame the server for the caller's bytes and carry no
+ErrorInfo, so this interceptor swaps in a deserializer that never raises: a message
 that does not parse becomes a `Malformed` marker, answered with INVALID_ARGUMENT and an
 ErrorInfo (reason INVALID_ARGUMENT, domain follow.v1) before the servicer sees it.
 """
