@@ -122,10 +122,16 @@ async def _until_signal() -> None:
 
 async def _serve_v4_alone(settings: Settings) -> None:
     """--grpc-target: only the v4 shim, against a remote gRPC server; no database here."""
-    shim = await start_shim(settings)
+    metrics = Metrics()
+    shim = await start_shim(settings, metrics=metrics)
+    metrics_server = None
+    if settings.metrics_listen:
+        metrics_server = await start_metrics_server(metrics, settings.metrics_listen)
     await _until_signal()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_seconds)
     await shim.stop()
+    if metrics_server is not None:
+        await metrics_server.close()
     log.info("stopped")
 
 
@@ -143,7 +149,7 @@ async def serve(settings: Settings) -> None:
         shim: RunningShim | None = None
         if settings.http_listen:
             try:
-                shim = await start_shim(settings, running.core)
+                shim = await start_shim(settings, running.core, running.metrics)
             except BaseException:
                 await running.stop(0)
                 raise

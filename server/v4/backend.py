@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
+from server import logs
 from server.core import FollowCore
 from server.errors import ERROR_DOMAIN
 from server.servicer import AccountServicer, FollowServicer
@@ -84,7 +85,8 @@ def over_channel(channel: grpc.aio.Channel, timeout: float = DEFAULT_TIMEOUT_SEC
     def remote(method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp]) -> Unary[Req, Resp]:
         async def call(request: Req) -> Resp:
             try:
-                return await method(request, timeout=timeout)
+                # The HTTP request's id goes on to the gRPC server's logs (server.logs).
+                return await method(request, timeout=timeout, metadata=logs.outgoing_metadata())
             except grpc.aio.AioRpcError as exc:
                 trailers = cast(Sequence[tuple[str, str | bytes]], exc.trailing_metadata() or ())
                 raise CallFailedError.from_trailers(exc.code(), exc.details(), trailers) from None

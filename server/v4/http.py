@@ -15,6 +15,7 @@ from aiohttp import web
 
 from server.config import Settings
 from server.core import FollowCore
+from server.metrics import Metrics
 from server.v4 import backend as backends
 from server.v4.commands import COMMANDS
 from server.v4.envelope import (
@@ -27,6 +28,7 @@ from server.v4.envelope import (
     ok,
     parse_body,
 )
+from server.v4.observe import observe_requests
 from server.v4.usersig import UserSigVerifier
 
 log = logging.getLogger(__name__)
@@ -39,14 +41,23 @@ _JSON = "application/json"
 class Shim:
     """The request handler: envelope checks, then one call of the contract."""
 
-    def __init__(self, auth: Authenticator, backend: backends.Backend, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        backend: backends.Backend,
+        max_body_bytes: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._metrics = metrics
         self._auth = auth
         self._backend = backend
         self._max_body = max_body_bytes
 
     def application(self) -> web.Application:
         # client_max_size bounds request.read() as it reads, chunked bodies included
-        app = web.Application(client_max_size=self._max_body)
+        app = web.Application(
+            client_max_size=self._max_body, middlewares=[observe_requests(self._metrics)]
+        )
         app.router.add_get(OPENAPI_PATH, self.openapi)
         app.router.add_post("/v4/{service}/{command}", self.handle)
         app.router.add_route("*", "/{tail:.*}", self.unknown)
@@ -144,7 +155,9 @@ def authenticator(settings: Settings) -> Authenticator:
     return Authenticator(settings.sdkappid, frozenset(settings.admins), verifier)
 
 
-async def start_shim(settings: Settings, core: FollowCore | None = None) -> RunningShim:
+async def start_shim(
+    settings: Settings, core: FollowCore | None = None, metrics: Metrics | None = None
+) -> RunningShim:
     """Serve the shim on settings.http_listen: in-process over `core`, or, with
     settings.grpc_target, over a channel to that gRPC server."""
     channel = None
@@ -155,7 +168,7 @@ async def start_shim(settings: Settings, core: FollowCore | None = None) -> Runn
         backend = backends.in_process(core)
     else:
         raise ValueError("the v4 shim needs a core or a --grpc-target")
-    shim = Shim(authenticator(settings), backend, settings.max_body_bytes)
+    shim = Shim(authenticator(settings), backend, settings.max_body_bytes, metrics)
     runner = web.AppRunner(shim.application(), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = split_address(settings.http_listen)
