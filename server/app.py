@@ -20,6 +20,7 @@ from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
 from server.database import Database, create_pool, open_database, redact
+from server.overload import InFlightLimit
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
 from server.store import Store
@@ -68,6 +69,9 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer) -> No
         except Exception:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         if status != last:
+            if last is not None and status == health_pb2.HealthCheckResponse.SERVING:
+                # The database came back: the pooled connections died with it.
+                await store.expire_connections()
             for name in ("", *SERVICE_NAMES):
                 await health.set(name, status)
             if last is not None:
@@ -82,13 +86,15 @@ async def start_service(settings: Settings, database_url: str) -> RunningService
     files = tls.tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     server_tls = tls.load(files)
     pool = await create_pool(database_url, settings.db_pool_size)
-    store = Store(pool)
+    store = Store(pool, settings.db_acquire_timeout)
     core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
+    admission = InFlightLimit(settings.max_in_flight)
     server = grpc.aio.server(
+        interceptors=[admission],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(core), server)
     follow_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(core), server)

@@ -24,6 +24,8 @@ class Settings:
     log_level: str = "INFO"
     db_pool_size: int = 10
     grace_seconds: float = 10.0
+    max_in_flight: int = 512
+    db_acquire_timeout: float = 2.0
     # Transport security and observability (server.tls, server.metrics, server.logs).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -48,6 +50,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
@@ -148,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=float(_env("grace_seconds", str(d.grace_seconds)) or d.grace_seconds),
         help="how long shutdown waits for in-flight calls (FOLLOW_GRACE_SECONDS)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        default=int(_env("max_in_flight", str(d.max_in_flight)) or d.max_in_flight),
+        help="calls served at once per process; past it calls get RESOURCE_EXHAUSTED"
+        " (FOLLOW_MAX_IN_FLIGHT, default %(default)s)",
+    )
+    parser.add_argument(
+        "--db-acquire-timeout",
+        type=_positive_float,
+        default=float(
+            _env("db_acquire_timeout", str(d.db_acquire_timeout)) or d.db_acquire_timeout
+        ),
+        metavar="SECONDS",
+        help="how long a call waits for a free database connection before RESOURCE_EXHAUSTED"
+        " (FOLLOW_DB_ACQUIRE_TIMEOUT, default %(default)s)",
     )
     add_security_flags(parser)
     add_v4_flags(parser)
@@ -257,6 +283,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         log_level=args.log_level,
         db_pool_size=args.db_pool_size,
         grace_seconds=args.grace_seconds,
+        max_in_flight=args.max_in_flight,
+        db_acquire_timeout=args.db_acquire_timeout,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

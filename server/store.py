@@ -14,9 +14,10 @@ Inputs arrive validated (see server.core); this module decides nothing about ids
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 import asyncpg
 
 from server.errors import FollowType, ItemCode, Reason, ServiceError
+from server.overload import call_deadline, remaining
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_ATTEMPTS = 8
+DEFAULT_ACQUIRE_TIMEOUT = 2.0  # seconds a call may wait for a free database connection
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
@@ -228,14 +231,51 @@ DELETE FROM accounts WHERE user_id = $1
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT
+    ) -> None:
         self._pool = pool
+        self._acquire_timeout = acquire_timeout
+        # One slot per pooled connection: waiting for a slot is waiting for a connection,
+        # bounded here, so it is told apart from the database failing to connect.
+        self._slots = asyncio.Semaphore(pool.get_max_size())
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        """A pooled connection, waited for at most the acquire timeout (OVERLOADED past it),
+        and used at most until the call's deadline (DEADLINE_EXCEEDED past it). Cancelled
+        mid-transaction, the connection is rolled back as the pool takes it back."""
+        deadline = call_deadline.get()
+        left = remaining(deadline)
+        wait = self._acquire_timeout if left is None else min(self._acquire_timeout, left)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), wait)
+        except TimeoutError:
+            if left is not None and left <= self._acquire_timeout:
+                raise _deadline_exceeded() from None
+            raise ServiceError(
+                Reason.OVERLOADED, "no database connection free in time; retry with backoff"
+            ) from None
+        try:
+            async with asyncio.timeout_at(deadline) as scope, self._pool.acquire() as conn:
+                yield conn
+        except TimeoutError:
+            if scope.expired():
+                raise _deadline_exceeded() from None
+            raise
+        finally:
+            self._slots.release()
+
+    async def expire_connections(self) -> None:
+        """Replace every pooled connection at its next use (after the database restarted,
+        the old ones are dead)."""
+        await self._pool.expire_connections()
 
     async def _transaction(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         """Run `work` in one transaction, retrying deadlocks and serialisation failures."""
         for attempt in range(MAX_ATTEMPTS):
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
+                async with self._connection() as conn, conn.transaction():
                     return await work(conn)
             except _RETRYABLE:
                 if attempt == MAX_ATTEMPTS - 1:
@@ -247,7 +287,7 @@ class Store:
 
     async def cursor_key(self) -> bytes:
         """The page-token key, made once per database so every server process shares it."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             await conn.execute(
                 "INSERT INTO service_secrets (name, value) VALUES ('cursor', $1)"
                 " ON CONFLICT DO NOTHING",
@@ -259,7 +299,11 @@ class Store:
             return key
 
     async def ping(self) -> None:
-        async with self._pool.acquire() as conn:
+        """Raise unless the database answers. With every connection busy it is answering
+        someone, and a probe must not queue behind the calls it is judging."""
+        if self._slots.locked():
+            return
+        async with self._connection() as conn:
             await conn.fetchval("SELECT 1")
 
     # -- follow / unfollow ---------------------------------------------------------------
@@ -321,7 +365,7 @@ class Store:
     # -- reads ---------------------------------------------------------------------------
 
     async def check(self, user_id: str, targets: Sequence[str]) -> dict[str, FollowType]:
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(_CHECK, user_id, list(targets))
         if not rows or not rows[0]["owner_known"]:
             raise _user_not_found()
@@ -330,7 +374,7 @@ class Store:
         }
 
     async def counts(self, user_ids: Sequence[str]) -> dict[str, Counts]:
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(_COUNTS, list(user_ids))
         return {r["user_id"]: Counts(r["followers"], r["following"], r["mutual"]) for r in rows}
 
@@ -344,7 +388,7 @@ class Store:
         """Up to `limit` entries after `after` (time in µs, id), and the profiles of the
         owner and of every listed user. The owner missing from the profiles means unknown."""
         first, next_ = _PAGES[list_type]
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             if after is None:
                 rows = await conn.fetch(first, user_id, limit)
             else:
@@ -371,7 +415,7 @@ class Store:
         await self._transaction(work)
 
     async def existing_accounts(self, user_ids: Sequence[str]) -> set[str]:
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(
                 "SELECT user_id FROM accounts WHERE user_id = ANY($1::text[])", list(user_ids)
             )
@@ -412,6 +456,12 @@ async def _delete_account(conn: Conn, user_id: str) -> None:
             [deltas[i][2] for i in ids],
         )
     await conn.execute(_DELETE_ACCOUNT, user_id, followers, followees)
+
+
+def _deadline_exceeded() -> ServiceError:
+    return ServiceError(
+        Reason.DEADLINE_EXCEEDED, "the call's deadline passed before the database answered"
+    )
 
 
 def _user_not_found() -> ServiceError:
