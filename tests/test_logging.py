@@ -24,6 +24,8 @@ from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
 from server import logs
 from server.app import RunningService
+from server.config import Settings
+from server.v4.http import start_shim
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
@@ -269,3 +271,63 @@ async def test_json_logs_from_the_real_server_and_no_secret_anywhere(db_url: str
     assert "follow_grpc_requests_total" in page
     assert SECRET not in server.text()
     assert SECRET not in page
+
+
+V4_APP = 1400000003
+
+
+async def _post_v4(port: int, request_id: str | None) -> aiohttp.ClientResponse:
+    query = {
+        "sdkappid": str(V4_APP),
+        "identifier": "administrator",
+        "usersig": TLSSigAPIv2(V4_APP, SECRET).gen_sig("administrator"),
+        "random": "1",
+        "contenttype": "json",
+    }
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/v4/im_open_login_svc/account_check",
+            params=query,
+            data=b'{"CheckItem": [{"UserID": "a"}]}',
+            headers=headers,
+        ) as response,
+    ):
+        assert (await response.json(content_type=None))["ErrorCode"] == 0
+        return response
+
+
+async def test_v4_shim_echoes_or_makes_a_request_id(service: RunningService) -> None:
+    """The shim answers with the caller's X-Request-Id, or a fresh one when none is given."""
+    settings = Settings(http_listen="127.0.0.1:0", sdkappid=V4_APP, secret_key=SECRET)
+    shim = await start_shim(settings, service.core)
+    try:
+        given = await _post_v4(shim.port, "v4-rid-1")
+        assert given.headers["X-Request-Id"] == "v4-rid-1"
+        made = await _post_v4(shim.port, None)
+        assert re.fullmatch(r"[0-9a-f]{32}", made.headers["X-Request-Id"])
+    finally:
+        await shim.stop()
+
+
+async def test_v4_shim_passes_its_request_id_to_the_grpc_server(
+    service: RunningService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shim running against a gRPC server (--grpc-target) forwards the HTTP request's id
+    as x-request-id metadata: the gRPC server's log line for that call carries it."""
+    caplog.set_level(logging.DEBUG, logger="server.interceptor")
+    settings = Settings(
+        http_listen="127.0.0.1:0",
+        grpc_target=f"127.0.0.1:{service.port}",
+        sdkappid=V4_APP,
+        secret_key=SECRET,
+    )
+    shim = await start_shim(settings)
+    try:
+        await _post_v4(shim.port, "v4-rid-2")
+    finally:
+        await shim.stop()
+    records = _interceptor_records(caplog)
+    assert [getattr(r, "request_id", None) for r in records] == ["v4-rid-2"]
+    assert "CheckAccounts OK" in records[0].getMessage()

@@ -8,11 +8,15 @@ import aiohttp
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from TLSSigAPIv2 import TLSSigAPIv2
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
 from server.app import RunningService
+from server.config import Settings
 from server.metrics import Metrics
+from server.v4.http import start_shim
+from server.v4.observe import error_code
 from tests.conftest import ServiceFactory
 from tests.helpers import import_users
 
@@ -211,3 +215,64 @@ def test_v4_commands_are_counted_with_bounded_labels() -> None:
 async def test_metrics_are_off_by_default(service: RunningService) -> None:
     """Without --metrics-listen no HTTP port is opened."""
     assert service.metrics_server is None
+
+
+APP = 1400000002
+KEY = "metrics-test-key-0123456789abcdef"
+
+
+def v4_query() -> dict[str, str]:
+    return {
+        "sdkappid": str(APP),
+        "identifier": "administrator",
+        "usersig": TLSSigAPIv2(APP, KEY).gen_sig("administrator"),
+        "random": "7",
+        "contenttype": "json",
+    }
+
+
+async def test_v4_commands_are_counted_after_real_http_calls(observed: RunningService) -> None:
+    """The in-process v4 shim records each answered command with its v4 ErrorCode and
+    latency on the service's metrics page; unknown commands are 'other'."""
+    settings = Settings(http_listen="127.0.0.1:0", sdkappid=APP, secret_key=KEY)
+    shim = await start_shim(settings, observed.core, observed.metrics)
+    try:
+        base = f"http://127.0.0.1:{shim.port}/v4"
+        async with aiohttp.ClientSession() as session:
+            for path, body in [
+                ("im_open_login_svc/account_check", b'{"CheckItem": [{"UserID": "a"}]}'),
+                ("im_open_login_svc/account_check", b"{"),
+                ("follow/follow_add", b'{"From_Account": 5}'),
+                ("follow/no_such_command", b"{}"),
+            ]:
+                async with session.post(f"{base}/{path}", params=v4_query(), data=body) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+    finally:
+        await shim.stop()
+    assert observed.metrics_server is not None
+    got = samples((await scrape(observed.metrics_server.port))[1])
+    check = "im_open_login_svc/account_check"
+    assert value(got, "follow_v4_requests_total", command=check, error_code="0") == 1
+    assert value(got, "follow_v4_errors_total", command=check, error_code="60003") == 1
+    assert (
+        value(got, "follow_v4_errors_total", command="follow/follow_add", error_code="60015") == 1
+    )
+    assert value(got, "follow_v4_errors_total", command="other", error_code="60009") == 1
+    assert value(got, "follow_v4_request_duration_seconds_count", command=check) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"ActionStatus":"FAIL","ErrorCode":30001,"ErrorInfo":"x","ErrorDisplay":""}', 30001),
+        (b'{"ResultItem":[],"ActionStatus":"OK","ErrorCode":0}', 0),
+        (b'{"Nick":"{\\"ActionStatus\\":\\"FAIL\\",\\"ErrorCode\\":1","ActionStatus":"OK"}', 0),
+        (None, 0),
+    ],
+    ids=["fail", "ok", "fail-lookalike-in-a-value", "no-body"],
+)
+def test_v4_error_code_is_read_from_the_envelope(body: bytes | None, code: int) -> None:
+    """Only a real failure envelope counts as an error; text inside a JSON string cannot
+    pass for one (its quotes are escaped)."""
+    assert error_code(body) == code
