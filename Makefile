@@ -43,10 +43,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python -m bench $(ARGS)
+	$(BIN)/python -m server.bench $(ARGS)
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m bench --quick $(ARGS)
+	$(BIN)/python -m server.bench --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,9 @@ class Settings:
     tls_client_ca: Path | None = None
     metrics_listen: str | None = None
     log_format: str = "text"
+    grpc_target_ca: Path | None = None
+    grpc_target_cert: Path | None = None
+    grpc_target_key: Path | None = None
     # v4 REST-JSON shim ("" disables it); with grpc_target it runs alone against that server
     http_listen: str = "127.0.0.1:8080"
     grpc_target: str | None = None
@@ -117,6 +120,27 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
         default=_optional_path("tls_client_ca"),
         metavar="PEM",
         help="require client certificates signed by this CA: mutual TLS (FOLLOW_TLS_CLIENT_CA)",
+    )
+    parser.add_argument(
+        "--grpc-target-ca",
+        type=Path,
+        default=_optional_path("grpc_target_ca"),
+        metavar="PEM",
+        help="with --grpc-target: use TLS, trusting this CA (FOLLOW_GRPC_TARGET_CA)",
+    )
+    parser.add_argument(
+        "--grpc-target-cert",
+        type=Path,
+        default=_optional_path("grpc_target_cert"),
+        metavar="PEM",
+        help="with --grpc-target: client certificate for mutual TLS (FOLLOW_GRPC_TARGET_CERT)",
+    )
+    parser.add_argument(
+        "--grpc-target-key",
+        type=Path,
+        default=_optional_path("grpc_target_key"),
+        metavar="PEM",
+        help="private key of --grpc-target-cert (FOLLOW_GRPC_TARGET_KEY)",
     )
     parser.add_argument(
         "--metrics-listen",
@@ -290,6 +314,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         tls_client_ca=args.tls_client_ca,
         metrics_listen=args.metrics_listen,
         log_format=args.log_format,
+        grpc_target_ca=args.grpc_target_ca,
+        grpc_target_cert=args.grpc_target_cert,
+        grpc_target_key=args.grpc_target_key,
         http_listen=args.http_listen,
         grpc_target=args.grpc_target or None,
         sdkappid=args.sdkappid,

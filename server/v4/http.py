@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from server import tls
 from server.config import Settings
 from server.core import FollowCore
 from server.metrics import Metrics
@@ -162,7 +163,12 @@ async def start_shim(
     settings.grpc_target, over a channel to that gRPC server."""
     channel = None
     if settings.grpc_target:
-        channel = grpc.aio.insecure_channel(settings.grpc_target)
+        channel = tls.target_channel(
+            settings.grpc_target,
+            settings.grpc_target_ca,
+            settings.grpc_target_cert,
+            settings.grpc_target_key,
+        )
         backend = backends.over_channel(channel)
     elif core is not None:
         backend = backends.in_process(core)
