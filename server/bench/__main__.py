@@ -1,0 +1,3 @@
+from server.bench.run import main
+
+main()
