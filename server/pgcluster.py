@@ -102,11 +102,15 @@ class LocalPostgres:
         if not hasattr(self, "_bin"):
             self.init()
         cmd = [str(self._bin / "pg_ctl"), "-D", str(self.pgdata), *args]
+        if self._user is not None:
+            # Not subprocess's user=: changing user makes it fork() rather than vfork(), and
+            # in a process running gRPC the child then runs gRPC's fork handlers, which can
+            # crash it (seen: pg_ctl dying of SIGSEGV before exec).
+            cmd = ["runuser", "-u", self._user, "--", *cmd]
         result = subprocess.run(
             cmd,
             capture_output=True,
             text=True,
-            user=self._user,
             timeout=120,
             # pg_ctl leaves the postmaster running; it must not hold our pipes open.
             stdin=subprocess.DEVNULL,
