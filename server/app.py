@@ -64,7 +64,10 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer) -> No
     last: int | None = None
     while True:
         try:
-            await asyncio.wait_for(store.ping(), timeout=HEALTH_INTERVAL_SECONDS * 2)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands
+            # as the ping completes, and stop() would then wait for this loop forever.
+            async with asyncio.timeout(HEALTH_INTERVAL_SECONDS * 2):
+                await store.ping()
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
