@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test gen gen-check lint format bench bench-quick clean
+.PHONY: install run test gen gen-check lint format bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -47,6 +47,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m server.bench --quick $(ARGS)
+
+# Mixed load while PostgreSQL restarts and the server is killed, then the checker;
+# bounded (SOAK_SECONDS, default 600). Extra flags in ARGS.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python -m server.soak --seconds $(SOAK_SECONDS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

