@@ -430,6 +430,40 @@ async def test_thousand_cancelled_calls_roll_back_and_leave_the_pool_whole(
         assert all(r.results[0].code == pb.RESULT_CODE_OK for r in results)
 
 
+@pytest.mark.timeout(60)
+async def test_waiting_for_a_connection_is_bounded(
+    make_service: ServiceFactory, db_url: str
+) -> None:
+    """With the only pooled connection held, a call waits --db-acquire-timeout and gets
+    RESOURCE_EXHAUSTED (OVERLOADED); one whose deadline comes first gets DEADLINE_EXCEEDED
+    at its deadline. Neither queues behind the blocked call."""
+    service = await make_service(db_pool_size=1, db_acquire_timeout=0.3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        await import_users(pb_grpc.AccountServiceStub(channel), "a", "b")
+        stub = pb_grpc.FollowServiceStub(channel)
+        locker = await lock_counter_row(db_url, "b")
+        try:
+            held = asyncio.ensure_future(
+                stub.Follow(pb.FollowRequest(user_id="a", target_ids=["b"]), timeout=20)
+            )
+            await wait_lock_waiters(locker, 1)
+            start = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as overloaded:
+                await stub.Check(pb.CheckRequest(user_id="a", target_ids=["b"]), timeout=10)
+            assert overloaded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(overloaded.value).reason == "OVERLOADED"
+            assert 0.25 < time.monotonic() - start < 1.5
+            start = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.Check(pb.CheckRequest(user_id="a", target_ids=["b"]), timeout=0.15)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - start < 0.6
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        assert (await held).results[0].code == pb.RESULT_CODE_OK
+
+
 # -- graceful shutdown and crash ---------------------------------------------------------
 
 
