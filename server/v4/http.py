@@ -175,10 +175,15 @@ async def start_shim(
     else:
         raise ValueError("the v4 shim needs a core or a --grpc-target")
     shim = Shim(authenticator(settings), backend, settings.max_body_bytes, metrics)
-    runner = web.AppRunner(shim.application(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        shim.application(),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.grace_seconds,
+    )
     await runner.setup()
     host, port = split_address(settings.http_listen)
-    site = web.TCPSite(runner, host, port, shutdown_timeout=settings.grace_seconds)
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except BaseException:
