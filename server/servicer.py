@@ -35,6 +35,10 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.exceptions.OperatorInterventionError,
+    # A connection the database dropped mid-transaction can fail again as the pool takes
+    # it back ("cannot switch to state ...; another operation is in progress"), masking
+    # the connection error; seen by the soak when PostgreSQL stops under load.
+    asyncpg.InternalClientError,
 )
 
 
