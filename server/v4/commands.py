@@ -229,7 +229,7 @@ async def account_import(backend: Backend, body: Body) -> Body:
 
 async def multiaccount_import(backend: Backend, body: Body) -> Body:
     if "Accounts" in body and "AccountList" in body:
-        raise V4Error(PARAM_ERROR, "give Accounts or AccountList, not both")
+        raise V4Error(PARAM_ERROR, "Accounts and AccountList: give one of them, not both")
     if "AccountList" in body:
         accounts = [
             _account_message(item, f"AccountList[{i}].")
