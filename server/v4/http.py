@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 OPENAPI_PATH = "/v4/openapi.yaml"
 OPENAPI = (Path(__file__).parent / "openapi.yaml").read_bytes()
 _JSON = "application/json"
+LINGER_SECONDS = 1.0
 
 
 class Shim:
@@ -180,6 +181,9 @@ async def start_shim(
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.grace_seconds,
+        # After refusing a body, discard what the client still sends for at most this long
+        # (so it can read the answer) and then close; never buffer it.
+        lingering_time=LINGER_SECONDS,
     )
     await runner.setup()
     host, port = split_address(settings.http_listen)
