@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -115,9 +117,21 @@ async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
 
 
 @pytest.fixture
-async def own_cluster(tmp_path: Path) -> AsyncIterator[Database]:
+def pg_folder() -> Iterator[Path]:
+    """A folder for an embedded PostgreSQL's data, outside pytest's tmp_path: when running
+    as root the server runs as another system user that must traverse every parent, and
+    each pytest session that starts elsewhere resets /tmp/pytest-of-<user> to mode 0700."""
+    folder = Path(tempfile.mkdtemp(prefix="follow-test-app-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def own_cluster(pg_folder: Path) -> AsyncIterator[Database]:
     """A throwaway embedded PostgreSQL of this test's own, free to be stopped."""
-    database = await open_database(None, tmp_path / "pg")
+    database = await open_database(None, pg_folder / "data")
     try:
         yield database
     finally:
@@ -253,7 +267,7 @@ def test_console_script_exists() -> None:
     assert "server.cli" in script.read_text()
 
 
-async def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+async def test_cli_serves_and_stops_on_sigterm(tmp_path: Path, pg_folder: Path) -> None:
     """The real command (`python -m server`) starts an embedded PostgreSQL in --data-dir,
     serves on --grpc-listen (health SERVING, reflection lists the five RPCs, a call works),
     logs where it listens and which database it uses, and on SIGTERM shuts down and exits
@@ -269,7 +283,7 @@ async def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             "--grpc-listen",
             f"127.0.0.1:{port}",
             "--data-dir",
-            str(tmp_path / "pgdata"),
+            str(pg_folder / "pgdata"),
             "--grace-seconds",
             str(grace),
             "--http-listen",
@@ -296,14 +310,14 @@ async def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             assert "follow.v1.AccountService" in services
             await import_users(pb_grpc.AccountServiceStub(channel), "cli_user")
 
-        assert (tmp_path / "pgdata").is_dir()
+        assert (pg_folder / "pgdata").is_dir()
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
         code = await asyncio.wait_for(process.wait(), timeout=grace + 30)
         assert code == 0, log_path.read_text()
         assert time.monotonic() - started < grace + 10
         # the embedded PostgreSQL was stopped with it
-        assert not (tmp_path / "pgdata" / "postmaster.pid").exists()
+        assert not (pg_folder / "pgdata" / "postmaster.pid").exists()
     finally:
         if process.returncode is None:
             process.kill()
