@@ -116,3 +116,37 @@ def add_port(server: grpc.aio.Server, listen: str, server_tls: ServerTls | None)
         ", client certificates required (mutual TLS)" if server_tls.mutual else "",
     )
     return port
+
+
+def client_files(
+    ca: Path | None, cert: Path | None, key: Path | None
+) -> tuple[Path | None, Path | None, Path | None] | None:
+    """The TLS the shim's channel to --grpc-target asks for; None for plaintext."""
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise TlsConfigError("--grpc-target-cert and --grpc-target-key must be given together")
+    return ca, cert, key
+
+
+def target_channel(
+    target: str, ca: Path | None, cert: Path | None, key: Path | None
+) -> grpc.aio.Channel:
+    """A channel to a remote gRPC server: TLS (verified against `ca`, or the system roots)
+    when any of the three is given, with a client certificate for mutual TLS; else plaintext,
+    with the same warning as the server for a non-loopback target."""
+    files = client_files(ca, cert, key)
+    if files is None:
+        if not is_loopback(target):
+            log.warning(
+                "PLAINTEXT gRPC to non-loopback target %s; give --grpc-target-ca (and "
+                "--grpc-target-cert/--grpc-target-key for mutual TLS)",
+                target,
+            )
+        return grpc.aio.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "gRPC target CA") if ca is not None else None,
+        private_key=_read(key, "client key") if key is not None else None,
+        certificate_chain=_read(cert, "client certificate") if cert is not None else None,
+    )
+    return grpc.aio.secure_channel(target, credentials)

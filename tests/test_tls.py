@@ -9,18 +9,21 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from TLSSigAPIv2 import TLSSigAPIv2
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
 from server import tls
 from server.app import start_service
 from server.config import Settings
+from server.v4.http import start_shim
 from tests.conftest import ServiceFactory
 
 CALL_TIMEOUT = 5.0
@@ -281,3 +284,69 @@ async def test_unreadable_tls_files_fail_at_start(
     junk.write_text("not a certificate")
     with pytest.raises(tls.TlsConfigError, match="not a PEM file"):
         await make_service(tls_cert=pki.server_files.cert, tls_key=junk)
+
+
+SHIM_APP = 1400000005
+SHIM_KEY = "tls-shim-key-0123456789abcdef012"
+
+
+async def _v4_account_check(port: int) -> dict[str, object]:
+    query = {
+        "sdkappid": str(SHIM_APP),
+        "identifier": "administrator",
+        "usersig": TLSSigAPIv2(SHIM_APP, SHIM_KEY).gen_sig("administrator"),
+        "random": "5",
+        "contenttype": "json",
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/v4/im_open_login_svc/account_check",
+            params=query,
+            data=b'{"CheckItem": [{"UserID": "alice"}]}',
+        ) as response,
+    ):
+        payload: dict[str, object] = await response.json(content_type=None)
+        return payload
+
+
+@pytest.mark.parametrize("with_client_cert", [True, False])
+async def test_standalone_shim_reaches_an_mtls_server(
+    make_service: ServiceFactory, pki: Pki, tmp_path: Path, with_client_cert: bool
+) -> None:
+    """The v4 shim run alone (--grpc-target) speaks mutual TLS to the gRPC server with
+    --grpc-target-ca/--grpc-target-cert/--grpc-target-key; without a client certificate
+    its calls fail with an error envelope, not a 500."""
+    service = await make_service(**_settings(pki.mutual_files))
+    ca = tmp_path / "server-ca.pem"
+    ca.write_bytes(pki.server_ca.pem)
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(pki.client.cert)
+    key.write_bytes(pki.client.key)
+    shim = await start_shim(
+        Settings(
+            http_listen="127.0.0.1:0",
+            grpc_target=f"127.0.0.1:{service.port}",
+            grpc_target_ca=ca,
+            grpc_target_cert=cert if with_client_cert else None,
+            grpc_target_key=key if with_client_cert else None,
+            sdkappid=SHIM_APP,
+            secret_key=SHIM_KEY,
+        )
+    )
+    try:
+        payload = await _v4_account_check(shim.port)
+    finally:
+        await shim.stop()
+    if with_client_cert:
+        assert payload["ErrorCode"] == 0, payload
+    else:
+        assert payload["ErrorCode"] != 0
+        assert payload["ActionStatus"] == "FAIL"
+
+
+def test_half_a_client_tls_configuration_is_refused() -> None:
+    """A client certificate without its key for --grpc-target is a configuration error."""
+    with pytest.raises(tls.TlsConfigError, match="together"):
+        tls.client_files(None, Path("client.pem"), None)
+    assert tls.client_files(None, None, None) is None
