@@ -36,12 +36,18 @@ DEFAULT_CAP = 5000
 LIST_TYPES = (pb.FOLLOW_TYPE_FAN, pb.FOLLOW_TYPE_FOLLOWING, pb.FOLLOW_TYPE_MUTUAL)
 
 
+# Documented answers that tell a client to back off and retry: ABORTED (CONTENTION: the
+# service's own deadlock retries ran out) and RESOURCE_EXHAUSTED (OVERLOADED: no database
+# connection free in time). Under this load they must stay rare; ideally there are none.
+BACK_OFF = (grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 @dataclass
 class Tally:
     """Every call made, and how the failed ones failed."""
 
     calls: int = 0
-    aborted: int = 0  # ABORTED / CONTENTION: retries on deadlock ran out; must stay rare
+    backed_off: Counter[str] = field(default_factory=Counter)
     expected_failures: Counter[str] = field(default_factory=Counter)
     unexpected: list[str] = field(default_factory=list)
 
@@ -50,17 +56,18 @@ class Tally:
         method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
         request: Req,
         allowed: Sequence[grpc.StatusCode] = (),
-        retry_aborted: bool = False,
+        retry: bool = False,
     ) -> Resp | None:
-        """The response, or None when the call failed (recorded here). With `retry_aborted`
-        an ABORTED call is repeated (at most 3 times), as the contract tells clients to."""
-        for _ in range(3 if retry_aborted else 1):
+        """The response, or None when the call failed (recorded here). With `retry` a call
+        told to back off is repeated (at most 3 times), as the contract tells clients to."""
+        for attempt in range(3 if retry else 1):
             self.calls += 1
             try:
                 return await method(request, timeout=CALL_TIMEOUT)
             except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.ABORTED:
-                    self.aborted += 1
+                if error.code() in BACK_OFF:
+                    self.backed_off[error.code().name] += 1
+                    await asyncio.sleep(0.01 * 2**attempt)
                     continue
                 if error.code() in allowed:
                     self.expected_failures[error.code().name] += 1
@@ -71,8 +78,8 @@ class Tally:
 
     def assert_clean(self) -> None:
         assert not self.unexpected, f"calls failed with undocumented codes: {self.unexpected[:5]}"
-        # Deadlocks are retried inside the service; giving up must be rare.
-        assert self.aborted * 50 <= self.calls, f"{self.aborted} of {self.calls} calls aborted"
+        backed_off = sum(self.backed_off.values())
+        assert backed_off * 50 <= self.calls, f"{self.backed_off} in {self.calls} calls"
 
 
 @dataclass
@@ -171,12 +178,12 @@ OPS_PER_TASK = 40
 
 
 async def test_random_concurrent_follows_keep_the_graph_consistent(
-    make_service: ServiceFactory, connect: ClientFactory, capsys: pytest.CaptureFixture[str]
+    make_service: ServiceFactory, connect: ClientFactory
 ) -> None:
     """30 clients x 40 random calls among 8 users (batches with self-follows and duplicates,
     unfollows, A<->B follows at the same instant, the same follow twice at once, reads) at a
-    cap of 5: every per-item code is one the rules allow, no call fails except (rarely)
-    ABORTED, and afterwards counts equal lists and rows, both copies of every edge agree,
+    cap of 5: every per-item code is one the rules allow, no call fails except, rarely, with a
+    documented back-off code (ABORTED, RESOURCE_EXHAUSTED), and afterwards counts equal lists and rows, both copies of every edge agree,
     mutual state is symmetric and nobody is over the cap."""
     running = await make_service(max_following=RANDOM_CAP)
     client = await connect(running)
@@ -246,13 +253,13 @@ async def test_random_concurrent_follows_keep_the_graph_consistent(
     await assert_sound(client.conn, RANDOM_CAP)
     await api_agrees_with_tables(client, RANDOM_USERS)
     edges = await client.conn.fetchval("SELECT count(*) FROM following")
-    with capsys.disabled():
-        await asyncio.sleep(1.1)  # PostgreSQL publishes a backend's statistics about once a second
-        print(
-            f"\n[concurrency] {tally.calls} calls from {TASKS} clients, {tally.aborted} ABORTED,"
-            f" {await deadlocks(client.conn) - deadlocks_before} deadlocks detected and"
-            f" retried, {edges} edges at the end"
-        )
+    await asyncio.sleep(1.1)  # PostgreSQL publishes a backend's statistics about once a second
+    print(  # shown with pytest -rP
+        f"\n[concurrency] {tally.calls} calls from {TASKS} clients,"
+        f" backed off: {dict(tally.backed_off) or 'none'},"
+        f" {await deadlocks(client.conn) - deadlocks_before} deadlocks detected and"
+        f" retried, {edges} edges at the end"
+    )
 
 
 # -- A<->B races and duplicate follows with a known outcome -------------------------------------
@@ -275,11 +282,11 @@ async def test_every_pair_following_each_other_at_once_ends_mutual(
 
     async def follow(a: str, b: str) -> pb.FollowResponse | None:
         request = pb.FollowRequest(user_id=a, target_ids=[b])
-        return await tally.call(client.follow.Follow, request, retry_aborted=True)
+        return await tally.call(client.follow.Follow, request, retry=True)
 
     async def unfollow(a: str, b: str) -> pb.UnfollowResponse | None:
         request = pb.UnfollowRequest(user_id=a, target_ids=[b])
-        return await tally.call(client.follow.Unfollow, request, retry_aborted=True)
+        return await tally.call(client.follow.Unfollow, request, retry=True)
 
     calls = [(a, b) for a in PAIR_USERS for b in PAIR_USERS if a != b]
     rng.shuffle(calls)
@@ -306,8 +313,7 @@ async def test_every_pair_following_each_other_at_once_ends_mutual(
     await assert_sound(client.conn, DEFAULT_CAP)
     await api_agrees_with_tables(client, PAIR_USERS)
 
-    # p0 no longer follows anyone: six identical follows at once, and p7 -> p0 likewise
-    # (which also makes p0 <-> p7 mutual... p7 already follows p0 from above).
+    # p0 now follows nobody: the same follow six times at once.
     async with asyncio.timeout(LOAD_BUDGET):
         same = await asyncio.gather(*(follow("p0", "p1") for _ in range(6)))
     tally.assert_clean()
@@ -345,7 +351,7 @@ async def test_bursts_at_the_cap_admit_exactly_the_cap(
 
     async def follow(actor: str, targets: Sequence[str]) -> pb.FollowResponse | None:
         request = pb.FollowRequest(user_id=actor, target_ids=targets)
-        return await tally.call(client.follow.Follow, request, retry_aborted=True)
+        return await tally.call(client.follow.Follow, request, retry=True)
 
     async def following_of(actor: str) -> int:
         n: int = await client.conn.fetchval(
