@@ -183,8 +183,9 @@ async def test_random_concurrent_follows_keep_the_graph_consistent(
     """30 clients x 40 random calls among 8 users (batches with self-follows and duplicates,
     unfollows, A<->B follows at the same instant, the same follow twice at once, reads) at a
     cap of 5: every per-item code is one the rules allow, no call fails except, rarely, with a
-    documented back-off code (ABORTED, RESOURCE_EXHAUSTED), and afterwards counts equal lists and rows, both copies of every edge agree,
-    mutual state is symmetric and nobody is over the cap."""
+    documented back-off code (ABORTED, RESOURCE_EXHAUSTED), and afterwards counts equal
+    lists and rows, both copies of every edge agree, mutual state is symmetric and nobody is
+    over the cap."""
     running = await make_service(max_following=RANDOM_CAP)
     client = await connect(running)
     await import_users(client.accounts, *RANDOM_USERS)
