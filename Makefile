@@ -15,8 +15,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/follow-server $(ARGS)
+# `make run` works with nothing configured: unless a key or app id is given (FOLLOW_* variables
+# or ARGS), the v4 shim uses a development key made once in var/dev-secret-key and app id
+# 1400000000. Production deployments pass their own.
+DEV_KEY := var/dev-secret-key
+DEV_SDKAPPID := 1400000000
+RUN_KEY = $(if $(or $(FOLLOW_SECRET_KEY),$(FOLLOW_SECRET_KEY_FILE),$(findstring secret-key,$(ARGS)),$(findstring insecure-no-auth,$(ARGS))),,--secret-key-file $(DEV_KEY))
+RUN_APP = $(if $(or $(FOLLOW_SDKAPPID),$(findstring sdkappid,$(ARGS)),$(findstring insecure-no-auth,$(ARGS))),,--sdkappid $(DEV_SDKAPPID))
+
+$(DEV_KEY):
+	@mkdir -p $(dir $@)
+	@umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
+	@echo "made a development v4 secret key in $@ (app id $(DEV_SDKAPPID))"
+
+run: $(STAMP) $(DEV_KEY)
+	$(BIN)/follow-server $(RUN_KEY) $(RUN_APP) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
