@@ -138,8 +138,9 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 reason = reason_of(context)
                 raise
             finally:
+                # The caller may already have its answer: record, log, and only then leave
+                # the in-flight count, so "in flight == 0" means every call is on the page.
                 elapsed = time.perf_counter() - started
-                metrics.grpc_in_flight.dec()
                 metrics.observe_grpc(method, code, reason, elapsed)
                 log.debug(
                     "%s %s%s %.1fms",
@@ -148,6 +149,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                     f" {reason}" if reason else "",
                     elapsed * 1000,
                 )
+                metrics.grpc_in_flight.dec()
                 logs.request_id.reset(token)
 
         return observed

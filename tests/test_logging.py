@@ -32,8 +32,17 @@ START_TIMEOUT = 60.0
 SECRET = "k3y-N3VER-L0GGED-5f1e2d9c7b"
 
 
-def _interceptor_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "server.interceptor"]
+async def _interceptor_records(
+    caplog: pytest.LogCaptureFixture, count: int
+) -> list[logging.LogRecord]:
+    """The interceptor's records once there are `count` of them: the server logs a call's
+    line just after the caller has its answer, so poll briefly."""
+    for _ in range(100):
+        records = [r for r in caplog.records if r.name == "server.interceptor"]
+        if len(records) >= count:
+            return records
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"expected {count} interceptor records, got {len(records)}")
 
 
 async def test_request_id_from_metadata_is_on_the_calls_log_lines(
@@ -50,8 +59,7 @@ async def test_request_id_from_metadata_is_on_the_calls_log_lines(
         with pytest.raises(grpc.aio.AioRpcError):
             await call
         assert (logs.REQUEST_ID_HEADER, "req-abc.123") in tuple(await call.initial_metadata() or ())
-    records = _interceptor_records(caplog)
-    assert records, "the call logged nothing at DEBUG"
+    records = await _interceptor_records(caplog, 1)
     assert {getattr(r, "request_id", None) for r in records} == {"req-abc.123"}
     assert "INVALID_ARGUMENT INVALID_USER_ID" in records[-1].getMessage()
 
@@ -76,7 +84,8 @@ async def test_missing_or_unusable_request_id_is_replaced(
         await call
         echoed = dict(await call.initial_metadata() or ())[logs.REQUEST_ID_HEADER]
     assert re.fullmatch(r"[0-9a-f]{32}", str(echoed))
-    assert {getattr(r, "request_id", None) for r in _interceptor_records(caplog)} == {echoed}
+    records = await _interceptor_records(caplog, 1)
+    assert {getattr(r, "request_id", None) for r in records} == {echoed}
 
 
 async def test_concurrent_calls_keep_their_own_request_ids(
@@ -96,7 +105,7 @@ async def test_concurrent_calls_keep_their_own_request_ids(
                 for i in range(20)
             )
         )
-    seen = [str(getattr(r, "request_id", None)) for r in _interceptor_records(caplog)]
+    seen = [str(getattr(r, "request_id", None)) for r in await _interceptor_records(caplog, 20)]
     assert sorted(seen) == sorted(f"rid-{i}" for i in range(20))
 
 
@@ -328,6 +337,6 @@ async def test_v4_shim_passes_its_request_id_to_the_grpc_server(
         await _post_v4(shim.port, "v4-rid-2")
     finally:
         await shim.stop()
-    records = _interceptor_records(caplog)
+    records = await _interceptor_records(caplog, 1)
     assert [getattr(r, "request_id", None) for r in records] == ["v4-rid-2"]
     assert "CheckAccounts OK" in records[0].getMessage()

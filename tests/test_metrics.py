@@ -32,6 +32,17 @@ async def scrape(port: int) -> tuple[str, str]:
         return response.headers["Content-Type"], await response.text()
 
 
+async def settled(port: int) -> Samples:
+    """A scrape taken once no gRPC call is in flight: the server finishes its bookkeeping
+    just after the caller has its answer, so poll briefly for that moment."""
+    for _ in range(100):
+        got = samples((await scrape(port))[1])
+        if value(got, "follow_grpc_in_flight") == 0:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError("gRPC calls still in flight after 5 s")
+
+
 def samples(text: str) -> Samples:
     out: Samples = {}
     for family in text_string_to_metric_families(text):
@@ -67,9 +78,9 @@ async def test_scrape_counts_calls_and_errors_by_code_and_reason(
         with pytest.raises(grpc.aio.AioRpcError):
             await follows.List(pb.ListRequest(user_id="nobody", follow_type=pb.FOLLOW_TYPE_FAN))
     assert observed.metrics_server is not None
-    content_type, text = await scrape(observed.metrics_server.port)
+    content_type, _ = await scrape(observed.metrics_server.port)
     assert content_type.startswith("text/plain")
-    got = samples(text)
+    got = await settled(observed.metrics_server.port)
     svc = "follow.v1.FollowService"
     assert value(got, "follow_grpc_requests_total", service=svc, method="Follow", code="OK") == 2
     assert (
@@ -165,7 +176,7 @@ async def test_malformed_request_counts_as_invalid_argument(observed: RunningSer
             await call(b"\x0a\x02\xff\xfe")  # field 1 (user_id): two bytes of invalid UTF-8
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert observed.metrics_server is not None
-    got = samples((await scrape(observed.metrics_server.port))[1])
+    got = await settled(observed.metrics_server.port)
     assert (
         value(
             got,
