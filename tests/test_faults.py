@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -271,17 +273,21 @@ async def wait_lock_waiters(conn: asyncpg.Connection, n: int, within: float = 10
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[LocalPostgres]:
-    """A PostgreSQL cluster only this test uses, so it can be stopped and started."""
-    pg = LocalPostgres(tmp_path / "pg")
-    pg.init()
-    pg.start()
-    pg.create_database("follow")
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL cluster only this test uses, so it can be stopped and started. Not under
+    tmp_path: a concurrent pytest session resets pytest's base folder to 0700, which the
+    unprivileged user PostgreSQL runs as (under root) could then not traverse."""
+    root = Path(tempfile.mkdtemp(prefix="follow-faults-pg-"))
+    pg = LocalPostgres(root)
     try:
+        pg.init()
+        pg.start()
+        pg.create_database("follow")
         yield pg
     finally:
         if pg.is_running():
             pg.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.timeout(90)
