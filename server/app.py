@@ -20,6 +20,8 @@ from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
 from server.database import Database, create_pool, open_database, redact
+from server.interceptor import ObservingInterceptor
+from server.metrics import Metrics, MetricsServer, start_metrics_server
 from server.overload import InFlightLimit
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
@@ -43,6 +45,8 @@ class RunningService:
     health: health_aio.HealthServicer
     store: Store
     core: FollowCore
+    metrics: Metrics = field(default_factory=Metrics, repr=False)
+    metrics_server: MetricsServer | None = field(default=None, repr=False)
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def stop(self, grace: float) -> None:
@@ -53,13 +57,17 @@ class RunningService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self.server.stop(grace)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         try:
             await asyncio.wait_for(self.pool.close(), timeout=max(grace, 1.0))
         except TimeoutError:
             self.pool.terminate()
 
 
-async def _watch_database(store: Store, health: health_aio.HealthServicer) -> None:
+async def _watch_database(
+    store: Store, health: health_aio.HealthServicer, metrics: Metrics | None = None
+) -> None:
     """SERVING only while the database answers."""
     last: int | None = None
     while True:
@@ -71,6 +79,8 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer) -> No
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if metrics is not None:
+            metrics.set_database_up(status == health_pb2.HealthCheckResponse.SERVING)
         if status != last:
             if last is not None and status == health_pb2.HealthCheckResponse.SERVING:
                 # The database came back: the pooled connections died with it.
@@ -91,9 +101,12 @@ async def start_service(settings: Settings, database_url: str) -> RunningService
     pool = await create_pool(database_url, settings.db_pool_size)
     store = Store(pool, settings.db_acquire_timeout)
     core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
+    metrics = Metrics()
+    metrics.watch_pool(pool)
+    observing = ObservingInterceptor(metrics)  # outermost: sees every answer, overload too
     admission = InFlightLimit(settings.max_in_flight)
     server = grpc.aio.server(
-        interceptors=[admission],
+        interceptors=[observing, admission],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
@@ -116,8 +129,14 @@ async def start_service(settings: Settings, database_url: str) -> RunningService
         await pool.close()
         raise OSError(f"cannot listen on {settings.grpc_listen}")
     await server.start()
-    running = RunningService(server, port, pool, health, store, core)
-    running._monitor = asyncio.create_task(_watch_database(store, health))
+    running = RunningService(server, port, pool, health, store, core, metrics)
+    if settings.metrics_listen:
+        try:
+            running.metrics_server = await start_metrics_server(metrics, settings.metrics_listen)
+        except OSError:
+            await running.stop(0)
+            raise
+    running._monitor = asyncio.create_task(_watch_database(store, health, metrics))
     return running
 
 

@@ -20,7 +20,10 @@ async def import_users(stub: pb_grpc.AccountServiceAsyncStub, *user_ids: str) ->
 
 
 async def whole_list(
-    stub: pb_grpc.FollowServiceAsyncStub, user_id: str, follow_type: pb.FollowType.ValueType, page_size: int = 0
+    stub: pb_grpc.FollowServiceAsyncStub,
+    user_id: str,
+    follow_type: pb.FollowType.ValueType,
+    page_size: int = 0,
 ) -> list[pb.ListEntry]:
     """Every entry of a list, following next_page_token to the end."""
     entries: list[pb.ListEntry] = []
