@@ -48,29 +48,37 @@ class RunningService:
     metrics: Metrics = field(default_factory=Metrics, repr=False)
     metrics_server: MetricsServer | None = field(default=None, repr=False)
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish within `grace`, close the pool."""
         await self.health.enter_graceful_shutdown()
         if self._monitor is not None:
+            # The stop flag ends the loop even if a cancel is swallowed on its way through a
+            # library's wait (Python 3.11's wait_for can do that), and the bounded wait keeps
+            # shutdown from ever hanging on it.
+            self._stopping.set()
             self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+            await asyncio.wait({self._monitor}, timeout=HEALTH_INTERVAL_SECONDS * 3)
         await self.server.stop(grace)
         if self.metrics_server is not None:
             await self.metrics_server.close()
         try:
-            await asyncio.wait_for(self.pool.close(), timeout=max(grace, 1.0))
+            async with asyncio.timeout(max(grace, 1.0)):
+                await self.pool.close()
         except TimeoutError:
             self.pool.terminate()
 
 
 async def _watch_database(
-    store: Store, health: health_aio.HealthServicer, metrics: Metrics | None = None
+    store: Store,
+    health: health_aio.HealthServicer,
+    stopping: asyncio.Event,
+    metrics: Metrics | None = None,
 ) -> None:
     """SERVING only while the database answers."""
     last: int | None = None
-    while True:
+    while not stopping.is_set():
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands
             # as the ping completes, and stop() would then wait for this loop forever.
@@ -92,7 +100,9 @@ async def _watch_database(
                     "database health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status)
                 )
             last = status
-        await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HEALTH_INTERVAL_SECONDS):
+                await stopping.wait()
 
 
 async def start_service(settings: Settings, database_url: str) -> RunningService:
@@ -136,7 +146,9 @@ async def start_service(settings: Settings, database_url: str) -> RunningService
         except OSError:
             await running.stop(0)
             raise
-    running._monitor = asyncio.create_task(_watch_database(store, health, metrics))
+    running._monitor = asyncio.create_task(
+        _watch_database(store, health, running._stopping, metrics)
+    )
     return running
 
 
