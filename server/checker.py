@@ -4,7 +4,8 @@ The invariants (what every transaction of server.store keeps true):
 - both copies of each edge exist: following(a, b) <=> followers(b, a), with one follow time;
 - mutual state is symmetric: following(a, b).mutual_since is set <=> following(b, a) exists,
   and both rows carry the same mutual_since;
-- counts equal edges: follow_counts.following / followers / mutual of each user equal the
+- counts equal edges: the following / followers / mutual counts of each user (their
+  follow_counts row plus their follow_count_deltas rows: the follow_totals view) equal the
   number of their following rows, followers rows, and following rows with mutual_since;
 - every edge joins two existing accounts, and every account has exactly one counter row;
 - nobody follows more users than the cap.
@@ -143,22 +144,29 @@ INVARIANTS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "counter_rows",
-        "an account without a counter row, or a counter row without an account",
+        "an account without a counter row, or counter or delta rows without an account",
         """SELECT (SELECT count(*) FROM accounts a WHERE NOT EXISTS
                       (SELECT 1 FROM follow_counts c WHERE c.user_id = a.user_id))
                 + (SELECT count(*) FROM follow_counts c WHERE NOT EXISTS
-                      (SELECT 1 FROM accounts a WHERE a.user_id = c.user_id))""",
+                      (SELECT 1 FROM accounts a WHERE a.user_id = c.user_id))
+                + (SELECT count(*) FROM follow_count_deltas d WHERE NOT EXISTS
+                      (SELECT 1 FROM accounts a WHERE a.user_id = d.user_id))""",
         """SELECT 'no counter row' AS problem, a.user_id FROM accounts a WHERE NOT EXISTS
                (SELECT 1 FROM follow_counts c WHERE c.user_id = a.user_id)
            UNION ALL
            SELECT 'no account', c.user_id FROM follow_counts c WHERE NOT EXISTS
                (SELECT 1 FROM accounts a WHERE a.user_id = c.user_id)
+           UNION ALL
+           SELECT 'deltas without account', d.user_id FROM follow_count_deltas d WHERE NOT EXISTS
+               (SELECT 1 FROM accounts a WHERE a.user_id = d.user_id)
            LIMIT 5""",
         (
             """INSERT INTO follow_counts (user_id) SELECT user_id FROM accounts
                ON CONFLICT DO NOTHING""",
             """DELETE FROM follow_counts c WHERE NOT EXISTS
                    (SELECT 1 FROM accounts a WHERE a.user_id = c.user_id)""",
+            """DELETE FROM follow_count_deltas d WHERE NOT EXISTS
+                   (SELECT 1 FROM accounts a WHERE a.user_id = d.user_id)""",
         ),
     ),
     Invariant(
@@ -171,7 +179,7 @@ INVARIANTS: tuple[Invariant, ...] = (
                       (SELECT count(*) FROM following f
                        WHERE f.user_id = c.user_id AND f.mutual_since IS NOT NULL) AS mutual
                FROM follow_counts c)
-           SELECT count(*) FROM follow_counts c JOIN actual a USING (user_id)
+           SELECT count(*) FROM follow_totals c JOIN actual a USING (user_id)
            WHERE (c.following, c.followers, c.mutual)
                  IS DISTINCT FROM (a.following, a.followers, a.mutual)""",
         """WITH actual AS (
@@ -184,11 +192,12 @@ INVARIANTS: tuple[Invariant, ...] = (
            SELECT c.user_id, c.following, a.following AS edges_following,
                   c.followers, a.followers AS edges_followers,
                   c.mutual, a.mutual AS edges_mutual
-           FROM follow_counts c JOIN actual a USING (user_id)
+           FROM follow_totals c JOIN actual a USING (user_id)
            WHERE (c.following, c.followers, c.mutual)
                  IS DISTINCT FROM (a.following, a.followers, a.mutual)
            LIMIT 5""",
         (
+            # Fold: every counter row becomes the true count and the deltas go.
             """WITH actual AS (
                    SELECT c.user_id,
                           (SELECT count(*) FROM following f WHERE f.user_id = c.user_id) AS fg,
@@ -197,9 +206,8 @@ INVARIANTS: tuple[Invariant, ...] = (
                            WHERE f.user_id = c.user_id AND f.mutual_since IS NOT NULL) AS mu
                    FROM follow_counts c)
                UPDATE follow_counts c SET following = a.fg, followers = a.fr, mutual = a.mu
-               FROM actual a
-               WHERE a.user_id = c.user_id
-                 AND (c.following, c.followers, c.mutual) IS DISTINCT FROM (a.fg, a.fr, a.mu)""",
+               FROM actual a WHERE a.user_id = c.user_id""",
+            "DELETE FROM follow_count_deltas",
         ),
     ),
 )

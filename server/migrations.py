@@ -54,6 +54,31 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        2,
+        "follower count deltas, so following one user is not serialised on their counter row",
+        """
+        CREATE TABLE follow_count_deltas (
+            user_id   text COLLATE "C" NOT NULL,
+            shard     smallint NOT NULL,
+            followers bigint NOT NULL DEFAULT 0,
+            mutual    bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (user_id, shard)
+        );
+        -- Counts are now the counter row plus the deltas; either part alone may go below 0.
+        ALTER TABLE follow_counts DROP CONSTRAINT follow_counts_followers_check;
+        ALTER TABLE follow_counts DROP CONSTRAINT follow_counts_mutual_check;
+        CREATE VIEW follow_totals AS
+        SELECT c.user_id, c.following,
+               c.followers + d.followers AS followers, c.mutual + d.mutual AS mutual
+        FROM follow_counts c
+        CROSS JOIN LATERAL (
+            SELECT coalesce(sum(x.followers), 0)::bigint AS followers,
+                   coalesce(sum(x.mutual), 0)::bigint AS mutual
+            FROM follow_count_deltas x WHERE x.user_id = c.user_id
+        ) d;
+        """,
+    ),
 ]
 
 

@@ -1,12 +1,18 @@
 """All SQL: one transaction per call, every statement scoped by the user that owns its rows.
 
 Lock discipline (what keeps counts, both copies of each edge and mutual state exact under
-concurrency): a transaction modifies rows owned by user U only while it holds U's
-`follow_counts` row lock. The acting user's row is locked first (SELECT ... FOR UPDATE,
-which also serialises the following cap); other users' rows are locked by the UPDATE of
-their counters, in id order, before any of their edges are touched. Two users acting on
-each other at the same moment (A follows B while B follows A) can deadlock; PostgreSQL
-detects that, and the call is retried, a bounded number of times.
+concurrency): a transaction touches rows owned by user U only while it holds a lock on U's
+`follow_counts` row. The acting user locks their own row FOR UPDATE first (which also
+serialises the following cap); the users they follow or unfollow are locked FOR SHARE, one
+statement per user, in id order, before any of their rows are touched. A share lock waits
+for U's own transaction in flight and keeps U's next one out until we commit, yet many
+followers of one user hold it at once: following a celebrity is not serialised.
+
+So a follower's changes to U's counts cannot go to U's counter row (that needs U's row
+exclusively). They go to `follow_count_deltas`, one row per (U, shard of the follower), and
+U's counts are the counter row plus the sum of U's delta rows (the `follow_totals` view).
+Two users acting on each other at the same moment (A follows B while B follows A) can
+deadlock; PostgreSQL detects that, and the call is retried, a bounded number of times.
 
 Inputs arrive validated (see server.core); this module decides nothing about ids.
 """
@@ -17,6 +23,7 @@ import asyncio
 import contextlib
 import random
 import secrets
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,11 +42,16 @@ if TYPE_CHECKING:
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_ATTEMPTS = 8
+DELTA_SHARDS = 16
 DEFAULT_ACQUIRE_TIMEOUT = 2.0  # seconds a call may wait for a free database connection
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
-def to_micros(at: datetime) -> int:
+def to_micros(at: datetime | int) -> int:
+    """Unix microseconds of a timestamp read from the database: already an int on the
+    service's pool (server.database.use_int_timestamps), a datetime on a plain connection."""
+    if isinstance(at, int):
+        return at
     return (at - EPOCH) // timedelta(microseconds=1)
 
 
@@ -85,14 +97,19 @@ SELECT t.id,
 FROM unnest($2::text[]) AS t(id)
 """
 
-_ADD_FOLLOWERS = """
-UPDATE follow_counts SET followers = followers + 1
-WHERE user_id = ANY($1::text[]) RETURNING user_id
+# One owner per statement (a distributed PostgreSQL locks one shard at a time); asyncpg's
+# executemany sends them all in one round trip.
+_SHARE_LOCK = "SELECT 1 FROM follow_counts WHERE user_id = $1 FOR SHARE"
+
+# After the share locks: which targets still exist (an account deleted meanwhile has lost
+# its counter row), and which of them follow the acting user (mutual from now on).
+_RECHECK_TARGETS = """
+SELECT t.id,
+       EXISTS (SELECT 1 FROM follow_counts c WHERE c.user_id = t.id) AS known,
+       EXISTS (SELECT 1 FROM followers r WHERE r.user_id = $1 AND r.follower_id = t.id) AS fan
+FROM unnest($2::text[]) AS t(id)
 """
 
-_FANS_AMONG = """
-SELECT follower_id FROM followers WHERE user_id = $1 AND follower_id = ANY($2::text[])
-"""
 
 _WRITE_FOLLOWS = """
 WITH new_following AS (
@@ -104,8 +121,12 @@ WITH new_following AS (
     SELECT t.id, $1, $3 FROM unnest($2::text[]) AS t(id)
 ), their_mutual AS (
     UPDATE following SET mutual_since = $3 WHERE user_id = ANY($4::text[]) AND target_id = $1
-), their_mutual_counts AS (
-    UPDATE follow_counts SET mutual = mutual + 1 WHERE user_id = ANY($4::text[])
+), their_counts AS (
+    INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
+    SELECT t.id, $5, 1, (t.id = ANY($4::text[]))::int
+    FROM unnest($2::text[]) AS t(id) ORDER BY t.id
+    ON CONFLICT (user_id, shard) DO UPDATE
+    SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
 )
 UPDATE follow_counts
 SET following = following + cardinality($2::text[]), mutual = mutual + cardinality($4::text[])
@@ -117,12 +138,6 @@ SELECT target_id, mutual_since IS NOT NULL AS mutual
 FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
 """
 
-_REMOVE_FOLLOWERS = """
-UPDATE follow_counts
-SET followers = followers - 1, mutual = mutual - (user_id = ANY($2::text[]))::int
-WHERE user_id = ANY($1::text[])
-"""
-
 _WRITE_UNFOLLOWS = """
 WITH gone_following AS (
     DELETE FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
@@ -130,6 +145,12 @@ WITH gone_following AS (
     DELETE FROM followers WHERE user_id = ANY($2::text[]) AND follower_id = $1
 ), their_mutual AS (
     UPDATE following SET mutual_since = NULL WHERE user_id = ANY($3::text[]) AND target_id = $1
+), their_counts AS (
+    INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
+    SELECT t.id, $4, -1, -(t.id = ANY($3::text[]))::int
+    FROM unnest($2::text[]) AS t(id) ORDER BY t.id
+    ON CONFLICT (user_id, shard) DO UPDATE
+    SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
 )
 UPDATE follow_counts
 SET following = following - cardinality($2::text[]), mutual = mutual - cardinality($3::text[])
@@ -145,7 +166,7 @@ FROM unnest($2::text[]) AS t(id)
 """
 
 _COUNTS = """
-SELECT user_id, followers, following, mutual FROM follow_counts WHERE user_id = ANY($1::text[])
+SELECT user_id, followers, following, mutual FROM follow_totals WHERE user_id = ANY($1::text[])
 """
 
 _PROFILES = """
@@ -225,6 +246,8 @@ WITH their_following AS (
     DELETE FROM followers WHERE user_id = $1
 ), own_counts AS (
     DELETE FROM follow_counts WHERE user_id = $1
+), own_deltas AS (
+    DELETE FROM follow_count_deltas WHERE user_id = $1
 )
 DELETE FROM accounts WHERE user_id = $1
 """
@@ -246,6 +269,16 @@ class Store:
         and used at most until the call's deadline (DEADLINE_EXCEEDED past it). Cancelled
         mid-transaction, the connection is rolled back as the pool takes it back."""
         deadline = call_deadline.get()
+        if deadline is None and not self._slots.locked():
+            # The common case: a slot is free and the call has no deadline, so neither the
+            # wait bound nor the deadline scope can fire; skip building them.
+            await self._slots.acquire()  # free: returns without suspending
+            try:
+                async with self._pool.acquire() as conn:
+                    yield conn
+            finally:
+                self._slots.release()
+            return
         left = remaining(deadline)
         wait = self._acquire_timeout if left is None else min(self._acquire_timeout, left)
         try:
@@ -336,15 +369,23 @@ class Store:
                     results[target] = ItemCode.FOLLOWING_LIMIT_REACHED
             if not wanted:
                 return results
-            # Locks each target's counter row (in id order): after this no transaction
-            # of theirs is in flight, and none can start until we commit.
-            locked = {r["user_id"] for r in await conn.fetch(_ADD_FOLLOWERS, sorted(wanted))}
-            for target in wanted:
-                if target not in locked:  # deleted after we classified it
-                    results[target] = ItemCode.ACCOUNT_NOT_FOUND
-            new = [t for t in wanted if t in locked]
-            fans = [r["follower_id"] for r in await conn.fetch(_FANS_AMONG, user_id, new)]
-            await conn.execute(_WRITE_FOLLOWS, user_id, new, owner["now"], fans)
+            # After this no transaction of a target's own is in flight, and none can start
+            # until we commit; other followers of theirs may go on beside us.
+            await _share_lock(conn, wanted)
+            new: list[str] = []
+            fans: list[str] = []
+            for row in await conn.fetch(_RECHECK_TARGETS, user_id, wanted):
+                if not row["known"]:  # deleted after we classified it
+                    results[row["id"]] = ItemCode.ACCOUNT_NOT_FOUND
+                    continue
+                new.append(row["id"])
+                if row["fan"]:
+                    fans.append(row["id"])
+            if not new:
+                return results
+            await conn.execute(
+                _WRITE_FOLLOWS, user_id, new, owner["now"], fans, delta_shard(user_id)
+            )
             results.update(dict.fromkeys(new, ItemCode.OK))
             return results
 
@@ -361,8 +402,8 @@ class Store:
                 return
             gone = sorted(r["target_id"] for r in rows)
             mutual = [r["target_id"] for r in rows if r["mutual"]]
-            await conn.execute(_REMOVE_FOLLOWERS, gone, mutual)
-            await conn.execute(_WRITE_UNFOLLOWS, user_id, gone, mutual)
+            await _share_lock(conn, gone)
+            await conn.execute(_WRITE_UNFOLLOWS, user_id, gone, mutual, delta_shard(user_id))
 
         await self._transaction(work)
 
@@ -397,7 +438,7 @@ class Store:
                 rows = await conn.fetch(first, user_id, limit)
             else:
                 rows = await conn.fetch(next_, user_id, limit, from_micros(after[0]), after[1])
-            page = [PageRow(r["id"], to_micros(r["at"])) for r in rows]
+            page = [PageRow(r[0], to_micros(r[1])) for r in rows]
             profile_rows = await conn.fetch(_PROFILES, [user_id, *(p.user_id for p in page)])
         profiles = {
             r["user_id"]: Profile(r["nick"], r["face_url"], r["profile_sequence"])
@@ -466,6 +507,16 @@ def _deadline_exceeded() -> ServiceError:
     return ServiceError(
         Reason.DEADLINE_EXCEEDED, "the call's deadline passed before the database answered"
     )
+
+
+def delta_shard(user_id: str) -> int:
+    """The delta row a user's follows and unfollows count under, in each target's shards:
+    spreading followers over DELTA_SHARDS rows lets that many follow a user at once."""
+    return zlib.crc32(user_id.encode()) % DELTA_SHARDS
+
+
+async def _share_lock(conn: Conn, user_ids: Sequence[str]) -> None:
+    await conn.executemany(_SHARE_LOCK, [(u,) for u in sorted(user_ids)])
 
 
 def _user_not_found() -> ServiceError:

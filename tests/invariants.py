@@ -66,6 +66,7 @@ async def edges_touching(conn: asyncpg.Connection, user_id: str) -> int:
         """SELECT (SELECT count(*) FROM following WHERE user_id = $1 OR target_id = $1)
                 + (SELECT count(*) FROM followers WHERE user_id = $1 OR follower_id = $1)
                 + (SELECT count(*) FROM follow_counts WHERE user_id = $1)
+                + (SELECT count(*) FROM follow_count_deltas WHERE user_id = $1)
                 + (SELECT count(*) FROM accounts WHERE user_id = $1)""",
         user_id,
     )

@@ -69,7 +69,7 @@ CORRUPTIONS = {
 async def test_each_corruption_is_found_and_repaired(conn: asyncpg.Connection, name: str) -> None:
     """Each kind of damage is reported under its invariant, and --repair leaves none."""
     before = await conn.fetch(
-        "SELECT user_id, following, followers, mutual FROM follow_counts ORDER BY user_id"
+        "SELECT user_id, following, followers, mutual FROM follow_totals ORDER BY user_id"
     )
     await conn.execute(CORRUPTIONS[name])
     report = await check(conn)
@@ -80,7 +80,7 @@ async def test_each_corruption_is_found_and_repaired(conn: asyncpg.Connection, n
     assert repaired.total == 0, repaired.violations
     assert name in repaired.repaired
     after = await conn.fetch(
-        "SELECT user_id, following, followers, mutual FROM follow_counts ORDER BY user_id"
+        "SELECT user_id, following, followers, mutual FROM follow_totals ORDER BY user_id"
     )
     # Every corruption above is repaired back to the graph the service wrote.
     assert after == before

@@ -299,7 +299,7 @@ async def test_every_pair_following_each_other_at_once_ends_mutual(
     assert (
         await client.conn.fetchval("SELECT count(*) FROM following WHERE mutual_since IS NULL") == 0
     )
-    counts = await client.conn.fetch("SELECT following, followers, mutual FROM follow_counts")
+    counts = await client.conn.fetch("SELECT following, followers, mutual FROM follow_totals")
     assert [tuple(r) for r in counts] == [(7, 7, 7)] * len(PAIR_USERS)
     await assert_sound(client.conn, DEFAULT_CAP)
     await api_agrees_with_tables(client, PAIR_USERS)

@@ -24,7 +24,7 @@ from tests.helpers import error_info, import_users
 
 EXAMPLES = 150
 MESSAGE_LIMIT = 4 * 1024 * 1024
-TABLES = ("accounts", "follow_counts", "following", "followers")
+TABLES = ("accounts", "follow_counts", "follow_count_deltas", "following", "followers")
 NEVER = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 HOSTILE_IDS = [

@@ -13,7 +13,14 @@ from server.database import Database
 from server.migrations import MIGRATIONS, migrate
 from tests.conftest import database_url
 
-TABLES = {"accounts", "follow_counts", "following", "followers", "service_secrets"}
+TABLES = {
+    "accounts",
+    "follow_counts",
+    "follow_count_deltas",
+    "following",
+    "followers",
+    "service_secrets",
+}
 
 
 @pytest.fixture

@@ -224,7 +224,9 @@ class FollowMachine(RuleBasedStateMachine):
         self.steps = 0
         self.touched: list[str] = []  # users the last step changed, the most affected first
         served.service.run(
-            served.service.conn.execute("TRUNCATE accounts, follow_counts, following, followers")
+            served.service.conn.execute(
+                "TRUNCATE accounts, follow_counts, follow_count_deltas, following, followers"
+            )
         )
 
     def _few_users(self) -> list[str]:
