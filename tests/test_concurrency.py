@@ -415,9 +415,9 @@ async def test_account_deletion_racing_follows_leaves_no_trace(
     """Each round a victim with edges in both directions is deleted while, at the same time,
     others follow and unfollow it and it follows and unfollows others (and, in the last
     rounds, while a second victim it is mutual with is deleted too, by another call or, last,
-    by the same one). Afterwards no row
-    mentions a victim, counts of everyone it touched are exact, and calls failed only with
-    NOT_FOUND (the victim acting after its deletion) or per item ACCOUNT_NOT_FOUND."""
+    by the same one). Afterwards no row mentions a victim, counts of everyone it touched are
+    exact, and calls failed only with NOT_FOUND (the victim acting after its deletion) or per
+    item ACCOUNT_NOT_FOUND."""
     running = await make_service()
     client = await connect(running)
     await import_users(client.accounts, *STABLE)
