@@ -404,6 +404,77 @@ async def test_bursts_at_the_cap_admit_exactly_the_cap(
     await api_agrees_with_tables(client, ["burst", "rival", *BURST_TARGETS])
 
 
+# -- one hot user --------------------------------------------------------------------------
+
+CELEBRITY = "celebrity"
+FANS = tuple(f"f{i:02}" for i in range(40))
+
+
+async def test_many_fans_following_one_user_at_once_count_exactly(
+    make_service: ServiceFactory, connect: ClientFactory
+) -> None:
+    """40 fans each follow and unfollow one user six times at the same moment as each other
+    (following a user takes only a share lock on its counter row, so they run side by side),
+    ending on follow for even fans, while that user follows back and drops fans in batches,
+    ending on following f00..f19. The outcome is known exactly: 20 followers, 20 following,
+    10 mutual for the user and the matching 0/1 counts for every fan, through the API and in
+    the tables, with every invariant intact."""
+    running = await make_service()
+    client = await connect(running)
+    await import_users(client.accounts, CELEBRITY, *FANS)
+    tally = Tally()
+
+    async def follow(actor: str, targets: Sequence[str]) -> None:
+        request = pb.FollowRequest(user_id=actor, target_ids=targets)
+        response = await tally.call(client.follow.Follow, request, retry=True)
+        assert response is not None
+        assert {r.code for r in response.results} == {pb.RESULT_CODE_OK}
+
+    async def unfollow(actor: str, targets: Sequence[str]) -> None:
+        request = pb.UnfollowRequest(user_id=actor, target_ids=targets)
+        response = await tally.call(client.follow.Unfollow, request, retry=True)
+        assert response is not None
+
+    async def fan(i: int) -> None:
+        for k in range(6):
+            await (follow if k % 2 == 0 else unfollow)(FANS[i], [CELEBRITY])
+        await (follow if i % 2 == 0 else unfollow)(FANS[i], [CELEBRITY])
+
+    async def celebrity() -> None:
+        for k in range(6):
+            await follow(CELEBRITY, FANS[k * 5 : k * 5 + 15])
+            await unfollow(CELEBRITY, FANS[k * 5 + 5 : k * 5 + 20])
+        await unfollow(CELEBRITY, FANS[20:])
+        await follow(CELEBRITY, FANS[:20])
+
+    async with asyncio.timeout(LOAD_BUDGET):
+        await asyncio.gather(celebrity(), *(fan(i) for i in range(len(FANS))))
+    tally.assert_clean()
+
+    fans_following = {f for i, f in enumerate(FANS) if i % 2 == 0}
+    followed_back = set(FANS[:20])
+    info = await client.follow.GetInfo(
+        pb.GetInfoRequest(user_id=CELEBRITY, target_ids=[CELEBRITY]), timeout=CALL_TIMEOUT
+    )
+    counts = info.infos[0]
+    assert (counts.follower_count, counts.following_count, counts.mutual_count) == (20, 20, 10)
+    for start in range(0, len(FANS), 20):
+        infos = await client.follow.GetInfo(
+            pb.GetInfoRequest(user_id=CELEBRITY, target_ids=FANS[start : start + 20]),
+            timeout=CALL_TIMEOUT,
+        )
+        for i in infos.infos:
+            following = i.user_id in fans_following
+            followed = i.user_id in followed_back
+            assert (i.follower_count, i.following_count, i.mutual_count) == (
+                int(followed),
+                int(following),
+                int(following and followed),
+            ), i.user_id
+    await assert_sound(client.conn, DEFAULT_CAP)
+    await api_agrees_with_tables(client, [CELEBRITY, *FANS])
+
+
 # -- account deletion racing follows ----------------------------------------------------------
 
 STABLE = tuple(f"s{i}" for i in range(6))
