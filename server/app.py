@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import grpc
@@ -20,7 +22,7 @@ from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
 from server.database import Database, create_pool, open_database, redact
-from server.interceptor import ObservingInterceptor
+from server.interceptor import CallObserver
 from server.metrics import Metrics, MetricsServer, start_metrics_server
 from server.overload import InFlightLimit
 from server.rules import Limits
@@ -105,27 +107,35 @@ async def _watch_database(
                 await stopping.wait()
 
 
-async def start_service(settings: Settings, database_url: str) -> RunningService:
+async def start_service(
+    settings: Settings, database_url: str, *, reuse_port: bool = False, migrate: bool = True
+) -> RunningService:
     files = tls.tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     server_tls = tls.load(files)
-    pool = await create_pool(database_url, settings.db_pool_size)
+    pool = await create_pool(
+        database_url, settings.db_pool_size, run_migrations=migrate, int_timestamps=True
+    )
     store = Store(pool, settings.db_acquire_timeout)
     core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
     metrics = Metrics()
     metrics.watch_pool(pool)
-    observing = ObservingInterceptor(metrics)  # outermost: sees every answer, overload too
-    admission = InFlightLimit(settings.max_in_flight)
+    # Every unary method (health's too) is wrapped once, as it is registered, for request
+    # ids, metrics and admission (server.interceptor): no per-call interceptor chain.
+    # Reflection is a stream and registers on the server itself.
+    observer = CallObserver(metrics, InFlightLimit(settings.max_in_flight))
     server = grpc.aio.server(
-        interceptors=[observing, admission],
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
+            # Several worker processes (--workers) share the port; one alone keeps the
+            # default refusal of a second server on the same port.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(core), server)
-    follow_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(core), server)
+    observed: Any = observer.server_for(server)  # registers like a grpc.aio.Server
+    follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(core), observed)
+    follow_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(core), observed)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, observed)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
@@ -180,28 +190,49 @@ async def serve(settings: Settings) -> None:
     if settings.grpc_target:
         await _serve_v4_alone(settings)
         return
+    if settings.workers > 1:
+        from server.workers import supervise  # imported here: it imports this module
+
+        await supervise(settings)
+        return
     database: Database = await open_database(settings.database_url, settings.data_dir)
     try:
         log.info("database: %s%s", redact(database.url), " (embedded)" if database.embedded else "")
-        running = await start_service(settings, database.url)
-        host = settings.grpc_listen.rsplit(":", 1)[0]
-        log.info("gRPC listening on %s:%d", host, running.port)
-        shim: RunningShim | None = None
-        if settings.http_listen:
-            try:
-                shim = await start_shim(settings, running.core, running.metrics)
-            except BaseException:
-                await running.stop(0)
-                raise
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
-        if shim is not None:
-            await shim.stop()
-        await running.stop(settings.grace_seconds)
+        await serve_on(settings, database.url)
     finally:
         await asyncio.to_thread(database.close)
     log.info("stopped")
+
+
+async def serve_on(settings: Settings, database_url: str, worker: int | None = None) -> None:
+    """One server process over a database that is already there, until SIGTERM or SIGINT.
+    As worker `worker` of --workers, it shares its ports and leaves migrations to the
+    parent (server.workers)."""
+    running = await start_service(
+        settings, database_url, reuse_port=worker is not None, migrate=worker is None
+    )
+    host = settings.grpc_listen.rsplit(":", 1)[0]
+    if worker is None:
+        log.info("gRPC listening on %s:%d", host, running.port)
+    else:
+        log.info(
+            "worker %d (pid %d): gRPC listening on %s:%d", worker, os.getpid(), host, running.port
+        )
+    shim: RunningShim | None = None
+    if settings.http_listen:
+        try:
+            shim = await start_shim(
+                settings, running.core, running.metrics, reuse_port=worker is not None
+            )
+        except BaseException:
+            await running.stop(0)
+            raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
+    if shim is not None:
+        await shim.stop()
+    await running.stop(settings.grace_seconds)

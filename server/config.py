@@ -43,6 +43,8 @@ class Settings:
     admins: tuple[str, ...] = ("administrator",)
     insecure_no_auth: bool = False
     max_body_bytes: int = 1024 * 1024
+    # Server processes sharing the gRPC and v4 ports (SO_REUSEPORT); see server.workers.
+    workers: int = 1
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -199,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a call waits for a free database connection before RESOURCE_EXHAUSTED"
         " (FOLLOW_DB_ACQUIRE_TIMEOUT, default %(default)s)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=int(_env("workers", str(d.workers)) or d.workers),
+        metavar="N",
+        help="server processes sharing the gRPC and v4 ports with SO_REUSEPORT; the database"
+        " (embedded or not) and migrations are set up once (FOLLOW_WORKERS, default %(default)s)",
+    )
     add_security_flags(parser)
     add_v4_flags(parser)
     return parser
@@ -284,6 +294,8 @@ def _secret_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
 
 def _check_v4(parser: argparse.ArgumentParser, settings: Settings) -> None:
     """Refuse to start a shim that would run open by accident."""
+    if settings.workers > 1 and settings.grpc_target:
+        parser.error("--workers runs several full servers; it does not apply to --grpc-target")
     if settings.grpc_target and not settings.http_listen:
         parser.error("--grpc-target runs only the v4 shim, so it needs --http-listen")
     if not settings.http_listen or settings.insecure_no_auth:
@@ -324,6 +336,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         admins=tuple(args.admins) if args.admins else args.admin_default,
         insecure_no_auth=args.insecure_no_auth,
         max_body_bytes=args.max_body_bytes,
+        workers=args.workers,
     )
     _check_v4(parser, settings)
     return settings

@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -68,22 +69,72 @@ async def open_database(url: str | None, data_dir: Path) -> Database:
     return await asyncio.to_thread(_start_embedded, data_dir)
 
 
-async def create_pool(url: str, size: int, *, run_migrations: bool = True) -> asyncpg.Pool:
-    """A pool of `size` connections; migrations applied first."""
+async def apply_migrations(url: str) -> None:
+    """Bring the schema up to date (once per start; --workers does it in the parent)."""
+    conn = await asyncpg.connect(url)
+    try:
+        applied = await migrate(conn)
+        if applied:
+            log.info("applied schema migrations %s", applied)
+    finally:
+        await conn.close()
+
+
+# PostgreSQL counts timestamps in microseconds from 2000-01-01; Unix time from 1970-01-01.
+PG_EPOCH_UNIX_MICROS = 946_684_800_000_000
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _encode_timestamptz(value: int | datetime) -> tuple[int]:
+    if isinstance(value, datetime):
+        value = (value - _UNIX_EPOCH) // timedelta(microseconds=1)
+    return (value - PG_EPOCH_UNIX_MICROS,)
+
+
+def _decode_timestamptz(value: tuple[int]) -> int:
+    return value[0] + PG_EPOCH_UNIX_MICROS
+
+
+async def use_int_timestamps(conn: asyncpg.Connection) -> None:
+    """timestamptz as int Unix microseconds on this connection, both ways (a datetime is
+    still accepted as a parameter). The service orders and pages by microseconds; decoding
+    to datetime and converting back cost more than the rest of a List page's rows."""
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=_encode_timestamptz,
+        decoder=_decode_timestamptz,
+        format="tuple",
+    )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset between uses. asyncpg rolls back an open transaction before calling
+    it; its default reset then sends one more statement (unlock advisory locks, close
+    cursors, UNLISTEN, RESET ALL) on every release: a database round trip per call for
+    session state this service never sets."""
+
+
+async def create_pool(
+    url: str,
+    size: int,
+    *,
+    run_migrations: bool = True,
+    int_timestamps: bool = False,
+    min_size: int = 2,
+) -> asyncpg.Pool:
+    """A pool of `size` connections; migrations applied first. With `int_timestamps`,
+    timestamptz values are int Unix microseconds (see use_int_timestamps)."""
     if run_migrations:
-        conn = await asyncpg.connect(url)
-        try:
-            applied = await migrate(conn)
-            if applied:
-                log.info("applied schema migrations %s", applied)
-        finally:
-            await conn.close()
+        await apply_migrations(url)
     pool = await asyncpg.create_pool(
         url,
-        min_size=min(2, size),
+        min_size=min(min_size, size),
         max_size=size,
         command_timeout=30,
         server_settings={"application_name": "follow-server"},
+        init=use_int_timestamps if int_timestamps else None,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool

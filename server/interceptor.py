@@ -1,21 +1,23 @@
-"""The outermost gRPC interceptor: a request id for every call, metrics, a debug access line,
-and a clear INVALID_ARGUMENT for a request that is not a valid protobuf message.
+"""What every gRPC call passes through: a request id, metrics, a debug access line, admission
+(server.overload), and a clear INVALID_ARGUMENT for a request that is not a valid protobuf
+message.
 
 Malformed requests: grpcio deserializes a request before any handler code runs, and when
 that fails (a string field holding invalid UTF-8, a truncated varint) it answers by itself:
 grpcio 1.85's asyncio server says UNKNOWN "Unexpected <class DecodeError>: Error parsing
 message ... String field had bad UTF-8" (the threaded server says INTERNAL "Exception
 deserializing request!"). Both blame the server for the caller's bytes and carry no
-ErrorInfo, so this interceptor swaps in a deserializer that never raises: a message
+ErrorInfo, so the wrapper swaps in a deserializer that never raises: a message
 that does not parse becomes a `Malformed` marker, answered with INVALID_ARGUMENT and an
 ErrorInfo (reason INVALID_ARGUMENT, domain follow.v1) before the servicer sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 from server import logs
 from server.errors import Reason, ServiceError
 from server.metrics import Metrics
+from server.overload import InFlightLimit, call_deadline, exempt
 
 log = logging.getLogger(__name__)
 
@@ -84,75 +87,156 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) ->
     return grpc.StatusCode.UNKNOWN
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps every unary-unary method of the service (health and reflection too)."""
+class CallObserver:
+    """Wraps every unary-unary method handler of the server (health and reflection too) once,
+    when it is registered: request id, metrics, debug access line, malformed requests and,
+    for the service's own methods, admission (server.overload) and the call's deadline.
 
-    def __init__(self, metrics: Metrics) -> None:
+    One wrapper chosen per method at registration, not grpc.aio interceptors: an
+    interceptor runs per call (a HandlerCallDetails, a coroutine per interceptor and a
+    handler lookup each), and two of them stacked cost a measurable share of a small call.
+    Register through `server_for(server)` so every servicer's handlers pass through here.
+    """
+
+    def __init__(self, metrics: Metrics, limit: InFlightLimit | None = None) -> None:
         logs.install_record_factory()
         self.metrics = metrics
+        self.limit = limit if limit is not None else InFlightLimit()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # type: ignore[type-arg]
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],  # type: ignore[type-arg]
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
-        method = handler_call_details.method
+    def server_for(self, server: grpc.aio.Server) -> ObservedServer:
+        """A stand-in for `server` that add_*Servicer_to_server functions register on."""
+        return ObservedServer(server, self)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> Any:  # type: ignore[type-arg]
+        """The observed handler of `method` (unknown methods and streams pass through)."""
+        if handler is None or handler.unary_unary is None:
+            return handler
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # unknown methods (UNIMPLEMENTED) and streams pass through
         behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._observe(method, behavior),
+            self._observe(method, behavior, admit=not exempt(method)),
             request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _observe(self, method: str, behavior: Behavior) -> Behavior:
+    def _observe(self, method: str, behavior: Behavior, admit: bool) -> Behavior:
         metrics = self.metrics
+        observe = metrics.grpc_observer(method)
+        in_flight_gauge = metrics.grpc_in_flight
+        limit = self.limit
+        header = logs.REQUEST_ID_HEADER
+        accept = logs.accept_request_id
+        request_id = logs.request_id
+        now = time.perf_counter
+        ok = grpc.StatusCode.OK
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             offered = None
             for key, value in context.invocation_metadata() or ():
-                if key == logs.REQUEST_ID_HEADER:
+                if key == header:
                     offered = value
                     break
-            rid = logs.accept_request_id(offered)
-            token = logs.request_id.set(rid)
-            started = time.perf_counter()
-            metrics.grpc_in_flight.inc()
-            code = grpc.StatusCode.OK
+            rid = accept(offered)
+            token = request_id.set(rid)
+            started = now()
+            in_flight_gauge.inc()
+            code = ok
             reason: str | None = None
+            admitted = False
+            deadline_token = None
             try:
-                await context.send_initial_metadata(((logs.REQUEST_ID_HEADER, rid),))
+                await context.send_initial_metadata(((header, rid),))
                 if isinstance(request, Malformed):
                     await _abort_malformed(context, method, request)
+                if admit:
+                    if limit.in_flight >= limit.limit:
+                        status = limit.overloaded()
+                        await context.abort(status.code, status.details, status.trailing_metadata)
+                    limit.in_flight += 1
+                    admitted = True
+                    left = context.time_remaining()
+                    if left is not None:
+                        deadline_token = call_deadline.set(asyncio.get_running_loop().time() + left)
                 return await behavior(request, context)
             except BaseException as exc:
                 code = _code_of(context, exc)
                 reason = reason_of(context)
                 raise
             finally:
+                if deadline_token is not None:
+                    call_deadline.reset(deadline_token)
+                if admitted:
+                    limit.in_flight -= 1
                 # The caller may already have its answer: record, log, and only then leave
                 # the in-flight count, so "in flight == 0" means every call is on the page.
-                elapsed = time.perf_counter() - started
-                metrics.observe_grpc(method, code, reason, elapsed)
-                log.debug(
-                    "%s %s%s %.1fms",
-                    method,
-                    code.name,
-                    f" {reason}" if reason else "",
-                    elapsed * 1000,
-                )
-                metrics.grpc_in_flight.dec()
-                logs.request_id.reset(token)
+                elapsed = now() - started
+                observe(code, reason, elapsed)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "%s %s%s %.1fms",
+                        method,
+                        code.name,
+                        f" {reason}" if reason else "",
+                        elapsed * 1000,
+                    )
+                in_flight_gauge.dec()
+                request_id.reset(token)
 
         return observed
+
+
+class _ObservedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(
+        self,
+        inner: grpc.GenericRpcHandler,  # type: ignore[type-arg]
+        observer: CallObserver,
+    ) -> None:
+        self._inner = inner
+        self._observer = observer
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
+        handler = self._inner.service(handler_call_details)
+        wrapped: grpc.RpcMethodHandler | None = self._observer.wrap(  # type: ignore[type-arg]
+            handler_call_details.method, handler
+        )
+        return wrapped
+
+
+class ObservedServer:
+    """What the generated add_*Servicer_to_server functions call on a server, wrapping each
+    handler through a CallObserver before it reaches the real grpc.aio server."""
+
+    def __init__(self, server: grpc.aio.Server, observer: CallObserver) -> None:
+        self._server = server
+        self._observer = observer
+
+    def add_generic_rpc_handlers(
+        self,
+        handlers: Sequence[grpc.GenericRpcHandler],  # type: ignore[type-arg]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_ObservedGenericHandler(h, self._observer) for h in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self,
+        service: str,
+        handlers: dict[str, grpc.RpcMethodHandler],  # type: ignore[type-arg]
+    ) -> None:
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service,
+            {
+                name: self._observer.wrap(f"/{service}/{name}", handler)
+                for name, handler in handlers.items()
+            },
+        )
 
 
 async def _abort_malformed(

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextvars
 import datetime
+import itertools
 import json
 import logging
 import re
-import uuid
+import secrets
 from typing import Any
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -27,8 +28,15 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _installed = False
 
 
+# A fresh id is this process's random 64-bit prefix and a counter: 32 hex digits like a
+# uuid4's, unique within the process and, by the prefix, across processes (--workers), for
+# a fraction of uuid4's cost (no urandom call and no UUID object per call).
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count(int.from_bytes(secrets.token_bytes(4)))
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
 def accept_request_id(offered: str | bytes | None) -> str:

@@ -14,8 +14,9 @@ ever exported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -59,6 +60,9 @@ V4_COMMANDS = frozenset(
     }
 )
 OTHER = "other"
+_MAX_V4_CHILDREN = 1024
+
+GrpcObserver = Callable[[grpc.StatusCode, str | None, float], None]
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -143,6 +147,8 @@ class Metrics:
             registry=r,
         )
         self._pool: _PoolCollector | None = None
+        # (request path, v4 ErrorCode) -> (requests, latency, errors or None) label children
+        self._v4_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
     def watch_pool(self, pool: asyncpg.Pool) -> None:
         if self._pool is None:
@@ -155,23 +161,53 @@ class Metrics:
     def observe_grpc(
         self, full_method: str, code: grpc.StatusCode, reason: str | None, seconds: float
     ) -> None:
+        self.grpc_observer(full_method)(code, reason, seconds)
+
+    def grpc_observer(self, full_method: str) -> GrpcObserver:
+        """The recorder of one method's calls. Label children are looked up once per
+        (method, code) and kept: prometheus_client's labels() costs microseconds a call
+        (string conversion, a lock, a dict), which a small call notices. Methods are the
+        registered ones and codes a fixed enum, so the cache is bounded."""
         service, method = split_method(full_method)
-        self.grpc_requests.labels(service, method, code.name).inc()
-        self.grpc_latency.labels(service, method).observe(seconds)
-        if code is not grpc.StatusCode.OK:
-            self.grpc_errors.labels(service, method, code.name, reason or "").inc()
+        latency = self.grpc_latency.labels(service, method)
+        requests: dict[grpc.StatusCode, Any] = {}
+        counter, errors = self.grpc_requests, self.grpc_errors
+        ok = grpc.StatusCode.OK
+
+        def observe(code: grpc.StatusCode, reason: str | None, seconds: float) -> None:
+            child = requests.get(code)
+            if child is None:
+                child = requests[code] = counter.labels(service, method, code.name)
+            child.inc()
+            latency.observe(seconds)
+            if code is not ok:
+                errors.labels(service, method, code.name, reason or "").inc()
+
+        return observe
 
     def observe_v4(self, command: str, error_code: int, seconds: float) -> None:
         """Record one answered v4 request. `command` is 'follow/follow_add' and so on;
         anything not in V4_COMMANDS (an unknown command, 60009) is counted as 'other'."""
-        name = command.strip("/").removeprefix("v4/")
-        if name not in V4_COMMANDS:
-            name = OTHER
-        code = str(error_code)
-        self.v4_requests.labels(name, code).inc()
-        self.v4_latency.labels(name).observe(seconds)
-        if error_code != 0:
-            self.v4_errors.labels(name, code).inc()
+        children = self._v4_children.get((command, error_code))
+        if children is None:
+            name = command.strip("/").removeprefix("v4/")
+            if name not in V4_COMMANDS:
+                name = OTHER
+            code = str(error_code)
+            children = (
+                self.v4_requests.labels(name, code),
+                self.v4_latency.labels(name),
+                self.v4_errors.labels(name, code) if error_code != 0 else None,
+            )
+            # Only the fixed commands' paths are kept (codes are a fixed set): a caller's
+            # made-up paths must not grow the cache.
+            if name != OTHER and len(self._v4_children) < _MAX_V4_CHILDREN:
+                self._v4_children[(command, error_code)] = children
+        requests, latency, errors = children
+        requests.inc()
+        latency.observe(seconds)
+        if errors is not None:
+            errors.inc()
 
     def exposition(self) -> bytes:
         data: bytes = generate_latest(self.registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_USER_ID_BYTES = 32
@@ -40,6 +41,19 @@ def user_id_problem(user_id: str) -> str | None:
     if _FORBIDDEN.search(user_id):
         return "user id contains a control character or an unpaired surrogate"
     return None
+
+
+def all_valid_user_ids(user_ids: Sequence[str]) -> bool:
+    """Whether every id in a non-empty batch is valid by user_id_problem's common case:
+    one C-level scan of the ids joined and two over their lengths, instead of a Python call
+    per id (a Check has 100). False means "look at each id", not that one is invalid."""
+    joined = "".join(user_ids)
+    return (
+        joined.isascii()
+        and joined.isprintable()
+        and min(map(len, user_ids)) > 0
+        and max(map(len, user_ids)) <= MAX_USER_ID_BYTES
+    )
 
 
 def profile_field_problem(name: str, value: str) -> str | None:

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -93,8 +93,20 @@ def rpc(
     return wrapper
 
 
-def _results(items: list[ItemResult]) -> list[pb.ItemResult]:
-    return [pb.ItemResult(user_id=i.user_id, code=i.code.value, message=i.message) for i in items]  # type: ignore[arg-type]
+# Responses are filled in place (`add()`, then plain attribute sets) rather than built
+# from a list of messages: a message passed to a repeated field's constructor is copied,
+# and keyword construction costs more than setting the fields. For a Check of 100 targets
+# that is several times cheaper (server/bench measures it). Zero values are left unset.
+
+
+def _fill_results(container: Any, items: list[ItemResult]) -> None:
+    add = container.add
+    for i in items:
+        result = add()
+        result.user_id = i.user_id
+        if i.code:
+            result.code = i.code
+            result.message = i.message
 
 
 class FollowServicer(pb_grpc.FollowServiceServicer):
@@ -108,7 +120,9 @@ class FollowServicer(pb_grpc.FollowServiceServicer):
         context: grpc.aio.ServicerContext[pb.FollowRequest, pb.FollowResponse],
     ) -> pb.FollowResponse:
         items = await self._core.follow(request.user_id, request.target_ids)
-        return pb.FollowResponse(results=_results(items))
+        response = pb.FollowResponse()
+        _fill_results(response.results, items)
+        return response
 
     @rpc
     async def Unfollow(
@@ -117,7 +131,9 @@ class FollowServicer(pb_grpc.FollowServiceServicer):
         context: grpc.aio.ServicerContext[pb.UnfollowRequest, pb.UnfollowResponse],
     ) -> pb.UnfollowResponse:
         items = await self._core.unfollow(request.user_id, request.target_ids)
-        return pb.UnfollowResponse(results=_results(items))
+        response = pb.UnfollowResponse()
+        _fill_results(response.results, items)
+        return response
 
     @rpc
     async def List(
@@ -128,18 +144,22 @@ class FollowServicer(pb_grpc.FollowServiceServicer):
         page = await self._core.list_page(
             request.user_id, request.follow_type, request.page_size, request.page_token
         )
-        entries = []
-        for e in page.entries:
-            entry = pb.ListEntry(
-                user_id=e.user_id,
-                nick=e.nick,
-                face_url=e.face_url,
-                profile_sequence=e.profile_sequence,
-            )
-            entry.follow_time.seconds, micros = divmod(e.at_us, 1_000_000)
-            entry.follow_time.nanos = micros * 1000
-            entries.append(entry)
-        return pb.ListResponse(entries=entries, next_page_token=page.next_page_token)
+        response = pb.ListResponse(next_page_token=page.next_page_token)
+        add = response.entries.add
+        for user_id, at_us, nick, face_url, profile_sequence in page.entries:
+            entry = add()
+            entry.user_id = user_id
+            if nick:
+                entry.nick = nick
+            if face_url:
+                entry.face_url = face_url
+            if profile_sequence:
+                entry.profile_sequence = profile_sequence
+            seconds, micros = divmod(at_us, 1_000_000)
+            follow_time = entry.follow_time
+            follow_time.seconds = seconds
+            follow_time.nanos = micros * 1000
+        return response
 
     @rpc
     async def Check(
@@ -148,17 +168,17 @@ class FollowServicer(pb_grpc.FollowServiceServicer):
         context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
     ) -> pb.CheckResponse:
         results = await self._core.check(request.user_id, request.target_ids)
-        return pb.CheckResponse(
-            results=[
-                pb.CheckResult(
-                    user_id=r.user_id,
-                    code=r.code.value,  # type: ignore[arg-type]
-                    message=r.message,
-                    follow_type=r.follow_type.value,  # type: ignore[arg-type]
-                )
-                for r in results
-            ]
-        )
+        response = pb.CheckResponse()
+        add = response.results.add
+        for user_id, code, message, follow_type in results:
+            result = add()
+            result.user_id = user_id
+            if code:
+                result.code = code  # type: ignore[assignment]
+                result.message = message
+            if follow_type:
+                result.follow_type = follow_type  # type: ignore[assignment]
+        return response
 
     @rpc
     async def GetInfo(
@@ -167,19 +187,18 @@ class FollowServicer(pb_grpc.FollowServiceServicer):
         context: grpc.aio.ServicerContext[pb.GetInfoRequest, pb.GetInfoResponse],
     ) -> pb.GetInfoResponse:
         results = await self._core.get_info(request.user_id, request.target_ids)
-        return pb.GetInfoResponse(
-            infos=[
-                pb.FollowInfo(
-                    user_id=r.user_id,
-                    code=r.code.value,  # type: ignore[arg-type]
-                    message=r.message,
-                    follower_count=r.counts.followers,
-                    following_count=r.counts.following,
-                    mutual_count=r.counts.mutual,
-                )
-                for r in results
-            ]
-        )
+        response = pb.GetInfoResponse()
+        add = response.infos.add
+        for user_id, code, message, counts in results:
+            info = add()
+            info.user_id = user_id
+            if code:
+                info.code = code  # type: ignore[assignment]
+                info.message = message
+            info.follower_count = counts.followers
+            info.following_count = counts.following
+            info.mutual_count = counts.mutual
+        return response
 
 
 class AccountServicer(pb_grpc.AccountServiceServicer):
@@ -201,7 +220,9 @@ class AccountServicer(pb_grpc.AccountServiceServicer):
             for a in request.accounts
         ]
         items = await self._core.import_accounts(accounts)
-        return pb.ImportAccountsResponse(results=_results(items))
+        response = pb.ImportAccountsResponse()
+        _fill_results(response.results, items)
+        return response
 
     @rpc
     async def CheckAccounts(
@@ -229,4 +250,6 @@ class AccountServicer(pb_grpc.AccountServiceServicer):
         context: grpc.aio.ServicerContext[pb.DeleteAccountsRequest, pb.DeleteAccountsResponse],
     ) -> pb.DeleteAccountsResponse:
         items = await self._core.delete_accounts(request.user_ids)
-        return pb.DeleteAccountsResponse(results=_results(items))
+        response = pb.DeleteAccountsResponse()
+        _fill_results(response.results, items)
+        return response

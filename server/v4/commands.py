@@ -75,6 +75,8 @@ def _array(body: Body, name: str, code: int) -> list[object]:
 def _accounts(body: Body, name: str) -> list[str]:
     """An array of account ids, like To_Account: [\"u1\", \"u2\"]."""
     ids = _array(body, name, ACCOUNT_TYPE)
+    if all(value.__class__ is str for value in ids):
+        return ids  # type: ignore[return-value]
     for i, value in enumerate(ids):
         if not isinstance(value, str):
             raise V4Error(
@@ -142,11 +144,12 @@ async def follow_check(backend: Backend, body: Body) -> Body:
         user_id=_account(body, "From_Account"), target_ids=_accounts(body, "To_Account")
     )
     response = await backend.Check(request)
+    codes = _ITEM_CODES
     return {
         "ResultItem": [
             {
                 "To_Account": r.user_id,
-                "ResultCode": _item_code(r.code),
+                "ResultCode": codes.get(r.code, INTERNAL_ERROR),
                 "ResultInfo": r.message,
                 "FollowType": r.follow_type,
             }

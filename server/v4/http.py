@@ -158,10 +158,15 @@ def authenticator(settings: Settings) -> Authenticator:
 
 
 async def start_shim(
-    settings: Settings, core: FollowCore | None = None, metrics: Metrics | None = None
+    settings: Settings,
+    core: FollowCore | None = None,
+    metrics: Metrics | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> RunningShim:
     """Serve the shim on settings.http_listen: in-process over `core`, or, with
-    settings.grpc_target, over a channel to that gRPC server."""
+    settings.grpc_target, over a channel to that gRPC server. `reuse_port` lets the
+    processes of --workers share the port (SO_REUSEPORT)."""
     channel = None
     if settings.grpc_target:
         channel = tls.target_channel(
@@ -187,7 +192,7 @@ async def start_shim(
     )
     await runner.setup()
     host, port = split_address(settings.http_listen)
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except BaseException:
