@@ -27,13 +27,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import io
 import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Never, TextIO
 
@@ -129,6 +132,118 @@ def parse_time_us(text: str) -> int | None:
 
 _ONE_MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - _EPOCH
 
+# The fast path: records that are one line of plain fields each (printable ASCII without
+# quotes, commas or backslashes, so CSV quoting, COPY's `\.` and line counting are moot),
+# checked a whole chunk at a time by one regular expression and handed to COPY as they are.
+# Such an id passes rules.user_id_problem and such a profile field passes
+# rules.profile_field_problem; the time is Unix seconds with an optional fraction. What the
+# patterns refuse is not necessarily bad: it goes to the slow path, which decides.
+_FAST_CHARS = r"!#-+\--\[\]-~"  # printable ASCII but space, quote, comma and backslash
+_FAST_ID = f"[{_FAST_CHARS}]{{1,{rules.MAX_USER_ID_BYTES}}}"
+_FAST_TEXT = f"[ {_FAST_CHARS}]{{0,{rules.MAX_PROFILE_FIELD_BYTES}}}"
+_FAST_TIME = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
+_FAST_CHUNK = 1 << 20  # characters per regular-expression match and COPY message
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """One CSV layout of a file: its header, and per field count the fast pattern and the
+    staging columns its fields go to."""
+
+    source: str
+    header: tuple[str, ...]
+    fields: dict[int, tuple[re.Pattern[str], tuple[str, ...]]]
+
+
+def _lines_of(*fields: str) -> re.Pattern[str]:
+    return re.compile(f"(?:{','.join(fields)}\n)*")
+
+
+_ACCOUNTS = _Shape(
+    "accounts",
+    ("user_id",),
+    {
+        1: (_lines_of(_FAST_ID), ("user_id",)),
+        2: (_lines_of(_FAST_ID, _FAST_TEXT), ("user_id", "nick")),
+        3: (_lines_of(_FAST_ID, _FAST_TEXT, _FAST_TEXT), ("user_id", "nick", "face_url")),
+    },
+)
+_EDGES = _Shape(
+    "edges",
+    ("follower_id",),
+    {
+        2: (_lines_of(_FAST_ID, _FAST_ID), ("follower", "target")),
+        3: (_lines_of(_FAST_ID, _FAST_ID, _FAST_TIME), ("follower", "target", "at")),
+    },
+)
+
+
+class _FastReader:
+    """The leading part of a CSV stream that the fast path takes, as COPY data.
+
+    Iterate it for the encoded chunks; then `first_line` is the line of the first fast row,
+    `columns` the staging columns they fill, and `rest()` the lines it left to the slow path
+    (from the first chunk that the pattern refused), numbered after `lines_used`."""
+
+    def __init__(self, stream: TextIO, shape: _Shape, bar: tqdm[Never]) -> None:
+        self._stream = stream
+        self._shape = shape
+        self._bar = bar
+        self._pending = ""  # read but not taken: the slow path starts here
+        self.lines_used = 0  # lines taken: the header and the fast rows
+        self.first_line = 1
+        self.columns: tuple[str, ...] = ()
+        self.rows = 0
+
+    def _read(self) -> str:
+        text = self._stream.read(_FAST_CHUNK)
+        self._bar.update(len(text))
+        return text
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        buffer = self._read()
+        while "\n" not in buffer and (more := self._read()):
+            buffer += more
+        first, newline, after = buffer.partition("\n")
+        if newline and '"' not in first and _is_header(first.split(","), self._shape.header):
+            buffer = after
+            self.lines_used, self.first_line = 1, 2
+        fields = self._shape.fields.get(buffer.partition("\n")[0].count(",") + 1)
+        if fields is None:
+            self._pending = buffer
+            return
+        pattern, self.columns = fields
+        at_end = False
+        while buffer:
+            if not at_end and len(buffer) < _FAST_CHUNK:
+                more = self._read()
+                at_end = not more
+                buffer += more
+                continue
+            cut = buffer.rfind("\n", 0, _FAST_CHUNK) + 1
+            if cut == 0:  # a line longer than a chunk, or a last line without a newline
+                if not at_end and len(buffer) < 4 * _FAST_CHUNK:
+                    more = self._read()
+                    at_end = not more
+                    buffer += more
+                    continue
+                break
+            chunk = buffer[:cut]
+            if pattern.fullmatch(chunk) is None:
+                break
+            buffer = buffer[cut:]
+            lines = chunk.count("\n")
+            self.lines_used += lines
+            self.rows += lines
+            yield chunk.encode()
+        self._pending = buffer
+
+    def rest(self) -> Iterator[str]:
+        """The lines the fast path left, as the stream gives them."""
+        if self._pending:
+            yield from io.StringIO(self._pending, newline="")
+        yield from _sized(self._stream, self._bar)
+
 
 class _IdChecker:
     """`rules.user_id_problem`, remembered for ids already seen valid (a graph names each
@@ -136,8 +251,6 @@ class _IdChecker:
 
     def __init__(self) -> None:
         self.valid: set[str] = set()
-        # Accounts that exist: in the database, or good rows of this import's accounts file.
-        self.known: set[str] = set()
 
     def problem(self, user_id: str) -> str | None:
         if user_id in self.valid:
@@ -148,32 +261,35 @@ class _IdChecker:
         return problem
 
 
-def _rows(stream: Iterable[str], header: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of each CSV record; blank lines and a header row are skipped."""
-    reader = csv.reader(stream, strict=True)
-    first = True
+def _rows(
+    lines: Iterable[str], header: tuple[str, ...], skip_header: bool, offset: int
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each CSV record; blank lines and a header row are skipped.
+    `offset` lines came before `lines`; a header is looked for only when `skip_header`."""
+    reader = csv.reader(lines, strict=True)
+    first = skip_header
     while True:
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            yield reader.line_num, [f"\x00{exc}"]  # reported as malformed by the caller
+            yield offset + reader.line_num, [f"\x00{exc}"]  # reported as malformed by the caller
             continue
         if first:
             first = False
-            if tuple(f.strip().lower() for f in row[: len(header)]) == header:
+            if _is_header(row, header):
                 continue
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
-        yield reader.line_num, row
+        yield offset + reader.line_num, row
 
 
 def account_records(
-    stream: Iterable[str], ids: _IdChecker, report: ImportReport
+    rows: Iterable[tuple[int, list[str]]], ids: _IdChecker, report: ImportReport
 ) -> Iterator[tuple[int, str, str | None, str | None]]:
-    """COPY records (line, user_id, nick, face_url) of the good account rows."""
-    for line, row in _rows(stream, _ACCOUNT_HEADER):
+    """COPY records (line, user_id, nick, face_url) of the good account rows (slow path)."""
+    for line, row in rows:
         report.accounts_read += 1
         problem = _malformed(row, 1, 3, "user_id[,nick[,face_url]]")
         if problem is None:
@@ -187,7 +303,6 @@ def account_records(
         if problem is not None:
             report.add_bad(BadRow("accounts", line, problem))
             continue
-        ids.known.add(row[0])
         yield line, row[0], nick, face
 
 
@@ -198,77 +313,36 @@ def _profile_problem(name: str, value: str) -> str | None:
 
 
 def edge_records(
-    stream: Iterable[str], ids: _IdChecker, report: ImportReport, default_us: int
-) -> Iterator[tuple[int, str, str, int]]:
-    """COPY records (line, follower, target, followed_at in µs) of the good edge rows.
-
-    The loop is the importer's hot path (millions of rows): the common case (two known-good
-    ids and a `seconds.micros` time) takes set lookups and one int() call."""
-    known = ids.known
-    reader = csv.reader(stream, strict=True)
-    read = 0
-    first = True
-    try:
-        while True:
-            try:
-                for row in reader:
-                    if len(row) == 3:
-                        follower, target, at = row
-                        if (
-                            follower in known
-                            and target in known
-                            and follower != target
-                            and len(at) > 7
-                            and at[-7] == "."
-                            and (digits := at[:-7] + at[-6:]).isdigit()
-                        ):
-                            read += 1
-                            yield reader.line_num, follower, target, int(digits)
-                            continue
-                    if first and _is_header(row, _EDGE_HEADER):
-                        first = False
-                        continue
-                    first = False
-                    if not row or (len(row) == 1 and not row[0].strip()):
-                        continue
-                    read += 1
-                    problem, at_us = _edge_problem(row, ids, default_us)
-                    if problem is None:
-                        yield reader.line_num, row[0], row[1], at_us
-                    else:
-                        report.add_bad(BadRow("edges", reader.line_num, problem))
-                return
-            except csv.Error as exc:
-                read += 1
-                report.add_bad(BadRow("edges", reader.line_num, f"malformed CSV: {exc}"))
-    finally:
-        report.edges_read += read
+    rows: Iterable[tuple[int, list[str]]], ids: _IdChecker, report: ImportReport
+) -> Iterator[tuple[int, str, str, Decimal | None, str | None]]:
+    """COPY records (line, follower, target, followed_at in seconds or None for now, problem)
+    of the edge rows that pass what Python checks (slow path). Unknown accounts are found in
+    SQL; a bad time is staged as a problem, reported only when the accounts are known (the
+    order of the checks decides which problem a row shows)."""
+    for line, row in rows:
+        report.edges_read += 1
+        problem = _malformed(row, 2, 3, "follower_id,target_id[,followed_at]")
+        if problem is None and (problem := ids.problem(row[0])) is not None:
+            problem = f"follower_id: {problem}"
+        if problem is None and (problem := ids.problem(row[1])) is not None:
+            problem = f"target_id: {problem}"
+        if problem is None and row[0] == row[1]:
+            problem = "a user cannot follow themselves"
+        if problem is not None:
+            report.add_bad(BadRow("edges", line, problem))
+            continue
+        at: Decimal | None = None
+        if len(row) == 3 and row[2]:
+            at_us = parse_time_us(row[2])
+            if at_us is None:
+                problem = f"followed_at: {row[2]!r} is neither Unix seconds nor ISO-8601"
+            else:
+                at = Decimal(at_us).scaleb(-6)
+        yield line, row[0], row[1], at, problem
 
 
 def _is_header(row: list[str], header: tuple[str, ...]) -> bool:
     return tuple(f.strip().lower() for f in row[: len(header)]) == header
-
-
-def _edge_problem(row: list[str], ids: _IdChecker, default_us: int) -> tuple[str | None, int]:
-    """Why an edge row is bad (or None) and its time; the slow path of edge_records."""
-    problem = _malformed(row, 2, 3, "follower_id,target_id[,followed_at]")
-    if problem is not None:
-        return problem, 0
-    if (problem := ids.problem(row[0])) is not None:
-        return f"follower_id: {problem}", 0
-    if (problem := ids.problem(row[1])) is not None:
-        return f"target_id: {problem}", 0
-    if row[0] == row[1]:
-        return "a user cannot follow themselves", 0
-    for name, user in (("follower_id", row[0]), ("target_id", row[1])):
-        if user not in ids.known:
-            return f"{name}: account {user} does not exist", 0
-    if len(row) < 3 or not row[2]:
-        return None, default_us
-    at_us = parse_time_us(row[2])
-    if at_us is None:
-        return f"followed_at: {row[2]!r} is neither Unix seconds nor ISO-8601", 0
-    return None, at_us
 
 
 def _malformed(row: list[str], least: int, most: int, shape: str) -> str | None:
@@ -283,25 +357,32 @@ def _malformed(row: list[str], least: int, most: int, shape: str) -> str | None:
 
 # Set-based steps over millions of rows want memory for sorts, hashes and the temporary
 # staging tables (temp_buffers only counts before the first temporary table is touched).
+# JIT compiling would cost more than it saves on these plans (seconds of LLVM on a busy
+# machine); parallel workers help the index builds.
 _SESSION = """
 SET LOCAL work_mem = '256MB';
-SET LOCAL maintenance_work_mem = '512MB';
-SET LOCAL temp_buffers = '512MB';
+SET LOCAL maintenance_work_mem = '1GB';
+SET LOCAL temp_buffers = '1GB';
+SET LOCAL jit = off;
 """
 
+# `line` comes from the file (slow path) or from the sequence (fast path: one row a line).
 _STAGING = """
+CREATE TEMP SEQUENCE import_line;
 CREATE TEMP TABLE import_accounts (
-    line int NOT NULL, user_id text COLLATE "C" NOT NULL, nick text, face_url text
+    line int NOT NULL DEFAULT nextval('import_line'), user_id text COLLATE "C" NOT NULL,
+    nick text, face_url text
 ) ON COMMIT DROP;
 CREATE TEMP TABLE import_edges (
-    line int NOT NULL, follower text COLLATE "C" NOT NULL, target text COLLATE "C" NOT NULL,
-    at_us bigint NOT NULL
+    line int NOT NULL DEFAULT nextval('import_line'), follower text COLLATE "C" NOT NULL,
+    target text COLLATE "C" NOT NULL, at numeric, problem text
 ) ON COMMIT DROP;
 CREATE TEMP TABLE import_bad (line int NOT NULL, problem text NOT NULL) ON COMMIT DROP;
 """
+_DROP_SEQUENCE = "DROP SEQUENCE import_line CASCADE"  # a temporary one outlives COMMIT
 
 # Later rows win, as if the rows had been imported one after the other. Counter rows are
-# made (with exact counts) by _RECOUNT at the end.
+# made (with exact counts) by the recount at the end.
 _WRITE_ACCOUNTS = """
 INSERT INTO accounts AS a (user_id, nick, face_url)
 SELECT DISTINCT ON (user_id) user_id, nick, face_url FROM import_accounts
@@ -314,24 +395,61 @@ ON CONFLICT (user_id) DO UPDATE SET
         OR COALESCE(EXCLUDED.face_url, a.face_url) IS DISTINCT FROM a.face_url)::int
 """
 
-# Repeats of an edge given earlier (rows naming unknown accounts never reach the staging
-# table: the reader knows every account, see _IdChecker.known).
-_FIND_BAD_EDGES = """
+# Rows that name the same user twice or an unknown account, or whose time the reader could
+# not read, in the order the checks are made for one row.
+_FIND_BAD_ROWS = """
 INSERT INTO import_bad (line, problem)
-SELECT e.line, 'duplicate edge, first given on line ' || d.first
-FROM (SELECT follower, target, min(line) AS first FROM import_edges
-      GROUP BY follower, target HAVING count(*) > 1) d
-JOIN import_edges e ON e.follower = d.follower AND e.target = d.target AND e.line <> d.first
+SELECT line, problem FROM (
+    SELECT e.line, CASE
+        WHEN e.follower = e.target THEN 'a user cannot follow themselves'
+        WHEN e.follower NOT IN (SELECT user_id FROM accounts)
+        THEN 'follower_id: account ' || e.follower || ' does not exist'
+        WHEN e.target NOT IN (SELECT user_id FROM accounts)
+        THEN 'target_id: account ' || e.target || ' does not exist'
+        ELSE e.problem END AS problem
+    FROM import_edges e
+) p
+WHERE problem IS NOT NULL
 """
 
-# The edges to add: good, and not already present (their first follow time is kept).
+_NEW_TABLE = """
+CREATE TEMP TABLE import_new (
+    line int NOT NULL, follower text COLLATE "C" NOT NULL, target text COLLATE "C" NOT NULL,
+    at_us bigint NOT NULL, stored bool NOT NULL
+) ON COMMIT DROP
+"""
+
+# The first row of each edge among the good rows, in (follower, target) order: the order
+# of the following table's primary key, whose build then finds its input sorted. `stored`
+# marks edges already present (their first follow time is kept); it is false without a
+# look when the edge tables were empty.
 _NEW_EDGES = """
-CREATE TEMP TABLE import_new ON COMMIT DROP AS
-SELECT e.follower, e.target, e.at_us, e.line
-FROM import_edges e
-WHERE NOT EXISTS (SELECT 1 FROM import_bad b WHERE b.line = e.line)
-  AND NOT EXISTS (SELECT 1 FROM following f WHERE f.user_id = e.follower
-                  AND f.target_id = e.target)
+INSERT INTO import_new (line, follower, target, at_us, stored)
+SELECT d.line, d.follower, d.target, d.at_us, {stored} FROM (
+    SELECT DISTINCT ON (e.follower, e.target) e.line, e.follower, e.target,
+           COALESCE(trunc(e.at * 1000000)::bigint, $1) AS at_us
+    FROM import_edges e {good}
+    ORDER BY e.follower, e.target, e.line
+) d
+"""
+_GOOD = "WHERE e.line NOT IN (SELECT line FROM import_bad)"
+_STORED = """EXISTS (
+    SELECT 1 FROM following f WHERE f.user_id = d.follower AND f.target_id = d.target)"""
+
+# Repeats of an edge given earlier: looked for only when import_new has fewer rows than
+# there are good rows.
+_DUPLICATES = """
+INSERT INTO import_bad (line, problem)
+SELECT r.line, 'duplicate edge, first given on line ' || r.first FROM (
+    SELECT e.line, min(e.line) OVER (PARTITION BY e.follower, e.target) AS first
+    FROM import_edges e {good}
+) r
+WHERE r.line <> r.first
+"""
+
+_CAP_MAY_BITE = """
+SELECT COALESCE(max(n), 0) + (SELECT COALESCE(max(following), 0) FROM follow_counts) > $1::bigint
+FROM (SELECT count(*) AS n FROM import_new GROUP BY follower) p
 """
 
 # Followers whom the import would take over the cap keep their earliest new follows.
@@ -355,16 +473,19 @@ _DROP_LINES = "DELETE FROM import_new WHERE line = ANY($1::int[])"
 
 _TS = "'epoch'::timestamptz + {} * interval '1 microsecond'"
 
+# Mutual pairs by one hash self-join of the new edges; the rows go in import_new's order.
 _FOLLOWING = f"""
 INSERT INTO following (user_id, target_id, followed_at, mutual_since)
 SELECT n.follower, n.target, {_TS.format("n.at_us")},
        CASE WHEN back.at_us IS NOT NULL THEN {_TS.format("greatest(n.at_us, back.at_us)")}
-            WHEN old.followed_at IS NOT NULL
-            THEN greatest({_TS.format("n.at_us")}, old.followed_at) END
+            {{old_mutual}} END
 FROM import_new n
 LEFT JOIN import_new back ON back.follower = n.target AND back.target = n.follower
-LEFT JOIN following old ON old.user_id = n.target AND old.target_id = n.follower
+{{old_join}}
 """
+_OLD_MUTUAL = f"""WHEN old.followed_at IS NOT NULL
+            THEN greatest({_TS.format("n.at_us")}, old.followed_at)"""
+_OLD_JOIN = "LEFT JOIN following old ON old.user_id = n.target AND old.target_id = n.follower"
 
 _FOLLOWERS = f"""
 INSERT INTO followers (user_id, follower_id, followed_at)
@@ -379,31 +500,53 @@ FROM import_new n
 WHERE f.user_id = n.target AND f.target_id = n.follower AND f.mutual_since IS NULL
 """
 
+# Whom to recount: everyone the import touched; every account when the edge tables were
+# empty before it (the same counts, found without collecting the touched set).
 _TOUCHED = """
 CREATE TEMP TABLE import_touched ON COMMIT DROP AS
 SELECT follower AS user_id FROM import_new
 UNION SELECT target FROM import_new
 UNION SELECT user_id FROM import_accounts
 """
+_ALL_ACCOUNTS = "CREATE TEMP TABLE import_touched ON COMMIT DROP AS SELECT user_id FROM accounts"
 
-# Counts from the lists, for every user the import touched; new accounts get their row here.
-_RECOUNT = """
-INSERT INTO follow_counts AS c (user_id, following, followers, mutual)
-SELECT t.user_id, COALESCE(o.following, 0), COALESCE(i.followers, 0), COALESCE(o.mutual, 0)
+# Counts from the lists, one GROUP BY pass over each edge table, for the touched users that
+# have an account.
+_COUNT = """
+CREATE TEMP TABLE import_counts ON COMMIT DROP AS
+SELECT t.user_id, COALESCE(o.following, 0) AS following, COALESCE(i.followers, 0) AS followers,
+       COALESCE(o.mutual, 0) AS mutual
 FROM import_touched t
 JOIN accounts a ON a.user_id = t.user_id
 LEFT JOIN (SELECT f.user_id, count(*) AS following, count(f.mutual_since) AS mutual
-           FROM following f WHERE f.user_id IN (SELECT user_id FROM import_touched)
-           GROUP BY f.user_id) o ON o.user_id = t.user_id
+           FROM following f {following} GROUP BY f.user_id) o ON o.user_id = t.user_id
 LEFT JOIN (SELECT r.user_id, count(*) AS followers
-           FROM followers r WHERE r.user_id IN (SELECT user_id FROM import_touched)
-           GROUP BY r.user_id) i ON i.user_id = t.user_id
+           FROM followers r {followers} GROUP BY r.user_id) i ON i.user_id = t.user_id
 ORDER BY t.user_id
-ON CONFLICT (user_id) DO UPDATE SET
-    following = EXCLUDED.following, followers = EXCLUDED.followers, mutual = EXCLUDED.mutual
-WHERE (c.following, c.followers, c.mutual)
-      IS DISTINCT FROM (EXCLUDED.following, EXCLUDED.followers, EXCLUDED.mutual)
 """
+_ONLY_TOUCHED = "WHERE {}.user_id IN (SELECT user_id FROM import_touched)"
+
+# The counter row holds the whole count: the recounted users' delta rows (see server.store)
+# go. The EXCLUSIVE lock on follow_counts keeps every writer out, so no counter row appears
+# between the UPDATE and the INSERT.
+_WRITE_COUNTS = (
+    """
+UPDATE follow_counts c
+SET following = n.following, followers = n.followers, mutual = n.mutual
+FROM import_counts n
+WHERE c.user_id = n.user_id
+  AND (c.following, c.followers, c.mutual) IS DISTINCT FROM (n.following, n.followers, n.mutual)
+""",
+    """
+INSERT INTO follow_counts (user_id, following, followers, mutual)
+SELECT n.user_id, n.following, n.followers, n.mutual FROM import_counts n
+WHERE NOT EXISTS (SELECT 1 FROM follow_counts c WHERE c.user_id = n.user_id)
+ORDER BY n.user_id
+""",
+    """
+DELETE FROM follow_count_deltas d USING import_counts n WHERE d.user_id = n.user_id
+""",
+)
 
 # Bulk mode: the indexes (and primary keys) of the edge tables, to drop before a load that
 # at least doubles them and to build again afterwards, which is several times faster than
@@ -457,9 +600,11 @@ async def import_graph(
             report.lap("prepare")
             if accounts is not None:
                 await _copy_accounts(conn, accounts, ids, report, options, accounts_size)
+            staged = None
             if edges is not None:
-                await _copy_edges(conn, edges, ids, report, edges_size, options)
-            await _write(conn, report, options, has_edges=edges is not None)
+                staged = await _copy_edges(conn, edges, ids, report, edges_size, options)
+            await conn.execute(_DROP_SEQUENCE)
+            await _write(conn, report, options, staged)
             report.bad_rows.sort(key=lambda b: (b.source, b.line))
             if report.bad_row_count and not options.skip_bad_rows:
                 raise ImportAbortedError(
@@ -488,7 +633,7 @@ def _bar(options: ImportOptions, desc: str, total: int | None, unit: str) -> tqd
     )
 
 
-def _sized(stream: TextIO, bar: tqdm[Never]) -> Iterator[str]:
+def _sized(stream: Iterable[str], bar: tqdm[Never]) -> Iterator[str]:
     """The stream's lines, advancing `bar` by the characters read (≈ bytes of ASCII CSV)."""
     pending = 0
     for line in stream:
@@ -500,6 +645,22 @@ def _sized(stream: TextIO, bar: tqdm[Never]) -> Iterator[str]:
     bar.update(pending)
 
 
+async def _copy_fast(conn: Conn, table: str, fast: _FastReader) -> None:
+    """COPY the rows the fast path takes, numbered by the sequence from their first line."""
+    chunks = aiter(fast)
+    first = await anext(chunks, None)
+    if first is None:
+        return
+
+    async def data() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    await conn.execute(f"SELECT setval('import_line', {fast.first_line}, false)")
+    await conn.copy_to_table(table, source=data(), columns=list(fast.columns), format="csv")
+
+
 async def _copy_accounts(
     conn: Conn,
     stream: TextIO,
@@ -509,9 +670,14 @@ async def _copy_accounts(
     size: int | None,
 ) -> None:
     with _bar(options, "accounts", size, "B") as bar:
-        records = account_records(_sized(stream, bar), ids, report)
-        await conn.copy_records_to_table("import_accounts", records=records)
-        await conn.execute("ANALYZE import_accounts")
+        fast = _FastReader(stream, _ACCOUNTS, bar)
+        await _copy_fast(conn, "import_accounts", fast)
+        report.accounts_read += fast.rows
+        rows = _rows(fast.rest(), _ACCOUNT_HEADER, fast.lines_used == 0, fast.lines_used)
+        records = account_records(rows, ids, report)
+        await conn.copy_records_to_table(
+            "import_accounts", records=records, columns=["line", "user_id", "nick", "face_url"]
+        )
     report.lap("read accounts")
     report.accounts_written = _rowcount(await conn.execute(_WRITE_ACCOUNTS))
     report.lap("write accounts")
@@ -524,23 +690,35 @@ async def _copy_edges(
     report: ImportReport,
     size: int | None,
     options: ImportOptions,
-) -> None:
-    default_us = time.time_ns() // 1000
-    # Every account is known in memory (an id is a few dozen bytes), so unknown accounts
-    # are found while reading, not by joining millions of staged rows against accounts.
-    async for r in conn.cursor("SELECT user_id FROM accounts", prefetch=50_000):
-        ids.known.add(r[0])
-    report.lap("load account ids")
+) -> int:
+    """Stage the edge rows; how many were staged."""
     with _bar(options, "edges", size, "B") as bar:
-        records = edge_records(_sized(stream, bar), ids, report, default_us)
-        await conn.copy_records_to_table("import_edges", records=records)
-        await conn.execute("ANALYZE import_edges")
+        fast = _FastReader(stream, _EDGES, bar)
+        await _copy_fast(conn, "import_edges", fast)
+        report.edges_read += fast.rows
+        rows = _rows(fast.rest(), _EDGE_HEADER, fast.lines_used == 0, fast.lines_used)
+        records = edge_records(rows, ids, report)
+        await conn.copy_records_to_table(
+            "import_edges",
+            records=records,
+            columns=["line", "follower", "target", "at", "problem"],
+        )
     report.lap("read edges")
+    return report.edges_read - sum(b.source == "edges" for b in report.bad_rows)
 
 
-async def _write(conn: Conn, report: ImportReport, options: ImportOptions, has_edges: bool) -> None:
-    """From the staging tables to the real ones: check, edges, mutual state, counters."""
+async def _write(
+    conn: Conn, report: ImportReport, options: ImportOptions, staged: int | None
+) -> None:
+    """From the staging tables to the real ones: check, edges, mutual state, counters.
+    `staged` is how many edge rows are staged, None without an edges file."""
+    has_edges = staged is not None
     steps = ["checking", "edges", "mutual state", "counters"]
+    # Under the lock nobody adds edges: an empty table stays empty until the load, and
+    # then holds exactly the import's edges.
+    was_empty = not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM following) OR EXISTS (SELECT 1 FROM followers)"
+    )
     with _bar(options, "building", len(steps), "step") as bar:
 
         def step(done: str) -> None:
@@ -551,9 +729,9 @@ async def _write(conn: Conn, report: ImportReport, options: ImportOptions, has_e
 
         bar.set_postfix_str(steps[0])
         if has_edges:
-            await _check_edges(conn, report, options)
+            await _check_edges(conn, report, options, was_empty, staged or 0)
         else:
-            await conn.execute("CREATE TEMP TABLE import_new (LIKE import_edges) ON COMMIT DROP")
+            await conn.execute(_NEW_TABLE)
         if report.bad_row_count and not options.skip_bad_rows:
             return  # the caller aborts; don't spend time writing what will be rolled back
         step("check")
@@ -561,42 +739,62 @@ async def _write(conn: Conn, report: ImportReport, options: ImportOptions, has_e
             new = await conn.fetchval("SELECT count(*) FROM import_new")
             rebuild = await _should_rebuild(conn, options.rebuild_indexes, new)
             indexes = await _drop_edge_indexes(conn) if rebuild else []
-            # Rows in key order keep row-by-row index maintenance append-only; rebuilt
-            # indexes sort for themselves.
-            following_order = "" if indexes else " ORDER BY n.follower, n.target"
-            followers_order = "" if indexes else " ORDER BY n.target, n.follower"
-            report.edges_added = _rowcount(await conn.execute(_FOLLOWING + following_order))
-            await conn.execute(_FOLLOWERS + followers_order)
+            following = _FOLLOWING.format(
+                old_mutual="" if was_empty else _OLD_MUTUAL,
+                old_join="" if was_empty else _OLD_JOIN,
+            )
+            # A hash join keeps import_new's order; a merge join would sort it away.
+            await conn.execute("SET LOCAL enable_mergejoin = off")
+            report.edges_added = _rowcount(await conn.execute(following))
+            await conn.execute("SET LOCAL enable_mergejoin = on")
+            await conn.execute(_FOLLOWERS + ("" if indexes else " ORDER BY n.target, n.follower"))
             report.lap("insert edges")
             for statement in indexes:
                 await conn.execute(statement)
             if indexes:
                 report.lap("rebuild indexes")
         step("edges")
-        if has_edges:
+        if has_edges and not was_empty:
             await conn.execute(_OLD_BECOME_MUTUAL)
         step("mutual state")
-        await conn.execute(_TOUCHED)
-        await conn.execute("ANALYZE import_touched")
-        report.users_recounted = await conn.fetchval("SELECT count(*) FROM import_touched")
-        await conn.execute(_RECOUNT)
+        if was_empty:
+            await conn.execute(_ALL_ACCOUNTS)
+            touched = ""
+        else:
+            await conn.execute(_TOUCHED)
+            touched = _ONLY_TOUCHED
+            await conn.execute("ANALYZE import_touched")
+        count = _COUNT.format(following=touched.format("f"), followers=touched.format("r"))
+        report.users_recounted = _rowcount(await conn.execute(count))
+        for statement in _WRITE_COUNTS:
+            await conn.execute(statement)
         step("counters")
 
 
-async def _check_edges(conn: Conn, report: ImportReport, options: ImportOptions) -> None:
+async def _check_edges(
+    conn: Conn, report: ImportReport, options: ImportOptions, was_empty: bool, staged: int
+) -> None:
     """Find the bad edge rows SQL can see, and make import_new: the edges to add."""
-    await conn.execute(_FIND_BAD_EDGES)
-    staged: int = await conn.fetchval("SELECT count(*) FROM import_edges")
-    bad: int = await conn.fetchval("SELECT count(DISTINCT line) FROM import_bad")
-    added = _rowcount(await conn.execute(_NEW_EDGES))
-    report.edges_already_present = staged - bad - added
-    await conn.execute("ANALYZE import_new")
-    over = await conn.fetch(_OVER_CAP, options.max_following)
-    if over:
-        await conn.execute(_DROP_LINES, [r[0] for r in over])
-        await conn.executemany(
-            "INSERT INTO import_bad (line, problem) VALUES ($1, $2)", [(r[0], r[1]) for r in over]
-        )
+    per_row = _rowcount(await conn.execute(_FIND_BAD_ROWS))
+    good = _GOOD if per_row else ""
+    await conn.execute(_NEW_TABLE)
+    new_edges = _NEW_EDGES.format(good=good, stored="false" if was_empty else _STORED)
+    distinct = _rowcount(await conn.execute(new_edges, time.time_ns() // 1000))
+    if distinct < staged - per_row:
+        await conn.execute(_DUPLICATES.format(good=good))
+    stored = (
+        0 if was_empty else _rowcount(await conn.execute("DELETE FROM import_new WHERE stored"))
+    )
+    report.edges_already_present = stored
+    if await conn.fetchval(_CAP_MAY_BITE, options.max_following):
+        await conn.execute("ANALYZE import_new")
+        over = await conn.fetch(_OVER_CAP, options.max_following)
+        if over:
+            await conn.execute(_DROP_LINES, [r[0] for r in over])
+            await conn.executemany(
+                "INSERT INTO import_bad (line, problem) VALUES ($1, $2)",
+                [(r[0], r[1]) for r in over],
+            )
     for row in await conn.fetch("SELECT line, problem FROM import_bad"):
         report.add_bad(BadRow("edges", row["line"], row["problem"]))
 
