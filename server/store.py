@@ -86,8 +86,13 @@ class AccountInput:
     face_url: str | None
 
 
+# The time is read only once the lock is held (outside the locking subquery): a select list
+# beside FOR UPDATE is computed before the wait, so a call queued behind another holder of
+# the row would stamp its follows with the time it started waiting, earlier than follows it
+# then sees (mutual_since older than the follow that made the pair mutual).
 _LOCK_OWNER = """
-SELECT following, clock_timestamp() AS now FROM follow_counts WHERE user_id = $1 FOR UPDATE
+SELECT following, clock_timestamp() AS now
+FROM (SELECT following FROM follow_counts WHERE user_id = $1 FOR UPDATE) AS owner
 """
 
 _CLASSIFY_TARGETS = """
