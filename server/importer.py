@@ -241,6 +241,8 @@ class _FastReader:
     def rest(self) -> Iterator[str]:
         """The lines the fast path left, as the stream gives them."""
         if self._pending:
+            # Chunks end wherever a read ended: finish the line the last one cut.
+            self._pending += self._stream.readline()
             yield from io.StringIO(self._pending, newline="")
         yield from _sized(self._stream, self._bar)
 
@@ -381,19 +383,32 @@ CREATE TEMP TABLE import_bad (line int NOT NULL, problem text NOT NULL) ON COMMI
 """
 _DROP_SEQUENCE = "DROP SEQUENCE import_line CASCADE"  # a temporary one outlives COMMIT
 
-# Later rows win, as if the rows had been imported one after the other. Counter rows are
-# made (with exact counts) by the recount at the end.
-_WRITE_ACCOUNTS = """
-INSERT INTO accounts AS a (user_id, nick, face_url)
+# Later rows win, as if the rows had been imported one after the other. Under the lock on
+# follow_counts no other transaction creates or deletes an account (the service's account
+# writes lock counter rows first), so plain UPDATE and INSERT do what ON CONFLICT would, at
+# a fraction of its cost per row. Counter rows are made (with exact counts) by the recount.
+_PROFILES = """
+CREATE TEMP TABLE import_profiles ON COMMIT DROP AS
 SELECT DISTINCT ON (user_id) user_id, nick, face_url FROM import_accounts
 ORDER BY user_id, line DESC
-ON CONFLICT (user_id) DO UPDATE SET
-    nick = COALESCE(EXCLUDED.nick, a.nick),
-    face_url = COALESCE(EXCLUDED.face_url, a.face_url),
-    profile_sequence = a.profile_sequence + (
-        COALESCE(EXCLUDED.nick, a.nick) IS DISTINCT FROM a.nick
-        OR COALESCE(EXCLUDED.face_url, a.face_url) IS DISTINCT FROM a.face_url)::int
 """
+_WRITE_ACCOUNTS = (
+    """
+UPDATE accounts a SET
+    nick = COALESCE(p.nick, a.nick),
+    face_url = COALESCE(p.face_url, a.face_url),
+    profile_sequence = a.profile_sequence + 1
+FROM import_profiles p
+WHERE a.user_id = p.user_id
+  AND (COALESCE(p.nick, a.nick), COALESCE(p.face_url, a.face_url))
+      IS DISTINCT FROM (a.nick, a.face_url)
+""",
+    """
+INSERT INTO accounts (user_id, nick, face_url)
+SELECT p.user_id, p.nick, p.face_url FROM import_profiles p
+WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = p.user_id)
+""",
+)
 
 # Rows that name the same user twice or an unknown account, or whose time the reader could
 # not read, in the order the checks are made for one row.
@@ -679,7 +694,9 @@ async def _copy_accounts(
             "import_accounts", records=records, columns=["line", "user_id", "nick", "face_url"]
         )
     report.lap("read accounts")
-    report.accounts_written = _rowcount(await conn.execute(_WRITE_ACCOUNTS))
+    report.accounts_written = _rowcount(await conn.execute(_PROFILES))
+    for statement in _WRITE_ACCOUNTS:
+        await conn.execute(statement)
     report.lap("write accounts")
 
 

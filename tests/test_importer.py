@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from server import importer
 from server.importer import (
     ImportAbortedError,
     ImportOptions,
@@ -277,3 +278,85 @@ def test_command_line_reports_bad_rows_and_exit_status(
         main([*argv, "--no-progress", "--skip-bad-rows"])
     assert exited.value.code == 0
     assert "1 new edge(s)" in capsys.readouterr().err
+
+
+async def test_fast_and_slow_paths_number_lines_alike(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain rows go to COPY a chunk at a time; from the first chunk the fast pattern refuses
+    (quotes, a bad row) the rest is read row by row, and every line number stays right."""
+    monkeypatch.setattr(importer, "_FAST_CHUNK", 64)  # a few lines per chunk
+    users = [f"u{i:02d}" for i in range(30)]
+    plain = [f"{users[i]},{users[i + 1]},{T0 + i}.000001" for i in range(20)]
+    edges = [
+        "follower_id,target_id,followed_at",
+        *plain,  # lines 2-21: the fast path
+        f'"{users[0]}",{users[5]},{T0}',  # 22: quoted, good
+        f"{users[0]},{users[1]},{T0 + 50}",  # 23: duplicate of line 2
+        f"{users[3]},ghost,{T0}",  # 24: unknown account
+        f"{users[6]},{users[6]},{T0}",  # 25: self-follow
+        f"{users[7]},{users[8]},x",  # 26: bad time
+        f"{users[8]},{users[7]},{T0 + 99}",  # 27: good, makes 7 <-> 8 mutual
+    ]
+    report = await run(
+        db_url, ["user_id,nick", *(f"{u},nick {u}" for u in users)], edges, skip_bad_rows=True
+    )
+    assert [(b.line, b.problem.split(":")[0]) for b in report.bad_rows] == [
+        (23, "duplicate edge, first given on line 2"),
+        (24, "target_id"),
+        (25, "a user cannot follow themselves"),
+        (26, "followed_at"),
+    ]
+    assert report.edges_read == 26
+    assert report.edges_added == 22
+    await assert_counts_equal_lists(db_url)
+    rows = await snapshot(db_url)
+    assert ("u07", "u08", at(T0 + 7.000001), at(T0 + 99)) in rows["following"]
+    assert rows["accounts"][0] == ("u00", "nick u00", None, 0)
+
+
+async def test_fast_path_fields_read_as_the_csv_reader_reads_them(db_url: str) -> None:
+    """What COPY takes from a plain row is what the row-by-row reader would take: inner and
+    outer spaces kept, an empty field is no value, punctuation in ids is kept."""
+    report = await run(
+        db_url,
+        ["user_id,nick,face_url", "a!b, two  words ,", "c#d,,https://x/y?z=1", "e,f,g"],
+        [f"a!b,c#d,{T0}.5", f"c#d,a!b,{T0 + 1}"],
+    )
+    assert report.accounts_written == 3
+    rows = await snapshot(db_url)
+    assert rows["accounts"] == [
+        ("a!b", " two  words ", None, 0),
+        ("c#d", None, "https://x/y?z=1", 0),
+        ("e", "f", "g", 0),
+    ]
+    assert rows["following"] == [
+        ("a!b", "c#d", at(T0 + 0.5), at(T0 + 1)),
+        ("c#d", "a!b", at(T0 + 1), at(T0 + 1)),
+    ]
+
+
+async def test_recounted_users_lose_their_delta_rows(db_url: str) -> None:
+    """Counts are the counter row plus follow_count_deltas rows: the import writes exact
+    counter rows and deletes the deltas of every user it recounts, so the totals are exact."""
+    await run(db_url, ["a", "b", "c"], [f"a,b,{T0}"])
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            "INSERT INTO follow_count_deltas (user_id, shard, followers, mutual)"
+            " VALUES ('b', 1, 5, 2), ('b', 2, -1, 0), ('c', 3, 4, 0)"
+        )
+        await run(db_url, None, [f"b,a,{T0 + 1}"])
+        totals = [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT user_id, following, followers, mutual FROM follow_totals ORDER BY 1"
+            )
+        ]
+        left = [tuple(r) for r in await conn.fetch("SELECT user_id FROM follow_count_deltas")]
+    finally:
+        await conn.close()
+    # c is not touched by the second import: neither recounted nor its deltas deleted.
+    assert totals == [("a", 1, 1, 1), ("b", 1, 1, 1), ("c", 0, 4, 0)]
+    assert left == [("c",)]
+    await assert_counts_equal_lists(db_url)
