@@ -46,6 +46,17 @@ class Invariant:
     repair_sql: tuple[str, ...] = ()
 
 
+# Each user's true counts, from the edges.
+_ACTUAL_COUNTS = """
+WITH actual AS (
+    SELECT c.user_id,
+           (SELECT count(*) FROM following f WHERE f.user_id = c.user_id) AS following,
+           (SELECT count(*) FROM followers r WHERE r.user_id = c.user_id) AS followers,
+           (SELECT count(*) FROM following f
+            WHERE f.user_id = c.user_id AND f.mutual_since IS NOT NULL) AS mutual
+    FROM follow_counts c)
+"""
+
 INVARIANTS: tuple[Invariant, ...] = (
     Invariant(
         "edge_to_missing_account",
@@ -172,24 +183,12 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant(
         "counts_differ",
         "a counter that differs from the number of edges it counts",
-        """WITH actual AS (
-               SELECT c.user_id,
-                      (SELECT count(*) FROM following f WHERE f.user_id = c.user_id) AS following,
-                      (SELECT count(*) FROM followers r WHERE r.user_id = c.user_id) AS followers,
-                      (SELECT count(*) FROM following f
-                       WHERE f.user_id = c.user_id AND f.mutual_since IS NOT NULL) AS mutual
-               FROM follow_counts c)
-           SELECT count(*) FROM follow_totals c JOIN actual a USING (user_id)
+        _ACTUAL_COUNTS
+        + """SELECT count(*) FROM follow_totals c JOIN actual a USING (user_id)
            WHERE (c.following, c.followers, c.mutual)
                  IS DISTINCT FROM (a.following, a.followers, a.mutual)""",
-        """WITH actual AS (
-               SELECT c.user_id,
-                      (SELECT count(*) FROM following f WHERE f.user_id = c.user_id) AS following,
-                      (SELECT count(*) FROM followers r WHERE r.user_id = c.user_id) AS followers,
-                      (SELECT count(*) FROM following f
-                       WHERE f.user_id = c.user_id AND f.mutual_since IS NOT NULL) AS mutual
-               FROM follow_counts c)
-           SELECT c.user_id, c.following, a.following AS edges_following,
+        _ACTUAL_COUNTS
+        + """SELECT c.user_id, c.following, a.following AS edges_following,
                   c.followers, a.followers AS edges_followers,
                   c.mutual, a.mutual AS edges_mutual
            FROM follow_totals c JOIN actual a USING (user_id)
@@ -198,14 +197,9 @@ INVARIANTS: tuple[Invariant, ...] = (
            LIMIT 5""",
         (
             # Fold: every counter row becomes the true count and the deltas go.
-            """WITH actual AS (
-                   SELECT c.user_id,
-                          (SELECT count(*) FROM following f WHERE f.user_id = c.user_id) AS fg,
-                          (SELECT count(*) FROM followers r WHERE r.user_id = c.user_id) AS fr,
-                          (SELECT count(*) FROM following f
-                           WHERE f.user_id = c.user_id AND f.mutual_since IS NOT NULL) AS mu
-                   FROM follow_counts c)
-               UPDATE follow_counts c SET following = a.fg, followers = a.fr, mutual = a.mu
+            _ACTUAL_COUNTS
+            + """UPDATE follow_counts c
+               SET following = a.following, followers = a.followers, mutual = a.mutual
                FROM actual a WHERE a.user_id = c.user_id""",
             "DELETE FROM follow_count_deltas",
         ),

@@ -4,6 +4,7 @@ test (cloned from a template), and a real gRPC server on a free loopback port.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import shutil
 import tempfile
@@ -57,21 +58,35 @@ def database_url(cluster: Database, name: str) -> str:
     return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
 
 
+async def admin_execute(cluster: Database, sql: str) -> None:
+    """Run one statement on the cluster's maintenance database (CREATE/DROP DATABASE)."""
+    conn = await asyncpg.connect(cluster.url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(
+    cluster: Database, name: str, template: str | None = TEMPLATE
+) -> AsyncIterator[str]:
+    """A database made for one test or module (a copy of the migrated template, or empty
+    with template=None), dropped afterwards; yields its URL."""
+    await admin_execute(
+        cluster, f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")
+    )
+    try:
+        yield database_url(cluster, name)
+    finally:
+        await admin_execute(cluster, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 async def db_url(pg_cluster: Database) -> AsyncIterator[str]:
     """A fresh, migrated, empty database for this test."""
-    name = f"test_{next(_counter)}"
-    admin = await asyncpg.connect(pg_cluster.url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    finally:
-        await admin.close()
-    yield database_url(pg_cluster, name)
-    admin = await asyncpg.connect(pg_cluster.url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(pg_cluster, f"test_{next(_counter)}") as url:
+        yield url
 
 
 ServiceFactory = Callable[..., Awaitable[RunningService]]

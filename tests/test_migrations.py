@@ -11,7 +11,7 @@ import pytest
 
 from server.database import Database
 from server.migrations import MIGRATIONS, migrate
-from tests.conftest import database_url
+from tests.conftest import scratch_database
 
 TABLES = {
     "accounts",
@@ -26,18 +26,8 @@ TABLES = {
 @pytest.fixture
 async def empty_db_url(pg_cluster: Database) -> AsyncIterator[str]:
     """A brand-new database with no schema at all (not cloned from the migrated template)."""
-    name = f"empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_cluster.url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    yield database_url(pg_cluster, name)
-    admin = await asyncpg.connect(pg_cluster.url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(pg_cluster, f"empty_{uuid.uuid4().hex[:12]}", None) as url:
+        yield url
 
 
 async def _tables(conn: asyncpg.Connection) -> set[str]:

@@ -35,7 +35,7 @@ from follow.v1 import follow_pb2_grpc as pb_grpc
 from server.app import RunningService, start_service
 from server.config import Settings
 from server.database import Database
-from tests.conftest import TEMPLATE, database_url
+from tests.conftest import TEMPLATE, admin_execute, database_url
 from tests.invariants import assert_sound
 
 T = TypeVar("T")
@@ -125,14 +125,7 @@ def served(pg_cluster: Database) -> Iterator[Served]:
     """One database (from the migrated template) and one server, with blocking stubs."""
     name = f"stateful_{next(_databases)}"
 
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_cluster.url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    asyncio.run(admin_execute(pg_cluster, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
     service = ServiceThread(database_url(pg_cluster, name), CAP)
     try:
         port = service.start()
@@ -144,7 +137,7 @@ def served(pg_cluster: Database) -> Iterator[Served]:
             )
     finally:
         service.close()
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        asyncio.run(admin_execute(pg_cluster, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 # -- the model -----------------------------------------------------------------------------

@@ -11,13 +11,12 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
 from server.app import RunningService
 from server.database import Database
 from server.v4.http import RunningShim, start_shim
-from tests.conftest import TEMPLATE, ServiceFactory, database_url
+from tests.conftest import TEMPLATE, ServiceFactory, admin_execute, database_url
 from tests.v4_helpers import SETTINGS, ShimFactory, ThreadedShim, V4Client
 
 _databases = itertools.count()
@@ -66,16 +65,9 @@ def threaded_shim(pg_cluster: Database) -> Iterator[ThreadedShim]:
     """One database (from the migrated template) and one service + shim for the module."""
     name = f"v4_threaded_{next(_databases)}"
 
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_cluster.url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    asyncio.run(admin_execute(pg_cluster, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
     try:
         with ThreadedShim(database_url(pg_cluster, name)) as shim:
             yield shim
     finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        asyncio.run(admin_execute(pg_cluster, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
