@@ -49,6 +49,7 @@ class RunningService:
     core: FollowCore
     metrics: Metrics = field(default_factory=Metrics, repr=False)
     metrics_server: MetricsServer | None = field(default=None, repr=False)
+    admission: InFlightLimit = field(default_factory=InFlightLimit, repr=False)
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -122,7 +123,8 @@ async def start_service(
     # Every unary method (health's too) is wrapped once, as it is registered, for request
     # ids, metrics and admission (server.interceptor): no per-call interceptor chain.
     # Reflection is a stream and registers on the server itself.
-    observer = CallObserver(metrics, InFlightLimit(settings.max_in_flight))
+    admission = InFlightLimit(settings.max_in_flight)  # shared with the in-process v4 shim
+    observer = CallObserver(metrics, admission)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -149,7 +151,7 @@ async def start_service(
         await pool.close()
         raise OSError(f"cannot listen on {settings.grpc_listen}")
     await server.start()
-    running = RunningService(server, port, pool, health, store, core, metrics)
+    running = RunningService(server, port, pool, health, store, core, metrics, admission=admission)
     if settings.metrics_listen:
         try:
             running.metrics_server = await start_metrics_server(metrics, settings.metrics_listen)
@@ -222,7 +224,11 @@ async def serve_on(settings: Settings, database_url: str, worker: int | None = N
     if settings.http_listen:
         try:
             shim = await start_shim(
-                settings, running.core, running.metrics, reuse_port=worker is not None
+                settings,
+                running.core,
+                running.metrics,
+                admission=running.admission,
+                reuse_port=worker is not None,
             )
         except BaseException:
             await running.stop(0)

@@ -11,6 +11,7 @@ response message or a google.rpc.Status out).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
@@ -23,6 +24,7 @@ from follow.v1 import follow_pb2_grpc as pb_grpc
 from server import logs
 from server.core import FollowCore
 from server.errors import ERROR_DOMAIN
+from server.overload import InFlightLimit, call_deadline
 from server.servicer import AccountServicer, FollowServicer
 
 Req = TypeVar("Req")
@@ -117,13 +119,35 @@ class _Context:
         raise CallFailedError.from_trailers(code, details, trailing_metadata)
 
 
-def in_process(core: FollowCore) -> Backend:
+def in_process(
+    core: FollowCore,
+    admission: InFlightLimit | None = None,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+) -> Backend:
+    """Calls share the gRPC server's in-flight bound (`admission`, the one its call wrapper
+    counts) and carry a deadline of `timeout` seconds, as a remote call would."""
     follow = FollowServicer(core)
     accounts = AccountServicer(core)
     context = cast(Any, _Context())
 
     def local(method: Callable[[Req, Any], Awaitable[Resp]]) -> Unary[Req, Resp]:
-        return lambda request: method(request, context)
+        async def call(request: Req) -> Resp:
+            if admission is not None:
+                if admission.in_flight >= admission.limit:
+                    status = admission.overloaded()
+                    raise CallFailedError.from_trailers(
+                        status.code, status.details, status.trailing_metadata
+                    )
+                admission.in_flight += 1
+            token = call_deadline.set(asyncio.get_running_loop().time() + timeout)
+            try:
+                return await method(request, context)
+            finally:
+                call_deadline.reset(token)
+                if admission is not None:
+                    admission.in_flight -= 1
+
+        return call
 
     return Backend(
         Follow=local(follow.Follow),

@@ -17,6 +17,7 @@ from server import tls
 from server.config import Settings
 from server.core import FollowCore
 from server.metrics import Metrics
+from server.overload import InFlightLimit
 from server.v4 import backend as backends
 from server.v4.commands import COMMANDS
 from server.v4.envelope import (
@@ -162,6 +163,7 @@ async def start_shim(
     core: FollowCore | None = None,
     metrics: Metrics | None = None,
     *,
+    admission: InFlightLimit | None = None,
     reuse_port: bool = False,
 ) -> RunningShim:
     """Serve the shim on settings.http_listen: in-process over `core`, or, with
@@ -177,7 +179,7 @@ async def start_shim(
         )
         backend = backends.over_channel(channel)
     elif core is not None:
-        backend = backends.in_process(core)
+        backend = backends.in_process(core, admission)
     else:
         raise ValueError("the v4 shim needs a core or a --grpc-target")
     shim = Shim(authenticator(settings), backend, settings.max_body_bytes, metrics)
