@@ -26,7 +26,7 @@ class ItemResult:
 # builds 100 of them, and the servicer copies each into protobuf at once, so a class per
 # item only adds a construction and attribute lookups to every call.
 
-CheckResult = tuple[str, ItemCode, str, FollowType]
+CheckResult = tuple[str, ItemCode, str, int]  # the last is the FollowType number
 """(user_id, code, message, follow_type) of one Check target."""
 
 InfoResult = tuple[str, ItemCode, str, Counts]
