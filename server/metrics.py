@@ -26,6 +26,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from server.v4.commands import COMMANDS
+
 log = logging.getLogger(__name__)
 
 # Latency buckets (seconds): sub-millisecond lookups up to calls that hit a deadline.
@@ -46,19 +48,8 @@ LATENCY_BUCKETS = (
     10.0,
 )
 
-V4_COMMANDS = frozenset(
-    {
-        "follow/follow_add",
-        "follow/follow_delete",
-        "follow/follow_check",
-        "follow/follow_get",
-        "follow/follow_get_info",
-        "im_open_login_svc/account_import",
-        "im_open_login_svc/multiaccount_import",
-        "im_open_login_svc/account_check",
-        "im_open_login_svc/account_delete",
-    }
-)
+# Label values: the shim's own command table, so a new command is counted under its name.
+V4_COMMANDS = frozenset(COMMANDS)
 OTHER = "other"
 _MAX_V4_CHILDREN = 1024
 
