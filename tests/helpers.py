@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -52,3 +62,67 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
             infos.append(info)
     assert len(infos) == 1, f"expected exactly one ErrorInfo, got {len(infos)}"
     return infos[0]
+
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class ServerProcess:
+    """A real `follow-server` process and the lines it has logged so far."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
+        while asyncio.get_running_loop().time() < deadline:
+            for line in self.lines:
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            if self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no log line matching {pattern!r}:\n{self.text()}")
+
+
+async def _pump(stream: asyncio.StreamReader, into: list[str]) -> None:
+    while line := await stream.readline():
+        into.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+
+@contextlib.asynccontextmanager
+async def follow_server(*args: str, stop_timeout: float = 30) -> AsyncIterator[ServerProcess]:
+    """The real `follow-server` in its own process (no FOLLOW_* variables of ours leak in),
+    its log lines collected; SIGTERM at the end, SIGKILL after `stop_timeout`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLLOW_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        *args,
+        cwd=REPO,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    running = ServerProcess(process)
+    pump = asyncio.create_task(_pump(process.stderr, running.lines))
+    try:
+        yield running
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), stop_timeout)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await pump

@@ -4,16 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import re
-import signal
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import grpc
@@ -26,9 +20,8 @@ from server import logs
 from server.app import RunningService
 from server.config import Settings
 from server.v4.http import start_shim
+from tests.helpers import follow_server
 
-REPO = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 60.0
 SECRET = "k3y-N3VER-L0GGED-5f1e2d9c7b"
 
 
@@ -151,63 +144,6 @@ def test_text_formatter_shows_the_request_id_in_brackets() -> None:
     assert "server.test: hello" in logs.TextFormatter().format(_record("hello", None))
 
 
-@dataclass
-class ServerProcess:
-    process: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    async def wait_for(self, pattern: str) -> re.Match[str]:
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
-        while asyncio.get_running_loop().time() < deadline:
-            for line in self.lines:
-                found = re.search(pattern, line)
-                if found:
-                    return found
-            if self.process.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no log line matching {pattern!r}:\n{self.text()}")
-
-
-async def _pump(stream: asyncio.StreamReader, into: list[str]) -> None:
-    while line := await stream.readline():
-        into.append(line.decode("utf-8", "replace").rstrip("\n"))
-
-
-@contextlib.asynccontextmanager
-async def follow_server(*args: str) -> AsyncIterator[ServerProcess]:
-    """The real `follow-server` in its own process; SIGTERM at the end."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLLOW_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        *args,
-        cwd=REPO,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    running = ServerProcess(process)
-    pump = asyncio.create_task(_pump(process.stderr, running.lines))
-    try:
-        yield running
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        await pump
-
-
 async def test_json_logs_from_the_real_server_and_no_secret_anywhere(db_url: str) -> None:
     """`follow-server --log-format json` writes only JSON lines; a call's lines carry its
     x-request-id. Started with a known secret key, after failing gRPC calls, malformed
@@ -233,8 +169,8 @@ async def test_json_logs_from_the_real_server_and_no_secret_anywhere(db_url: str
     ) as server:
         grpc_port = int((await server.wait_for(r"gRPC listening on 127\.0\.0\.1:(\d+)")).group(1))
         metrics_port = int((await server.wait_for(r"metrics on http://[^:]+:(\d+)/")).group(1))
-        http = re.search(r"v4 shim listening on http://127\.0\.0\.1:(\d+)", server.text())
-        assert http is not None, "the v4 shim did not start"
+        # The shim starts after gRPC and metrics: wait for its line too, don't just look.
+        http = await server.wait_for(r"v4 shim listening on http://127\.0\.0\.1:(\d+)")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             follows = pb_grpc.FollowServiceStub(channel)
             for user in ("", SECRET, "x" * 100):

@@ -10,10 +10,9 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -21,8 +20,8 @@ import grpc
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
+from tests.helpers import ServerProcess, follow_server
 
-REPO = Path(__file__).resolve().parent.parent
 WORKER_LINE = re.compile(r"worker (\d+) \(pid (\d+)\): gRPC listening on")
 CONNECTIONS = 16
 
@@ -36,10 +35,17 @@ def free_port() -> int:
 
 @dataclass
 class Workers:
-    process: asyncio.subprocess.Process
+    server: ServerProcess
     grpc_port: int
     http_port: int
-    lines: list[str] = field(default_factory=list)
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        return self.server.process
+
+    @property
+    def lines(self) -> list[str]:
+        return self.server.lines
 
     def pids(self) -> dict[int, int]:
         """Worker index -> pid, from the line each worker logs once it serves."""
@@ -47,12 +53,7 @@ class Workers:
         return {int(m[1]): int(m[2]) for m in found if m}
 
     def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-async def _pump(stream: asyncio.StreamReader, into: list[str]) -> None:
-    while line := await stream.readline():
-        into.append(line.decode("utf-8", "replace").rstrip("\n"))
+        return self.server.text()
 
 
 @contextlib.asynccontextmanager
@@ -60,50 +61,32 @@ async def two_workers() -> AsyncIterator[Workers]:
     # mkdtemp, not tmp_path: the embedded PostgreSQL runs as a non-root user that must be
     # able to enter the folder, and pytest's tmp base may be root-only.
     folder = Path(tempfile.mkdtemp(prefix="follow-workers-pg-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLLOW_")}
     grpc_port, http_port = free_port(), free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        "--workers",
-        "2",
-        "--grpc-listen",
-        f"127.0.0.1:{grpc_port}",
-        "--http-listen",
-        f"127.0.0.1:{http_port}",
-        "--insecure-no-auth",
-        "--data-dir",
-        str(folder / "data"),
-        "--log-level",
-        "INFO",
-        "--grace-seconds",
-        "5",
-        cwd=REPO,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    workers = Workers(process, grpc_port, http_port)
-    pump = asyncio.create_task(_pump(process.stderr, workers.lines))
     try:
-        for _ in range(1200):  # both workers up (the embedded database starts first)
-            if len(workers.pids()) == 2 or process.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
-        assert len(workers.pids()) == 2, f"workers did not start:\n{workers.text()}"
-        yield workers
+        async with follow_server(
+            "--workers",
+            "2",
+            "--grpc-listen",
+            f"127.0.0.1:{grpc_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+            "--insecure-no-auth",
+            "--data-dir",
+            str(folder / "data"),
+            "--log-level",
+            "INFO",
+            "--grace-seconds",
+            "5",
+            stop_timeout=60,
+        ) as server:
+            workers = Workers(server, grpc_port, http_port)
+            for _ in range(1200):  # both workers up (the embedded database starts first)
+                if len(workers.pids()) == 2 or workers.process.returncode is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(workers.pids()) == 2, f"workers did not start:\n{workers.text()}"
+            yield workers
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 60)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        await pump
         shutil.rmtree(folder, ignore_errors=True)
 
 
