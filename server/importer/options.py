@@ -1,0 +1,17 @@
+"""What one import is asked to do: the options every step reads, kept below all of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server import rules
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOptions:
+    skip_bad_rows: bool = False
+    max_following: int = rules.DEFAULT_MAX_FOLLOWING
+    progress: bool = True
+    # Drop and rebuild the edge tables' indexes around the load: "auto" does it when the
+    # load at least doubles the edges; it blocks readers of the edge tables meanwhile.
+    rebuild_indexes: str = "auto"
