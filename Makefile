@@ -56,16 +56,16 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python -m server.bench $(ARGS)
+	$(BIN)/python -m tests.bench $(ARGS)
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m server.bench --quick $(ARGS)
+	$(BIN)/python -m tests.bench --quick $(ARGS)
 
 # Mixed load while PostgreSQL restarts and the server is killed, then the checker;
 # bounded (SOAK_SECONDS, default 600). Extra flags in ARGS.
 SOAK_SECONDS ?= 600
 soak: $(STAMP)
-	$(BIN)/python -m server.soak --seconds $(SOAK_SECONDS) $(ARGS)
+	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,7 @@
 cancellation, SIGTERM and kill -9 under load, and a flood past the in-flight bound.
 
 Every test drives real load over loopback gRPC against a real PostgreSQL, records what was
-acknowledged (server.ledger), and judges the database afterwards with the invariant checker
+acknowledged (tests.support.ledger), and judges the database afterwards with the invariant checker
 (server.checker, what `follow-server check` runs) and the ledger. Load loops are bounded in
 operations and in time.
 """
@@ -36,10 +36,10 @@ from follow.v1 import follow_pb2_grpc as pb_grpc
 from server.app import RunningService, start_service
 from server.checker import check, format_report
 from server.config import Settings
-from server.ledger import Ledger
-from server.pgcluster import LocalPostgres
 from tests.conftest import ServiceFactory
 from tests.helpers import error_info, import_users
+from tests.support.ledger import Ledger
+from tests.support.pgcluster import LocalPostgres
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

