@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,14 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from follow.v1 import follow_pb2, follow_pb2_grpc
-from server import tls
+from server import runner, tls
+from server.admission import InFlightLimit
 from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
-from server.database import Database, create_pool, open_database, redact
+from server.database import create_pool
 from server.interceptor import CallObserver
 from server.metrics import Metrics, MetricsServer, start_metrics_server
-from server.overload import InFlightLimit
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
 from server.store import Store
@@ -164,45 +163,18 @@ async def start_service(
     return running
 
 
-async def _until_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-async def _serve_v4_alone(settings: Settings) -> None:
+async def serve_v4_alone(settings: Settings) -> None:
     """--grpc-target: only the v4 shim, against a remote gRPC server; no database here."""
     metrics = Metrics()
     shim = await start_shim(settings, metrics=metrics)
     metrics_server = None
     if settings.metrics_listen:
         metrics_server = await start_metrics_server(metrics, settings.metrics_listen)
-    await _until_signal()
+    await runner.until_signal()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_seconds)
     await shim.stop()
     if metrics_server is not None:
         await metrics_server.close()
-    log.info("stopped")
-
-
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    if settings.grpc_target:
-        await _serve_v4_alone(settings)
-        return
-    if settings.workers > 1:
-        from server.workers import supervise  # imported here: it imports this module
-
-        await supervise(settings)
-        return
-    database: Database = await open_database(settings.database_url, settings.data_dir)
-    try:
-        log.info("database: %s%s", redact(database.url), " (embedded)" if database.embedded else "")
-        await serve_on(settings, database.url)
-    finally:
-        await asyncio.to_thread(database.close)
     log.info("stopped")
 
 
@@ -233,11 +205,7 @@ async def serve_on(settings: Settings, database_url: str, worker: int | None = N
         except BaseException:
             await running.stop(0)
             raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await runner.until_signal()
     log.info("shutting down: finishing in-flight calls (grace %.1fs)", settings.grace_seconds)
     if shim is not None:
         await shim.stop()

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from server import logs
-from server.app import serve
-from server.config import parse_settings
+from server.app import serve_on, serve_v4_alone
+from server.config import Settings, parse_settings
+from server.database import Database, open_database, redact
+from server.runner import run
 from server.tls import TlsConfigError
+from server.workers import supervise
+
+log = logging.getLogger(__name__)
 
 # subcommand -> module whose main(argv) runs it
 SUBCOMMANDS: dict[str, str] = {
@@ -40,16 +45,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"follow-server: error: {exc}")
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """asyncio.run on uvloop where it is installed: grpc.aio and asyncpg both run on it, and
-    its loop costs less per call than the default one."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully: the shim alone
+    (--grpc-target), N workers (--workers), or one server over its database."""
+    if settings.grpc_target:
+        await serve_v4_alone(settings)
         return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+    if settings.workers > 1:
+        await supervise(settings)
+        return
+    database: Database = await open_database(settings.database_url, settings.data_dir)
+    try:
+        log.info("database: %s%s", redact(database.url), " (embedded)" if database.embedded else "")
+        await serve_on(settings, database.url)
+    finally:
+        await asyncio.to_thread(database.close)
+    log.info("stopped")
 
 
 if __name__ == "__main__":

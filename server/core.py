@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from server import rules
 from server.cursor import CursorCodec, Position
 from server.errors import FollowType, ItemCode, Reason, ServiceError
-from server.store import AccountInput, Counts, Store
+from server.store import AccountInput as AccountInput  # the doors build it; re-exported
+from server.store import Counts, Store
 
 
 @dataclass(frozen=True, slots=True)

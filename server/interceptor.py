@@ -1,5 +1,5 @@
 """What every gRPC call passes through: a request id, metrics, a debug access line, admission
-(server.overload), and a clear INVALID_ARGUMENT for a request that is not a valid protobuf
+(server.admission), and a clear INVALID_ARGUMENT for a request that is not a valid protobuf
 message.
 
 Malformed requests: grpcio deserializes a request before any handler code runs, and when
@@ -14,7 +14,6 @@ ErrorInfo (reason INVALID_ARGUMENT, domain follow.v1) before the servicer sees i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,16 +22,14 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
 
-from server import logs
+from server import deadline, logs
+from server.admission import InFlightLimit, exempt
 from server.errors import Reason, ServiceError
 from server.metrics import Metrics
-from server.overload import InFlightLimit, call_deadline, exempt
+from server.status import error_detail, to_status
 
 log = logging.getLogger(__name__)
-
-_DETAILS_KEY = "grpc-status-details-bin"
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Deserializer = Callable[[bytes], Any]
@@ -60,18 +57,8 @@ def lenient(deserializer: Deserializer | None) -> Deserializer | None:
 
 def reason_of(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     """The ErrorInfo reason in the status details the call ended with, if any."""
-    for key, value in context.trailing_metadata() or ():
-        if key == _DETAILS_KEY and isinstance(value, bytes):
-            try:
-                status = status_pb2.Status.FromString(value)
-            except DecodeError:
-                return None
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    reason: str = info.reason
-                    return reason
-    return None
+    detail = error_detail(context.trailing_metadata(), domain=None)
+    return detail.reason if detail is not None else None
 
 
 def _code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> grpc.StatusCode:
@@ -90,7 +77,7 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) ->
 class CallObserver:
     """Wraps every unary-unary method handler of the server (health and reflection too) once,
     when it is registered: request id, metrics, debug access line, malformed requests and,
-    for the service's own methods, admission (server.overload) and the call's deadline.
+    for the service's own methods, admission (server.admission) and the call's deadline.
 
     One wrapper chosen per method at registration, not grpc.aio interceptors: an
     interceptor runs per call (a HandlerCallDetails, a coroutine per interceptor and a
@@ -134,6 +121,8 @@ class CallObserver:
         request_id = logs.request_id
         now = time.perf_counter
         ok = grpc.StatusCode.OK
+        start_deadline = deadline.start
+        call_deadline = deadline.call_deadline
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             offered = None
@@ -154,14 +143,15 @@ class CallObserver:
                 if isinstance(request, Malformed):
                     await _abort_malformed(context, method, request)
                 if admit:
-                    if limit.in_flight >= limit.limit:
-                        status = limit.overloaded()
-                        await context.abort(status.code, status.details, status.trailing_metadata)
-                    limit.in_flight += 1
+                    refused = limit.enter()
+                    if refused is not None:
+                        await context.abort(
+                            refused.code, refused.details, refused.trailing_metadata
+                        )
                     admitted = True
                     left = context.time_remaining()
                     if left is not None:
-                        deadline_token = call_deadline.set(asyncio.get_running_loop().time() + left)
+                        deadline_token = start_deadline(left)
                 return await behavior(request, context)
             except BaseException as exc:
                 code = _code_of(context, exc)
@@ -171,7 +161,7 @@ class CallObserver:
                 if deadline_token is not None:
                     call_deadline.reset(deadline_token)
                 if admitted:
-                    limit.in_flight -= 1
+                    limit.leave()
                 # The caller may already have its answer: record, log, and only then leave
                 # the in-flight count, so "in flight == 0" means every call is on the page.
                 elapsed = now() - started
@@ -242,10 +232,6 @@ class ObservedServer:
 async def _abort_malformed(
     context: grpc.aio.ServicerContext[Any, Any], method: str, request: Malformed
 ) -> None:
-    # Imported here: server.servicer imports the store, which imports server.overload;
-    # keeping this module light lets app.py import it first.
-    from server.servicer import to_status
-
     log.info("%s: request is not a valid protobuf message (%s)", method, request.why)
     status = to_status(
         ServiceError(

@@ -14,7 +14,7 @@ ever exported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
-
-from server.v4.commands import COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +46,6 @@ LATENCY_BUCKETS = (
     10.0,
 )
 
-# Label values: the shim's own command table, so a new command is counted under its name.
-V4_COMMANDS = frozenset(COMMANDS)
 OTHER = "other"
 _MAX_V4_CHILDREN = 1024
 
@@ -138,8 +134,17 @@ class Metrics:
             registry=r,
         )
         self._pool: _PoolCollector | None = None
+        # v4 label values: the shim's own command table (add_v4_commands), so a new command
+        # is counted under its name and anything else under 'other'.
+        self._v4_commands: frozenset[str] = frozenset()
         # (request path, v4 ErrorCode) -> (requests, latency, errors or None) label children
         self._v4_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+
+    def add_v4_commands(self, names: Iterable[str]) -> None:
+        """Count v4 requests for these commands ('follow/follow_add', ...) under their own
+        names; the shim registers its command table when it starts."""
+        self._v4_commands |= frozenset(names)
+        self._v4_children.clear()
 
     def watch_pool(self, pool: asyncpg.Pool) -> None:
         if self._pool is None:
@@ -178,11 +183,12 @@ class Metrics:
 
     def observe_v4(self, command: str, error_code: int, seconds: float) -> None:
         """Record one answered v4 request. `command` is 'follow/follow_add' and so on;
-        anything not in V4_COMMANDS (an unknown command, 60009) is counted as 'other'."""
+        anything not added by add_v4_commands (an unknown command, 60009) is counted as
+        'other'."""
         children = self._v4_children.get((command, error_code))
         if children is None:
             name = command.strip("/").removeprefix("v4/")
-            if name not in V4_COMMANDS:
+            if name not in self._v4_commands:
                 name = OTHER
             code = str(error_code)
             children = (

@@ -10,15 +10,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from server.core import FollowCore, ItemResult
-from server.errors import ERROR_DOMAIN, Reason, ServiceError
-from server.store import AccountInput
+from server.core import AccountInput, FollowCore, ItemResult
+from server.errors import Reason, ServiceError
+from server.status import to_status
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +52,6 @@ def classify(exc: BaseException) -> ServiceError:
     return ServiceError(Reason.INTERNAL, "internal error")
 
 
-def to_status(error: ServiceError) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=error.reason.value, domain=ERROR_DOMAIN)
-    if error.field:
-        info.metadata["field"] = error.field
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(
-        code=error.mapping.grpc_code.value[0], message=error.message, details=[detail]
-    )
-    result: grpc.Status = rpc_status.to_status(status)
-    return result
-
-
 def rpc(
     handler: Handler[Servicer, Req, Resp],
 ) -> Handler[Servicer, Req, Resp]:
@@ -96,7 +80,7 @@ def rpc(
 # Responses are filled in place (`add()`, then plain attribute sets) rather than built
 # from a list of messages: a message passed to a repeated field's constructor is copied,
 # and keyword construction costs more than setting the fields. For a Check of 100 targets
-# that is several times cheaper (server/bench measures it). Zero values are left unset.
+# that is several times cheaper (tests/bench measures it). Zero values are left unset.
 
 
 def _fill_results(container: Any, items: list[ItemResult]) -> None:

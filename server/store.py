@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
+from server.deadline import call_deadline, remaining
 from server.errors import FollowType, ItemCode, Reason, ServiceError
-from server.overload import call_deadline, remaining
 
 T = TypeVar("T")
 if TYPE_CHECKING:

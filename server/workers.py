@@ -32,7 +32,8 @@ import sys
 from multiprocessing.connection import wait as wait_any
 from multiprocessing.process import BaseProcess
 
-from server import logs
+from server import logs, runner
+from server.app import serve_on
 from server.config import Settings
 from server.database import Database, apply_migrations, open_database, redact
 
@@ -75,12 +76,9 @@ def _worker_settings(settings: Settings, database_url: str, index: int) -> Setti
 
 def worker_main(settings: Settings, index: int) -> None:
     """A worker process: one server over the parent's database, until SIGTERM."""
-    from server.app import serve_on
-    from server.cli import run
-
     logs.setup_logging(settings.log_level, settings.log_format)
     assert settings.database_url is not None
-    run(serve_on(settings, settings.database_url, worker=index))
+    runner.run(serve_on(settings, settings.database_url, worker=index))
 
 
 async def supervise(settings: Settings) -> None:
@@ -130,10 +128,7 @@ async def supervise(settings: Settings) -> None:
 
 async def _until_signal_or_exit(processes: list[BaseProcess]) -> bool:
     """Wait for SIGTERM/SIGINT (False) or for any worker to exit (True)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = runner.stop_event()
     # Woken by a worker's exit, or by the wake-up pipe written to when a signal arrives.
     wake_read, wake_write = os.pipe()
     stopped = asyncio.ensure_future(stop.wait())
@@ -152,8 +147,7 @@ async def _until_signal_or_exit(processes: list[BaseProcess]) -> bool:
         await asyncio.wait({watcher})
         os.close(wake_read)
         os.close(wake_write)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        runner.forget_stop_signals()
 
 
 def _stop(processes: list[BaseProcess], grace: float) -> bool:

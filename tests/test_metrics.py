@@ -15,6 +15,7 @@ from follow.v1 import follow_pb2_grpc as pb_grpc
 from server.app import RunningService
 from server.config import Settings
 from server.metrics import Metrics
+from server.v4.commands import COMMANDS
 from server.v4.http import start_shim
 from server.v4.observe import error_code
 from tests.conftest import ServiceFactory
@@ -210,6 +211,7 @@ def test_v4_commands_are_counted_with_bounded_labels() -> None:
     """The shim's API: known commands are labelled by name, anything else folds into
     'other'; a non-zero ErrorCode is also an error."""
     metrics = Metrics()
+    metrics.add_v4_commands(COMMANDS)
     metrics.observe_v4("/v4/follow/follow_add", 0, 0.002)
     metrics.observe_v4("follow/follow_add", 30001, 0.001)
     metrics.observe_v4("/v4/follow/../../etc/passwd", 60009, 0.001)

@@ -13,6 +13,8 @@ import pytest
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
+from server.app import start_service
+from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
 from server.rules import Limits
@@ -1148,3 +1150,57 @@ async def test_closed_pool_is_unavailable(make_service: ServiceFactory, db_url: 
         _assert_unavailable(
             await rpc_error(stub.Follow(pb.FollowRequest(user_id="b", target_ids=["a"])))
         )
+
+
+# -- database failures at the servicer boundary -------------------------------------------
+
+
+async def test_statement_timeout_is_deadline_exceeded(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    """A statement the database cancels (statement_timeout while waiting on a row lock)
+    answers DEADLINE_EXCEEDED with reason DEADLINE_EXCEEDED and no SQL in the message; the
+    failed call wrote nothing."""
+    # asyncpg passes unknown URL parameters on as server settings: every pooled connection
+    # of this service cancels statements after 300 ms.
+    running = await make_service()
+    joiner = "&" if "?" in db_url else "?"
+    slow = await start_service(
+        Settings(grpc_listen="127.0.0.1:0"), f"{db_url}{joiner}statement_timeout=300", migrate=False
+    )
+    blocker = await asyncpg.connect(db_url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{slow.port}") as ch:
+            stub = pb_grpc.FollowServiceStub(ch)
+            await import_users(pb_grpc.AccountServiceStub(ch), "a", "b")
+            async with blocker.transaction():
+                await blocker.execute("SELECT 1 FROM follow_counts WHERE user_id = 'a' FOR UPDATE")
+                error = await rpc_error(
+                    stub.Follow(pb.FollowRequest(user_id="a", target_ids=["b"]), timeout=10)
+                )
+            assert_error(error, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", None)
+            assert "FOR UPDATE" not in (error.details() or "")
+            assert "statement" not in (error.details() or "")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as other:
+                assert await counts(pb_grpc.FollowServiceStub(other), "a") == (0, 0, 0)
+    finally:
+        await blocker.close()
+        await slow.stop(0)
+
+
+async def test_unexpected_database_error_is_internal_without_sql(
+    db_url: str, follow_stub: FollowStub, account_stub: pb_grpc.AccountServiceAsyncStub
+) -> None:
+    """An unexpected database error (here a dropped table) answers INTERNAL with the plain
+    message "internal error": no SQL text, table name or stack trace reaches the caller."""
+    await import_users(account_stub, "a")
+    admin = await asyncpg.connect(db_url)
+    try:
+        await admin.execute("DROP TABLE followers")
+    finally:
+        await admin.close()
+    error = await rpc_error(
+        follow_stub.List(pb.ListRequest(user_id="a", follow_type=pb.FOLLOW_TYPE_FAN))
+    )
+    assert_error(error, grpc.StatusCode.INTERNAL, "INTERNAL", None)
+    assert error.details() == "internal error"

@@ -1,5 +1,11 @@
 """Servicer-level tests with grpcio-testing (grpc_testing), over the real database.
 
+What this module covers, plainly: the servicers' handlers (request -> core -> store ->
+PostgreSQL, and failures -> google.rpc.Status) driven through grpc_testing's server, beside
+the real-channel tests of tests/test_servicer.py. What grpc_testing cannot check here: the
+asyncio ServicerContext itself (its abort, deadlines, metadata), which the bridge below
+replaces; tests/test_servicer.py covers those over a real channel.
+
 grpc_testing cannot drive grpc.aio servicers by itself: its server calls each handler
 synchronously on a thread of its own and takes the return value as the response, so an
 `async def` handler "answers" with an un-awaited coroutine (pinned below by
@@ -11,8 +17,7 @@ whose handlers submit the real async handler to the test's event loop and wait f
 with a ServicerContext adapter that turns the aio `await context.abort(code, details,
 trailing_metadata)` into grpc_testing's set_code / set_details / set_trailing_metadata, the
 way a synchronous servicer reports a status. Everything behind the servicers (FollowCore,
-Store, asyncpg pool, PostgreSQL) is real. A few tests that need no grpc_testing machinery
-call the servicer methods directly with the same context adapter's plain sibling.
+Store, asyncpg pool, PostgreSQL) is real.
 """
 
 from __future__ import annotations
@@ -421,69 +426,6 @@ async def test_account_handlers(harness: Harness) -> None:
         (pb.RESULT_CODE_OK, 0),
         (pb.RESULT_CODE_ACCOUNT_NOT_FOUND, 0),
     ]
-
-
-# -- database failures at the servicer boundary -------------------------------------------------
-
-
-async def test_statement_timeout_is_deadline_exceeded(db_url: str) -> None:
-    """A statement the database cancels (statement_timeout while waiting on a row lock)
-    answers DEADLINE_EXCEEDED with reason DEADLINE_EXCEEDED and no SQL in the message."""
-    core, pool = await _core(db_url, statement_timeout="300")
-    blocker = await asyncpg.connect(db_url)
-    try:
-        servicer = FollowServicer(core)
-        accounts = AccountServicer(core)
-        await accounts.ImportAccounts(
-            pb.ImportAccountsRequest(accounts=[pb.Account(user_id="a"), pb.Account(user_id="b")]),
-            AioContext(),  # type: ignore[arg-type]
-        )
-        async with blocker.transaction():
-            await blocker.execute("SELECT 1 FROM follow_counts WHERE user_id = 'a' FOR UPDATE")
-            context = AioContext()
-            with pytest.raises(AbortedError):
-                await servicer.Follow(
-                    pb.FollowRequest(user_id="a", target_ids=["b"]),
-                    context,  # type: ignore[arg-type]
-                )
-        assert context.aborted is not None
-        code, details, trailing = context.aborted
-        assert code is grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "FOR UPDATE" not in details
-        assert "statement" not in details
-        assert _reason(trailing) == "DEADLINE_EXCEEDED"
-        # the lock is gone and the call works again; the failed one wrote nothing
-        context = AioContext()
-        response = await servicer.GetInfo(
-            pb.GetInfoRequest(user_id="a", target_ids=["a"]),
-            context,  # type: ignore[arg-type]
-        )
-        assert response.infos[0].following_count == 0
-    finally:
-        await blocker.close()
-        await pool.close()
-
-
-async def test_unexpected_database_error_is_internal_without_sql(db_url: str) -> None:
-    """An unexpected database error (here a dropped table) answers INTERNAL with the plain
-    message "internal error": no SQL text, table name or stack trace reaches the caller."""
-    core, pool = await _core(db_url)
-    try:
-        await pool.execute("DROP TABLE followers")
-        await pool.execute("INSERT INTO follow_counts (user_id) VALUES ('a')")
-        context = AioContext()
-        with pytest.raises(AbortedError):
-            await FollowServicer(core).List(
-                pb.ListRequest(user_id="a", follow_type=pb.FOLLOW_TYPE_FAN),
-                context,  # type: ignore[arg-type]
-            )
-        assert context.aborted is not None
-        code, details, trailing = context.aborted
-        assert code is grpc.StatusCode.INTERNAL
-        assert details == "internal error"
-        assert _reason(trailing) == "INTERNAL"
-    finally:
-        await pool.close()
 
 
 async def test_terminated_pool_is_unavailable(harness: Harness) -> None:

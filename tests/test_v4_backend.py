@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from follow.v1 import follow_pb2 as pb
+from server.admission import InFlightLimit
 from server.app import RunningService
-from server.overload import InFlightLimit
 from server.store import AccountInput
 from server.v4.backend import CallFailedError, in_process
 

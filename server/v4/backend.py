@@ -11,28 +11,25 @@ response message or a google.rpc.Status out).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from server import logs
+from server import deadline, logs
+from server.admission import InFlightLimit
 from server.core import FollowCore
-from server.errors import ERROR_DOMAIN
-from server.overload import InFlightLimit, call_deadline
 from server.servicer import AccountServicer, FollowServicer
+from server.status import error_detail
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Unary = Callable[[Req], Awaitable[Resp]]
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
-_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class CallFailedError(Exception):
@@ -55,15 +52,10 @@ class CallFailedError(Exception):
         metadata: Sequence[tuple[str, str | bytes]] | None,
     ) -> CallFailedError:
         """Read the one follow.v1 ErrorInfo (AIP-193) from the status details, if any."""
-        for key, value in metadata or ():
-            if key != _DETAILS_KEY or not isinstance(value, bytes):
-                continue
-            detail_status = status_pb2.Status.FromString(value)
-            for detail in detail_status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
-                    return cls(status, message or "", info.reason, info.metadata.get("field"))
-        return cls(status, message or "", None, None)
+        detail = error_detail(metadata)
+        if detail is None:
+            return cls(status, message or "", None, None)
+        return cls(status, message or "", detail.reason, detail.field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,19 +125,18 @@ def in_process(
     def local(method: Callable[[Req, Any], Awaitable[Resp]]) -> Unary[Req, Resp]:
         async def call(request: Req) -> Resp:
             if admission is not None:
-                if admission.in_flight >= admission.limit:
-                    status = admission.overloaded()
+                refused = admission.enter()
+                if refused is not None:
                     raise CallFailedError.from_trailers(
-                        status.code, status.details, status.trailing_metadata
+                        refused.code, refused.details, refused.trailing_metadata
                     )
-                admission.in_flight += 1
-            token = call_deadline.set(asyncio.get_running_loop().time() + timeout)
+            token = deadline.start(timeout)
             try:
                 return await method(request, context)
             finally:
-                call_deadline.reset(token)
+                deadline.call_deadline.reset(token)
                 if admission is not None:
-                    admission.in_flight -= 1
+                    admission.leave()
 
         return call
 

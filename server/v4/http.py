@@ -14,10 +14,10 @@ import grpc
 from aiohttp import web
 
 from server import tls
+from server.admission import InFlightLimit
 from server.config import Settings
 from server.core import FollowCore
 from server.metrics import Metrics
-from server.overload import InFlightLimit
 from server.v4 import backend as backends
 from server.v4.commands import COMMANDS
 from server.v4.envelope import (
@@ -182,6 +182,8 @@ async def start_shim(
         backend = backends.in_process(core, admission)
     else:
         raise ValueError("the v4 shim needs a core or a --grpc-target")
+    if metrics is not None:
+        metrics.add_v4_commands(COMMANDS)
     shim = Shim(authenticator(settings), backend, settings.max_body_bytes, metrics)
     runner = web.AppRunner(
         shim.application(),
