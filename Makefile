@@ -47,6 +47,7 @@ gen-check: gen
 	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen; echo "untracked files in gen/" && exit 1)
 
 lint: $(STAMP)
+	$(BIN)/python -m tests.support.layers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -1,18 +1,22 @@
 """Command-line flags, each with a FOLLOW_* environment equivalent, into one Settings object.
 
-A flag given on the command line wins over its environment variable, which wins over the
-default.
+One table of options (OPTIONS) drives both: the flag, its variable, its parser and its help
+come from one row, so a value given in the environment passes the same checks as the same
+value on the command line. A flag wins over its variable, which wins over the default.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from server import rules
+
+ENV_PREFIX = "FOLLOW_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,234 +51,263 @@ class Settings:
     workers: int = 1
 
 
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get(f"FOLLOW_{name.upper()}", default)
-
-
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
+def one_of(*choices: str, fold: Callable[[str], str] = str.lower) -> Callable[[str], str]:
+    """A parser accepting `choices` (compared after `fold`)."""
+
+    def parse(text: str) -> str:
+        value = fold(text)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def flag_bool(text: str) -> bool:
+    """An environment switch: 1/true/yes or 0/false/no/'' (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("", "0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of 1, true, yes, 0, false, no")
+
+
+def _path_or_none(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
+def _text_or_none(text: str) -> str | None:
+    return text or None
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, its FOLLOW_* variable and how both are read."""
+
+    flag: str
+    help: str
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    # A switch (no value on the command line); its variable is read with flag_bool.
+    switch: bool = False
+    # Repeatable on the command line; comma-separated in the variable.
+    repeat: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+_LEVEL = one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper)
+_FORMAT = one_of("text", "json")
+
+# Flags every subcommand that opens the database shares (serve, import, check).
+DATABASE_OPTIONS = (
+    Option(
+        "--database-url",
+        "PostgreSQL URL; without it an embedded server is started",
+        _text_or_none,
+        "URL",
+    ),
+    Option("--data-dir", "embedded PostgreSQL data folder, kept across restarts", Path, "PATH"),
+    Option("--log-level", "log level: DEBUG, INFO, WARNING or ERROR", _LEVEL, "LEVEL"),
+    Option("--log-format", "log lines as text, or as one JSON object each", _FORMAT, "FORMAT"),
+)
+
+SERVE_OPTIONS = (
+    Option("--grpc-listen", "gRPC listen address", str, "HOST:PORT"),
+    *DATABASE_OPTIONS,
+    Option("--max-following", "how many users one user may follow", positive_int, "N"),
+    Option("--db-pool-size", "database connections per process", positive_int, "N"),
+    Option(
+        "--grace-seconds",
+        "how long shutdown waits for in-flight calls",
+        positive_float,
+        "SECONDS",
+    ),
+    Option(
+        "--max-in-flight",
+        "calls served at once per process; past it calls get RESOURCE_EXHAUSTED",
+        positive_int,
+        "N",
+    ),
+    Option(
+        "--db-acquire-timeout",
+        "how long a call waits for a free database connection before RESOURCE_EXHAUSTED",
+        positive_float,
+        "SECONDS",
+    ),
+    Option(
+        "--workers",
+        "server processes sharing the gRPC and v4 ports with SO_REUSEPORT; the database"
+        " (embedded or not) and migrations are set up once",
+        positive_int,
+        "N",
+    ),
+    # TLS for the gRPC port (server.tls) and the Prometheus endpoint (server.metrics).
+    Option("--tls-cert", "serve gRPC over TLS with this certificate chain", _path_or_none, "PEM"),
+    Option("--tls-key", "private key of --tls-cert", _path_or_none, "PEM"),
+    Option(
+        "--tls-client-ca",
+        "require client certificates signed by this CA: mutual TLS",
+        _path_or_none,
+        "PEM",
+    ),
+    Option(
+        "--grpc-target-ca", "with --grpc-target: use TLS, trusting this CA", _path_or_none, "PEM"
+    ),
+    Option(
+        "--grpc-target-cert",
+        "with --grpc-target: client certificate for mutual TLS",
+        _path_or_none,
+        "PEM",
+    ),
+    Option("--grpc-target-key", "private key of --grpc-target-cert", _path_or_none, "PEM"),
+    Option(
+        "--metrics-listen",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (off unless given)",
+        _text_or_none,
+        "HOST:PORT",
+    ),
+    # The v4 REST-JSON shim.
+    Option("--http-listen", "v4 shim listen address, '' to run without it", str, "HOST:PORT"),
+    Option(
+        "--grpc-target",
+        "run only the v4 shim, against this remote gRPC server",
+        _text_or_none,
+        "HOST:PORT",
+    ),
+    Option("--sdkappid", "the one SDKAppID the v4 shim serves", positive_int, "ID"),
+    Option(
+        "--secret-key",
+        "the app's secret key that signs UserSigs (prefer --secret-key-file)",
+        _text_or_none,
+        "KEY",
+    ),
+    Option("--secret-key-file", "read the secret key from this file", _path_or_none, "PATH"),
+    Option(
+        "--admin",
+        "an admin identifier allowed to call the v4 shim; repeatable",
+        str,
+        "ID",
+        repeat=True,
+    ),
+    Option(
+        "--insecure-no-auth",
+        "accept v4 calls without checking UserSig; for local experiments only",
+        switch=True,
+    ),
+    Option("--max-body-bytes", "largest v4 request body accepted", positive_int, "N"),
+)
+
+_FIELDS = {f.name for f in fields(Settings)}
+
+
+def _setting_name(option: Option) -> str:
+    """The Settings field an option fills ('admin' fills 'admins')."""
+    return "admins" if option.dest == "admin" else option.dest
+
+
+def _default(option: Option) -> Any:
+    name = _setting_name(option)
+    return getattr(Settings(), name) if name in _FIELDS else None
+
+
+def _env_value(parser: argparse.ArgumentParser, option: Option) -> tuple[bool, Any]:
+    """(given, value) of the option's variable, read with the option's own parser."""
+    raw = os.environ.get(option.env)
+    if raw is None:
+        return False, None
+    try:
+        if option.switch:
+            return True, flag_bool(raw)
+        if option.repeat:
+            return True, tuple(option.parse(part) for part in raw.split(",") if part)
+        return True, option.parse(raw)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{option.env}: {exc}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    if value is None:
+        return "none"
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Add each option's flag, its default taken from its variable (checked like the flag
+    would be) or from Settings; the help names the variable and the default."""
+    for option in options:
+        given, value = _env_value(parser, option)
+        default = value if given else _default(option)
+        help_text = f"{option.help} ({option.env}; default {_shown(_default(option))})"
+        if option.dest == "secret_key":
+            help_text = f"{option.help} ({option.env})"  # a default key is never shown
+        if option.switch:
+            parser.add_argument(
+                option.flag, action="store_true", default=bool(default), help=help_text
+            )
+        elif option.repeat:
+            parser.add_argument(
+                option.flag,
+                action="append",
+                dest=f"{option.dest}_given",
+                type=option.parse,
+                metavar=option.metavar,
+                help=help_text + "; the variable is comma-separated",
+            )
+            parser.set_defaults(**{option.dest: default})
+        else:
+            parser.add_argument(
+                option.flag,
+                type=option.parse,
+                default=default,
+                metavar=option.metavar,
+                help=help_text,
+            )
+
+
 def add_database_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every subcommand that opens the database shares."""
-    d = Settings()
-    parser.add_argument(
-        "--database-url",
-        default=_env("database_url", None),
-        help="PostgreSQL URL (FOLLOW_DATABASE_URL); without it an embedded server is started",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(_env("data_dir", str(d.data_dir)) or d.data_dir),
-        help="embedded PostgreSQL data folder, kept across restarts (FOLLOW_DATA_DIR)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=(_env("log_level", d.log_level) or d.log_level).upper(),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
-        help="log level (FOLLOW_LOG_LEVEL)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default=(_env("log_format", "text") or "text").lower(),
-        choices=["text", "json"],
-        type=str.lower,
-        help="log lines as text, or as one JSON object each (FOLLOW_LOG_FORMAT, default text)",
-    )
-
-
-def _optional_path(name: str) -> Path | None:
-    value = _env(name, None)
-    return Path(value) if value else None
-
-
-def add_security_flags(parser: argparse.ArgumentParser) -> None:
-    """TLS for the gRPC port (server.tls) and the Prometheus endpoint (server.metrics)."""
-    parser.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=_optional_path("tls_cert"),
-        metavar="PEM",
-        help="serve gRPC over TLS with this certificate chain (FOLLOW_TLS_CERT)",
-    )
-    parser.add_argument(
-        "--tls-key",
-        type=Path,
-        default=_optional_path("tls_key"),
-        metavar="PEM",
-        help="private key of --tls-cert (FOLLOW_TLS_KEY)",
-    )
-    parser.add_argument(
-        "--tls-client-ca",
-        type=Path,
-        default=_optional_path("tls_client_ca"),
-        metavar="PEM",
-        help="require client certificates signed by this CA: mutual TLS (FOLLOW_TLS_CLIENT_CA)",
-    )
-    parser.add_argument(
-        "--grpc-target-ca",
-        type=Path,
-        default=_optional_path("grpc_target_ca"),
-        metavar="PEM",
-        help="with --grpc-target: use TLS, trusting this CA (FOLLOW_GRPC_TARGET_CA)",
-    )
-    parser.add_argument(
-        "--grpc-target-cert",
-        type=Path,
-        default=_optional_path("grpc_target_cert"),
-        metavar="PEM",
-        help="with --grpc-target: client certificate for mutual TLS (FOLLOW_GRPC_TARGET_CERT)",
-    )
-    parser.add_argument(
-        "--grpc-target-key",
-        type=Path,
-        default=_optional_path("grpc_target_key"),
-        metavar="PEM",
-        help="private key of --grpc-target-cert (FOLLOW_GRPC_TARGET_KEY)",
-    )
-    parser.add_argument(
-        "--metrics-listen",
-        default=_env("metrics_listen", None) or None,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics"
-        " (FOLLOW_METRICS_LISTEN; off by default)",
-    )
+    add_options(parser, DATABASE_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Settings()
     parser = argparse.ArgumentParser(
         prog="follow-server",
         description="Follow/fan relationship service: gRPC follow.v1 over PostgreSQL.",
     )
-    parser.add_argument(
-        "--grpc-listen",
-        default=_env("grpc_listen", d.grpc_listen),
-        metavar="HOST:PORT",
-        help="gRPC listen address (FOLLOW_GRPC_LISTEN, default %(default)s)",
-    )
-    add_database_flags(parser)
-    parser.add_argument(
-        "--max-following",
-        type=positive_int,
-        default=int(_env("max_following", str(d.max_following)) or d.max_following),
-        help="how many users one user may follow (FOLLOW_MAX_FOLLOWING, default %(default)s)",
-    )
-    parser.add_argument(
-        "--db-pool-size",
-        type=positive_int,
-        default=int(_env("db_pool_size", str(d.db_pool_size)) or d.db_pool_size),
-        help="database connections per process (FOLLOW_DB_POOL_SIZE, default %(default)s)",
-    )
-    parser.add_argument(
-        "--grace-seconds",
-        type=float,
-        default=float(_env("grace_seconds", str(d.grace_seconds)) or d.grace_seconds),
-        help="how long shutdown waits for in-flight calls (FOLLOW_GRACE_SECONDS)",
-    )
-    parser.add_argument(
-        "--max-in-flight",
-        type=positive_int,
-        default=int(_env("max_in_flight", str(d.max_in_flight)) or d.max_in_flight),
-        help="calls served at once per process; past it calls get RESOURCE_EXHAUSTED"
-        " (FOLLOW_MAX_IN_FLIGHT, default %(default)s)",
-    )
-    parser.add_argument(
-        "--db-acquire-timeout",
-        type=_positive_float,
-        default=float(
-            _env("db_acquire_timeout", str(d.db_acquire_timeout)) or d.db_acquire_timeout
-        ),
-        metavar="SECONDS",
-        help="how long a call waits for a free database connection before RESOURCE_EXHAUSTED"
-        " (FOLLOW_DB_ACQUIRE_TIMEOUT, default %(default)s)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=positive_int,
-        default=int(_env("workers", str(d.workers)) or d.workers),
-        metavar="N",
-        help="server processes sharing the gRPC and v4 ports with SO_REUSEPORT; the database"
-        " (embedded or not) and migrations are set up once (FOLLOW_WORKERS, default %(default)s)",
-    )
-    add_security_flags(parser)
-    add_v4_flags(parser)
+    add_options(parser, SERVE_OPTIONS)
     return parser
-
-
-def add_v4_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of the v4 REST-JSON shim."""
-    d = Settings()
-    parser.add_argument(
-        "--http-listen",
-        default=_env("http_listen", d.http_listen),
-        metavar="HOST:PORT",
-        help="v4 shim listen address, '' to run without it"
-        " (FOLLOW_HTTP_LISTEN, default %(default)s)",
-    )
-    parser.add_argument(
-        "--grpc-target",
-        default=_env("grpc_target", None),
-        metavar="HOST:PORT",
-        help="run only the v4 shim, against this remote gRPC server (FOLLOW_GRPC_TARGET)",
-    )
-    sdkappid = _env("sdkappid", None)
-    parser.add_argument(
-        "--sdkappid",
-        type=positive_int,
-        default=positive_int(sdkappid) if sdkappid else None,
-        help="the one SDKAppID the v4 shim serves (FOLLOW_SDKAPPID)",
-    )
-    parser.add_argument(
-        "--secret-key",
-        default=_env("secret_key", None),
-        metavar="KEY",
-        help="the app's secret key that signs UserSigs (FOLLOW_SECRET_KEY)",
-    )
-    parser.add_argument(
-        "--secret-key-file",
-        type=Path,
-        default=_env("secret_key_file", None),
-        metavar="PATH",
-        help="read the secret key from this file instead (FOLLOW_SECRET_KEY_FILE)",
-    )
-    admins = _env("admin", None)
-    parser.add_argument(
-        "--admin",
-        action="append",
-        dest="admins",
-        metavar="ID",
-        help="an admin identifier allowed to call the v4 shim; repeatable"
-        " (FOLLOW_ADMIN, comma-separated; default administrator)",
-    )
-    parser.set_defaults(
-        admin_default=tuple(a for a in admins.split(",") if a) if admins else d.admins
-    )
-    parser.add_argument(
-        "--insecure-no-auth",
-        action="store_true",
-        default=(_env("insecure_no_auth", "") or "").lower() in ("1", "true", "yes"),
-        help="accept v4 calls without checking UserSig; for local experiments only"
-        " (FOLLOW_INSECURE_NO_AUTH)",
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=positive_int,
-        default=int(_env("max_body_bytes", str(d.max_body_bytes)) or d.max_body_bytes),
-        help="largest v4 request body accepted (FOLLOW_MAX_BODY_BYTES, default %(default)s)",
-    )
 
 
 def _secret_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
@@ -311,32 +344,12 @@ def _check_v4(parser: argparse.ArgumentParser, settings: Settings) -> None:
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     parser = build_parser()
     args = parser.parse_args(argv)
-    settings = Settings(
-        grpc_listen=args.grpc_listen,
-        database_url=args.database_url or None,
-        data_dir=args.data_dir,
-        max_following=args.max_following,
-        log_level=args.log_level,
-        db_pool_size=args.db_pool_size,
-        grace_seconds=args.grace_seconds,
-        max_in_flight=args.max_in_flight,
-        db_acquire_timeout=args.db_acquire_timeout,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        metrics_listen=args.metrics_listen,
-        log_format=args.log_format,
-        grpc_target_ca=args.grpc_target_ca,
-        grpc_target_cert=args.grpc_target_cert,
-        grpc_target_key=args.grpc_target_key,
-        http_listen=args.http_listen,
-        grpc_target=args.grpc_target or None,
-        sdkappid=args.sdkappid,
-        secret_key=_secret_key(parser, args),
-        admins=tuple(args.admins) if args.admins else args.admin_default,
-        insecure_no_auth=args.insecure_no_auth,
-        max_body_bytes=args.max_body_bytes,
-        workers=args.workers,
-    )
+    values = {
+        _setting_name(o): getattr(args, o.dest)
+        for o in SERVE_OPTIONS
+        if _setting_name(o) in _FIELDS and o.dest not in ("secret_key", "admin")
+    }
+    admins = tuple(args.admin_given) if args.admin_given else args.admin
+    settings = Settings(**values, secret_key=_secret_key(parser, args), admins=admins)
     _check_v4(parser, settings)
     return settings

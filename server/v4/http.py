@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
 
 from server import tls
 from server.admission import InFlightLimit
-from server.config import Settings
 from server.core import FollowCore
 from server.metrics import Metrics
 from server.v4 import backend as backends
@@ -32,6 +32,9 @@ from server.v4.envelope import (
 )
 from server.v4.observe import observe_requests
 from server.v4.usersig import UserSigVerifier
+
+if TYPE_CHECKING:  # the runtime's options, read here; the shim does not import the CLI
+    from server.config import Settings
 
 log = logging.getLogger(__name__)
 

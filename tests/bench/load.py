@@ -13,13 +13,14 @@ Follow plan can be replayed exactly by Unfollow (see `Plan`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
+
+from server import runner
 
 USERS_FORMAT = "u{:07d}"
 
@@ -90,16 +91,12 @@ class Plan:
 
 def worker_main(index: int, target: Target, pipe: Connection) -> None:
     """A load-generator process: run jobs from the parent until it sends None."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
     while True:
         job = pipe.recv()
         if job is None:
             return
         try:
-            outcome = asyncio.run(_run_job(index, target, job))
+            outcome = runner.run(_run_job(index, target, job))
         except Exception as exc:  # reported, not raised: the parent owns the run
             outcome = Outcome(job.scenario, errors=1, error_sample=f"{type(exc).__name__}: {exc}")
         pipe.send(outcome)
