@@ -5,8 +5,9 @@ an error is written once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -59,3 +60,35 @@ def error_detail(
             if detail.Unpack(info) and (domain is None or info.domain == domain):
                 return ErrorDetail(info.reason, info.domain, info.metadata.get("field"))
     return None
+
+
+class AbortedError(Exception):
+    """A servicer method called in process ended its call with abort()."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, Any], ...]
+    ) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+class InProcessContext:
+    """What the servicers use of grpc.aio.ServicerContext, for calling them in process (the
+    v4 shim's backend, servicer tests): an awaitable abort that raises AbortedError with the
+    status a remote caller would have read, and the caller's metadata."""
+
+    def __init__(self, invocation_metadata: tuple[tuple[str, Any], ...] = ()) -> None:
+        self._invocation_metadata = invocation_metadata
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, Any]] = (),
+    ) -> NoReturn:
+        raise AbortedError(code, details, tuple(trailing_metadata))
+
+    def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._invocation_metadata

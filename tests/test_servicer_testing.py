@@ -14,7 +14,8 @@ of an abort, which is where the google.rpc.Status with the ErrorInfo travels.
 
 So the servicers are handed to grpc_testing through a small bridge: a synchronous servicer
 whose handlers submit the real async handler to the test's event loop and wait for it,
-with a ServicerContext adapter that turns the aio `await context.abort(code, details,
+with server.status.InProcessContext (the v4 shim's in-process backend uses the same one)
+as the ServicerContext: the bridge turns the aio `await context.abort(code, details,
 trailing_metadata)` into grpc_testing's set_code / set_details / set_trailing_metadata, the
 way a synchronous servicer reports a status. Everything behind the servicers (FollowCore,
 Store, asyncpg pool, PostgreSQL) is real.
@@ -40,37 +41,13 @@ from server.core import FollowCore
 from server.cursor import CursorCodec
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
+from server.status import AbortedError, InProcessContext
 from server.store import Store
 
 FOLLOW_SERVICE = pb.DESCRIPTOR.services_by_name["FollowService"]
 ACCOUNT_SERVICE = pb.DESCRIPTOR.services_by_name["AccountService"]
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 MAX_FOLLOWING = 3
-
-
-class AbortedError(Exception):
-    """Raised by the adapter's abort, as grpc.aio's abort raises to end the handler."""
-
-
-class AioContext:
-    """What the aio servicers use of grpc.aio.ServicerContext (an awaitable abort), over a
-    synchronous grpc_testing context, or over nothing when `sync` is None."""
-
-    def __init__(self, sync: Any = None) -> None:
-        self.sync = sync
-        self.aborted: tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]] | None = None
-
-    async def abort(
-        self,
-        code: grpc.StatusCode,
-        details: str = "",
-        trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
-    ) -> None:
-        self.aborted = (code, details, tuple(trailing_metadata))
-        raise AbortedError(details)
-
-    def invocation_metadata(self) -> Any:
-        return self.sync.invocation_metadata() if self.sync is not None else ()
 
 
 class SyncBridge:
@@ -85,16 +62,14 @@ class SyncBridge:
         handler = getattr(self._servicer, name)
 
         def call(request: Message, context: Any) -> Message | None:
-            aio_context = AioContext(context)
+            aio_context = InProcessContext(tuple(context.invocation_metadata() or ()))
             future = asyncio.run_coroutine_threadsafe(handler(request, aio_context), self._loop)
             try:
                 response: Message = future.result(timeout=60)
-            except AbortedError:
-                assert aio_context.aborted is not None
-                code, details, trailing = aio_context.aborted
-                context.set_trailing_metadata(trailing)
-                context.set_code(code)
-                context.set_details(details)
+            except AbortedError as aborted:
+                context.set_trailing_metadata(aborted.trailing_metadata)
+                context.set_code(aborted.code)
+                context.set_details(aborted.details)
                 return None
             return response
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -23,7 +23,7 @@ from server import deadline, logs
 from server.admission import InFlightLimit
 from server.core import FollowCore
 from server.servicer import AccountServicer, FollowServicer
-from server.status import error_detail
+from server.status import AbortedError, InProcessContext, error_detail
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -99,18 +99,6 @@ def over_channel(channel: grpc.aio.Channel, timeout: float = DEFAULT_TIMEOUT_SEC
     )
 
 
-class _Context:
-    """The part of a grpc.aio.ServicerContext the servicers use: abort()."""
-
-    async def abort(
-        self,
-        code: grpc.StatusCode,
-        details: str = "",
-        trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
-    ) -> NoReturn:
-        raise CallFailedError.from_trailers(code, details, trailing_metadata)
-
-
 def in_process(
     core: FollowCore,
     admission: InFlightLimit | None = None,
@@ -120,7 +108,7 @@ def in_process(
     counts) and carry a deadline of `timeout` seconds, as a remote call would."""
     follow = FollowServicer(core)
     accounts = AccountServicer(core)
-    context = cast(Any, _Context())
+    context = cast(Any, InProcessContext())
 
     def local(method: Callable[[Req, Any], Awaitable[Resp]]) -> Unary[Req, Resp]:
         async def call(request: Req) -> Resp:
@@ -133,6 +121,10 @@ def in_process(
             token = deadline.start(timeout)
             try:
                 return await method(request, context)
+            except AbortedError as aborted:
+                raise CallFailedError.from_trailers(
+                    aborted.code, aborted.details, aborted.trailing_metadata
+                ) from None
             finally:
                 deadline.call_deadline.reset(token)
                 if admission is not None:
