@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import asyncpg
 import grpc
 import pytest
 from hypothesis import Phase, settings
@@ -32,11 +30,11 @@ from hypothesis.stateful import (
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from server.app import RunningService, start_service
 from server.config import Settings
 from server.database import Database
 from tests.conftest import TEMPLATE, admin_execute, database_url
 from tests.invariants import assert_sound
+from tests.support.threaded import ServiceInThread
 
 T = TypeVar("T")
 
@@ -48,74 +46,9 @@ TIMEOUT = 10.0  # seconds, per call
 _databases = itertools.count()
 
 
-class ServiceThread:
-    """The real server on a private asyncio loop in a background thread, plus one direct
-    database connection on that loop for resets and SQL checks."""
-
-    def __init__(self, url: str, max_following: int) -> None:
-        self._url = url
-        self._max_following = max_following
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._running: RunningService | None = None
-        self._conn: asyncpg.Connection | None = None
-        self._thread = threading.Thread(target=self._thread_main, name="follow-server")
-
-    def _thread_main(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            settings = Settings(grpc_listen="127.0.0.1:0", max_following=self._max_following)
-            self._running = await start_service(settings, self._url)
-            self._conn = await asyncpg.connect(self._url)
-        except Exception as exc:  # reported to the starting thread
-            self._error = exc
-            if self._running is not None:
-                await self._running.stop(0)
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await self._conn.close()
-            await self._running.stop(0)
-
-    def start(self) -> int:
-        """Start the server; its port."""
-        self._thread.start()
-        if not self._ready.wait(60):
-            raise TimeoutError("the service did not start within 60 s")
-        if self._error is not None:
-            self._thread.join(10)
-            raise self._error
-        assert self._running is not None
-        return self._running.port
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the server's loop and wait for its result."""
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(TIMEOUT)
-
-    @property
-    def conn(self) -> asyncpg.Connection:
-        assert self._conn is not None
-        return self._conn
-
-    def close(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-
-
 @dataclass
 class Served:
-    service: ServiceThread
+    service: ServiceInThread
     follow: pb_grpc.FollowServiceStub
     accounts: pb_grpc.AccountServiceStub
 
@@ -126,7 +59,9 @@ def served(pg_cluster: Database) -> Iterator[Served]:
     name = f"stateful_{next(_databases)}"
 
     asyncio.run(admin_execute(pg_cluster, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
-    service = ServiceThread(database_url(pg_cluster, name), CAP)
+    service = ServiceInThread(
+        database_url(pg_cluster, name), Settings(grpc_listen="127.0.0.1:0", max_following=CAP)
+    )
     try:
         port = service.start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

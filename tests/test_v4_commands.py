@@ -11,7 +11,8 @@ import pytest
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from tests.v4_helpers import ShimFactory, ThreadedShim, V4Client
+from tests.support.threaded import ServiceInThread
+from tests.v4_helpers import ShimFactory, V4Client
 
 pytest_plugins = ["tests.v4_fixtures"]
 
@@ -380,12 +381,12 @@ async def test_multiaccount_import_fail_accounts(v4: V4Client, uid: Uid) -> None
     ]
 
 
-async def test_paging_2500_fans(v4: V4Client, threaded_shim: ThreadedShim, uid: Uid) -> None:
+async def test_paging_2500_fans(v4: V4Client, threaded_shim: ServiceInThread, uid: Uid) -> None:
     """2,500 fans read with WantNum 1000 come in pages of 1000, 1000, 500, each fan once,
     newest first, and the last NextCursor is ""."""
     star = uid("star")
     fans = [uid(f"f{i:04d}") for i in range(2500)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{threaded_shim.grpc_port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{threaded_shim.port}") as channel:
         accounts = pb_grpc.AccountServiceStub(channel)
         follow = pb_grpc.FollowServiceStub(channel)
         everyone = [star, *fans]

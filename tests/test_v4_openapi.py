@@ -21,7 +21,8 @@ from schemathesis.checks import (
 from schemathesis.core.result import Ok
 
 from server.v4 import http
-from tests.v4_helpers import ThreadedShim, assert_envelope, envelope_query
+from tests.support.threaded import ServiceInThread
+from tests.v4_helpers import assert_envelope, envelope_query
 
 pytest_plugins = ["tests.v4_fixtures"]
 
@@ -47,10 +48,10 @@ def test_document_lists_every_command() -> None:
     assert {op.path for op in OPERATIONS} == {f"/v4/{name}" for name in COMMANDS}
 
 
-def test_generated_requests_get_the_envelope(threaded_shim: ThreadedShim) -> None:
+def test_generated_requests_get_the_envelope(threaded_shim: ServiceInThread) -> None:
     """Generated requests (bodies in and out of the schema; half with a valid envelope so
     they reach the commands) are answered 200 with the documented envelope."""
-    base_url = f"http://127.0.0.1:{threaded_shim.port}"
+    base_url = f"http://127.0.0.1:{threaded_shim.http_port}"
     cases = st.one_of(
         *(op.as_strategy(generation_mode=mode) for op in OPERATIONS for mode in GenerationMode)
     )

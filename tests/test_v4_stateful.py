@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from tests.v4_helpers import SyncClient, ThreadedShim
+from tests.support.threaded import ServiceInThread
+from tests.v4_helpers import SyncClient
 
 pytest_plugins = ["tests.v4_fixtures"]
 
@@ -146,11 +147,11 @@ class ShimMachine(RuleBasedStateMachine):
                 assert page["NextCursor"] == ""
 
 
-def test_shim_agrees_with_model(threaded_shim: ThreadedShim) -> None:
+def test_shim_agrees_with_model(threaded_shim: ServiceInThread) -> None:
     """Random sequences of v4 calls keep check, counts and lists equal to the model."""
 
     class Bound(ShimMachine):
-        port = threaded_shim.port
+        port = threaded_shim.http_port
 
     run_state_machine_as_test(
         Bound,

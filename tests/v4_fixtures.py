@@ -17,7 +17,8 @@ from server.app import RunningService
 from server.database import Database
 from server.v4.http import RunningShim, start_shim
 from tests.conftest import TEMPLATE, ServiceFactory, admin_execute, database_url
-from tests.v4_helpers import SETTINGS, ShimFactory, ThreadedShim, V4Client
+from tests.support.threaded import ServiceInThread
+from tests.v4_helpers import SETTINGS, ShimFactory, V4Client
 
 _databases = itertools.count()
 _tests = itertools.count()
@@ -47,10 +48,10 @@ async def make_shim(make_service: ServiceFactory) -> AsyncIterator[ShimFactory]:
 
 
 @pytest.fixture
-async def v4(threaded_shim: ThreadedShim) -> AsyncIterator[V4Client]:
+async def v4(threaded_shim: ServiceInThread) -> AsyncIterator[V4Client]:
     """A client of the module's shared shim (ids must be unique per test: see `uid`)."""
     async with aiohttp.ClientSession() as session:
-        yield V4Client(session, threaded_shim.port)
+        yield V4Client(session, threaded_shim.http_port)
 
 
 @pytest.fixture
@@ -61,13 +62,13 @@ def uid() -> Callable[[str], str]:
 
 
 @pytest.fixture(scope="module")
-def threaded_shim(pg_cluster: Database) -> Iterator[ThreadedShim]:
+def threaded_shim(pg_cluster: Database) -> Iterator[ServiceInThread]:
     """One database (from the migrated template) and one service + shim for the module."""
     name = f"v4_threaded_{next(_databases)}"
 
     asyncio.run(admin_execute(pg_cluster, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
     try:
-        with ThreadedShim(database_url(pg_cluster, name)) as shim:
+        with ServiceInThread(database_url(pg_cluster, name), SETTINGS, shim=True) as shim:
             yield shim
     finally:
         asyncio.run(admin_execute(pg_cluster, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

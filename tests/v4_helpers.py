@@ -5,9 +5,7 @@ callers. The fixtures are in tests/v4_fixtures.py (load it with pytest_plugins).
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,9 +13,7 @@ import aiohttp
 import orjson
 from TLSSigAPIv2 import TLSSigAPIv2
 
-from server.app import start_service
 from server.config import Settings
-from server.v4.http import start_shim
 
 APP = 1400000000
 KEY = "5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e"
@@ -122,61 +118,6 @@ class V4Client:
 
 
 ShimFactory = Callable[..., Awaitable[V4Client]]
-
-
-class ThreadedShim:
-    """Service and shim on a private event loop in a background thread, for synchronous
-    callers (hypothesis state machines, schemathesis)."""
-
-    def __init__(self, url: str, settings: Settings = SETTINGS) -> None:
-        self._url = url
-        self._settings = settings
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self.port = 0
-        self.grpc_port = 0
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="v4")
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            running = await start_service(self._settings, self._url)
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        try:
-            shim = await start_shim(self._settings, running.core)
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            await running.stop(0)
-            return
-        self.port = shim.port
-        self.grpc_port = running.port
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await shim.stop()
-            await running.stop(0)
-
-    def __enter__(self) -> ThreadedShim:
-        self._thread.start()
-        if not self._ready.wait(60):
-            raise TimeoutError("the service did not start within 60 s")
-        if self._error is not None:
-            self._thread.join(10)
-            raise self._error
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
 
 
 class SyncClient:
