@@ -1,8 +1,8 @@
 """The stored graph's invariants as SQL, for tests that hammer the service and then look.
 
-The queries are server.checker's (the `follow-server check` command), so a test and an
-operator judge a database by the same rules; this module adds the two that only hold for a
-graph written by the service itself, never repaired by hand:
+The queries are server.graph_invariants' (what the `follow-server check` command scans), so
+a test and an operator judge a database by the same rules; this module adds the two that
+only hold for a graph written by the service itself, never repaired by hand:
 - nobody follows themselves;
 - a mutual pair became mutual when the later of its two follows happened, so both rows'
   mutual_since equals the later followed_at (a repeated follow keeps the first time).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from server.checker import INVARIANTS, OVER_CAP, Invariant
+from server.graph_invariants import INVARIANTS, OVER_CAP, Invariant
 
 EXTRA_INVARIANTS: tuple[Invariant, ...] = (
     Invariant(

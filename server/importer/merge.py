@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from server.graph_invariants import true_counts
 from server.importer.options import ImportOptions
 from server.importer.report import ImportReport, progress_bar
 from server.importer.staging import NEW_TABLE, check_edges, rowcount
@@ -84,21 +85,14 @@ UNION SELECT user_id FROM import_accounts
 """
 _ALL_ACCOUNTS = "CREATE TEMP TABLE import_touched ON COMMIT DROP AS SELECT user_id FROM accounts"
 
-# Counts from the lists, one GROUP BY pass over each edge table, for the touched users that
-# have an account.
+# Counts from the lists (server.graph_invariants.true_counts, the checker's definition of a
+# true count), for the touched users that have an account; the edge scans are limited to the
+# touched users unless those are every account.
 _COUNT = """
-CREATE TEMP TABLE import_counts ON COMMIT DROP AS
-SELECT t.user_id, COALESCE(o.following, 0) AS following, COALESCE(i.followers, 0) AS followers,
-       COALESCE(o.mutual, 0) AS mutual
-FROM import_touched t
-JOIN accounts a ON a.user_id = t.user_id
-LEFT JOIN (SELECT f.user_id, count(*) AS following, count(f.mutual_since) AS mutual
-           FROM following f {following} GROUP BY f.user_id) o ON o.user_id = t.user_id
-LEFT JOIN (SELECT r.user_id, count(*) AS followers
-           FROM followers r {followers} GROUP BY r.user_id) i ON i.user_id = t.user_id
-ORDER BY t.user_id
+CREATE TEMP TABLE import_counts ON COMMIT DROP AS{counts}ORDER BY u.user_id
 """
-_ONLY_TOUCHED = "WHERE {}.user_id IN (SELECT user_id FROM import_touched)"
+_TOUCHED_ACCOUNTS = "import_touched u\nJOIN accounts a ON a.user_id = u.user_id"
+_ONLY_TOUCHED = "SELECT user_id FROM import_touched"
 
 # The counter row holds the whole count: the recounted users' delta rows (see server.store)
 # go. The EXCLUSIVE lock on follow_counts keeps every writer out, so no counter row appears
@@ -198,12 +192,12 @@ async def write_graph(
         step("mutual state")
         if was_empty:
             await conn.execute(_ALL_ACCOUNTS)
-            touched = ""
+            only = None
         else:
             await conn.execute(_TOUCHED)
-            touched = _ONLY_TOUCHED
+            only = _ONLY_TOUCHED
             await conn.execute("ANALYZE import_touched")
-        count = _COUNT.format(following=touched.format("f"), followers=touched.format("r"))
+        count = _COUNT.format(counts=true_counts(_TOUCHED_ACCOUNTS, only))
         report.users_recounted = rowcount(await conn.execute(count))
         for statement in _WRITE_COUNTS:
             await conn.execute(statement)
