@@ -40,6 +40,9 @@ HEALTH_INTERVAL_SECONDS = 1.0
 
 @dataclass
 class RunningService:
+    """One started server process: what stop() must close, and what tests and the v4 shim reach
+    into."""
+
     server: grpc.aio.Server
     port: int
     pool: asyncpg.Pool

@@ -21,6 +21,9 @@ ENV_PREFIX = "FOLLOW_"
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Every setting of a server process, frozen once parsed (see OPTIONS for flags and
+    variables)."""
+
     grpc_listen: str = "127.0.0.1:50051"
     database_url: str | None = None
     data_dir: Path = Path("var/pgdata")

@@ -18,6 +18,8 @@ from server.store import Counts, Store
 
 @dataclass(frozen=True, slots=True)
 class ItemResult:
+    """The outcome for one user id of a multi-item call (v4 ResultItem)."""
+
     user_id: str
     code: ItemCode
     message: str = ""
@@ -39,12 +41,16 @@ Entry = tuple[str, int, str, str, int]
 
 @dataclass(frozen=True, slots=True)
 class Page:
+    """One List page: entries (id, time in µs, nick, face url, sequence) and the token after it."""
+
     entries: list[Entry]
     next_page_token: str
 
 
 @dataclass(frozen=True, slots=True)
 class AccountStatus:
+    """Whether one asked-about account has been imported."""
+
     user_id: str
     code: ItemCode
     message: str
@@ -81,6 +87,9 @@ def _invalid(user_id: str, why: str) -> ItemResult:
 
 
 class FollowCore:
+    """The rules between the doors and the store: validation, per-item results, the cap, page
+    tokens."""
+
     def __init__(self, store: Store, cursors: CursorCodec, limits: rules.Limits) -> None:
         self._store = store
         self._cursors = cursors

@@ -34,6 +34,9 @@ class Position:
 
 
 class CursorCodec:
+    """Page tokens: opaque, URL-safe, HMAC-bound to (owner, list type) so a forged or reused one
+    is refused."""
+
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("cursor key must be at least 16 bytes")

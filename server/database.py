@@ -56,7 +56,9 @@ def _start_embedded(data_dir: Path) -> Database:
     # Two users acting on each other at once deadlock by design (see server.store); find
     # that in 50 ms rather than the default second.
     server.psql("ALTER SYSTEM SET deadlock_timeout = '50ms'; SELECT pg_reload_conf();")
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")
+    exists = server.psql(
+        f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"  # noqa: S608 - a constant
+    )
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
     return Database(server.get_uri(EMBEDDED_DATABASE), server)
@@ -136,5 +138,6 @@ async def create_pool(
         init=use_int_timestamps if int_timestamps else None,
         reset=_keep_session,
     )
-    assert pool is not None
+    if pool is None:  # asyncpg types it optional; it is only None when not awaited
+        raise RuntimeError("asyncpg returned no pool")
     return pool

@@ -45,7 +45,7 @@ class Reason(enum.StrEnum):
     TOO_MANY_ITEMS = "TOO_MANY_ITEMS"
     INVALID_FOLLOW_TYPE = "INVALID_FOLLOW_TYPE"
     INVALID_PAGE_SIZE = "INVALID_PAGE_SIZE"
-    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"  # noqa: S105 - a reason name, not a secret
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     USER_NOT_FOUND = "USER_NOT_FOUND"
     CONTENTION = "CONTENTION"
@@ -57,6 +57,8 @@ class Reason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ReasonMapping:
+    """How one failure reason shows at each door: its gRPC status code and its v4 ErrorCode."""
+
     grpc_code: grpc.StatusCode
     v4_code: int
 

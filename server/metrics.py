@@ -86,6 +86,9 @@ class _PoolCollector(Collector):
 
 
 class Metrics:
+    """One process's Prometheus registry: gRPC and v4 calls, latency, in-flight, pool and
+    database health."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -224,7 +227,7 @@ class MetricsServer:
 
 async def start_metrics_server(metrics: Metrics, listen: str) -> MetricsServer:
     host, _, port_text = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":PORT" asks for every interface
 
     async def scrape(request: web.Request) -> web.Response:
         return web.Response(

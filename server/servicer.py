@@ -94,6 +94,9 @@ def _fill_results(container: Any, items: list[ItemResult]) -> None:
 
 
 class FollowServicer(pb_grpc.FollowServiceServicer):
+    """follow.v1.FollowService over the core: protobuf in and out, failures as
+    google.rpc.Status."""
+
     def __init__(self, core: FollowCore) -> None:
         self._core = core
 
@@ -186,6 +189,8 @@ class FollowServicer(pb_grpc.FollowServiceServicer):
 
 
 class AccountServicer(pb_grpc.AccountServiceServicer):
+    """follow.v1.AccountService over the core: import, check and delete accounts."""
+
     def __init__(self, core: FollowCore) -> None:
         self._core = core
 

@@ -61,6 +61,8 @@ def from_micros(at_us: int) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Counts:
+    """A user's stored counts (counter row plus delta rows), never computed with COUNT(*)."""
+
     followers: int
     following: int
     mutual: int
@@ -68,6 +70,8 @@ class Counts:
 
 @dataclass(frozen=True, slots=True)
 class Profile:
+    """The account fields a List entry carries."""
+
     nick: str | None
     face_url: str | None
     profile_sequence: int
@@ -75,12 +79,16 @@ class Profile:
 
 @dataclass(frozen=True, slots=True)
 class PageRow:
+    """One keyset-page row: the listed user and the time (µs) the page is ordered by."""
+
     user_id: str
     at_us: int
 
 
 @dataclass(frozen=True, slots=True)
 class AccountInput:
+    """An account to create or update; None leaves a field as it is."""
+
     user_id: str
     nick: str | None
     face_url: str | None
@@ -260,6 +268,8 @@ DELETE FROM accounts WHERE user_id = $1
 
 
 class Store:
+    """All SQL of the calls, over one asyncpg pool, with bounded waits and bounded retries."""
+
     def __init__(
         self, pool: asyncpg.Pool, acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT
     ) -> None:
@@ -323,7 +333,7 @@ class Store:
             except _RETRYABLE:
                 if attempt == MAX_ATTEMPTS - 1:
                     break
-                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311 - jitter, not a secret
         raise ServiceError(
             Reason.CONTENTION, "too many concurrent changes to the same users; try again"
         )

@@ -25,6 +25,8 @@ class TlsConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
+    """The PEM files of the gRPC port's TLS, as configured."""
+
     cert: Path
     key: Path
     client_ca: Path | None = None
@@ -76,6 +78,8 @@ def _read(path: Path, what: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ServerTls:
+    """Loaded server credentials, and whether client certificates are required."""
+
     credentials: grpc.ServerCredentials
     mutual: bool
 

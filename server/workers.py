@@ -56,7 +56,9 @@ def _reserve(address: str) -> tuple[str, socket.socket | None]:
     if port != 0:
         return address, None
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host.strip("[]") or "0.0.0.0", 0, type=socket.SOCK_STREAM
+        host.strip("[]") or "0.0.0.0",  # noqa: S104 - ":PORT" asks for every interface
+        0,
+        type=socket.SOCK_STREAM,
     )[0]
     placeholder = socket.socket(family, kind, proto)
     placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -77,7 +79,8 @@ def _worker_settings(settings: Settings, database_url: str, index: int) -> Setti
 def worker_main(settings: Settings, index: int) -> None:
     """A worker process: one server over the parent's database, until SIGTERM."""
     logs.setup_logging(settings.log_level, settings.log_format)
-    assert settings.database_url is not None
+    if settings.database_url is None:
+        raise ValueError("a worker needs the database URL its parent opened")
     runner.run(serve_on(settings, settings.database_url, worker=index))
 
 

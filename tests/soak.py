@@ -129,6 +129,8 @@ class Server:
 
 @dataclass
 class Stats:
+    """What the soak did and what failed, for its summary."""
+
     ops: Counter[str] = field(default_factory=Counter)  # calls by kind
     failures: Counter[str] = field(default_factory=Counter)  # failed calls by status code
     database_restarts: int = 0
@@ -136,6 +138,8 @@ class Stats:
 
 
 class Soak:
+    """The mixed load of one soak run, recording every acknowledged write in the ledger."""
+
     def __init__(
         self,
         stub: pb_grpc.FollowServiceAsyncStub,

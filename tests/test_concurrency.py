@@ -84,6 +84,8 @@ class Tally:
 
 @dataclass
 class Client:
+    """One concurrent caller: its stubs and a direct connection for checks."""
+
     follow: pb_grpc.FollowServiceAsyncStub
     accounts: pb_grpc.AccountServiceAsyncStub
     conn: asyncpg.Connection

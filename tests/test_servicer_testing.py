@@ -78,6 +78,8 @@ class SyncBridge:
 
 @dataclass
 class Outcome:
+    """How a call through grpc_testing ended: response or status, with trailers."""
+
     response: Any
     code: grpc.StatusCode
     details: str
@@ -102,6 +104,8 @@ class Outcome:
 
 
 class Harness:
+    """grpc_testing's server over the bridged servicers and the real core."""
+
     def __init__(self, server: Any, core: FollowCore, pool: asyncpg.Pool) -> None:
         self.server = server
         self.core = core

@@ -48,6 +48,8 @@ _databases = itertools.count()
 
 @dataclass
 class Served:
+    """The service under test and stubs to it."""
+
     service: ServiceInThread
     follow: pb_grpc.FollowServiceStub
     accounts: pb_grpc.AccountServiceStub
@@ -80,6 +82,8 @@ def served(pg_cluster: Database) -> Iterator[Served]:
 
 @dataclass
 class Account:
+    """The model's view of one account's profile."""
+
     nick: str
     profile_sequence: int = 0
 
@@ -143,6 +147,9 @@ targets = st.lists(st.sampled_from((*USERS, GHOST, BAD)), min_size=1, max_size=5
 
 
 class FollowMachine(RuleBasedStateMachine):
+    """Random follows, unfollows, imports and deletes, checked against an in-memory model
+    after every step."""
+
     def __init__(self, served: Served) -> None:
         super().__init__()
         self.served = served

@@ -114,6 +114,8 @@ class Authority:
 
 @dataclass(frozen=True)
 class Pki:
+    """The CAs and certificate files one TLS test uses."""
+
     server_ca: Authority
     client_ca: Authority
     other_ca: Authority

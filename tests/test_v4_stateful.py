@@ -47,6 +47,8 @@ class Model:
 
 
 class ShimMachine(RuleBasedStateMachine):
+    """The model test driven through the v4 shim over HTTP."""
+
     port = 0  # set by the test to the shim's port
 
     def __init__(self) -> None:

@@ -35,6 +35,8 @@ def free_port() -> int:
 
 @dataclass
 class Workers:
+    """A running follow-server --workers process and its ports."""
+
     server: ServerProcess
     grpc_port: int
     http_port: int

@@ -25,6 +25,8 @@ _IMAGE = "Tag_Profile_IM_Image"
 
 @dataclass(frozen=True, slots=True)
 class Command:
+    """One v4 command: its translation to follow.v1 and the field names its errors use."""
+
     run: Callable[[Backend, Body], Awaitable[Body]]
     # the contract's field names -> this command's v4 field names, for error messages
     fields: Mapping[str, str]

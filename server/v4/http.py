@@ -126,6 +126,8 @@ class Shim:
 
 @dataclass
 class RunningShim:
+    """A listening v4 shim and what stop() must close."""
+
     runner: web.AppRunner
     host: str
     port: int
@@ -143,7 +145,7 @@ def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"{address!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":PORT" asks for every interface
 
 
 def authenticator(settings: Settings) -> Authenticator:

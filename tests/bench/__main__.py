@@ -1,3 +1,5 @@
+"""`python -m tests.bench`: make bench."""
+
 from tests.bench.run import main
 
 main()

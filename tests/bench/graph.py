@@ -33,6 +33,8 @@ SPAN_US = 3 * 365 * 86_400 * 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class GraphParams:
+    """The size and shape of a generated graph (same parameters, same graph)."""
+
     users: int
     edges: int
     celebrity_followers: int
@@ -55,6 +57,8 @@ def user_id(index: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Graph:
+    """A generated graph as parallel edge arrays, cheap to hold for millions of edges."""
+
     params: GraphParams
     followers: list[int]  # edge i is followers[i] -> targets[i] at times[i] (µs)
     targets: list[int]

@@ -37,6 +37,8 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class Job:
+    """One scenario a load process runs: what to call, when to start, how long."""
+
     scenario: str
     start: float
     warmup: float
@@ -53,6 +55,8 @@ class Job:
 
 @dataclass(slots=True)
 class Outcome:
+    """What one load process measured in one scenario, sent back to the parent."""
+
     scenario: str
     latencies: list[float] = field(default_factory=list)  # seconds, calls inside the window
     issued: int = 0  # every call completed, warm-up and tail included

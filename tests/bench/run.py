@@ -57,6 +57,8 @@ V4_ADMIN = "administrator"
 
 @dataclass(frozen=True, slots=True)
 class Profile:
+    """A bench size (quick or full): graph, timings and concurrency."""
+
     graph: graphs.GraphParams
     warmup: float
     duration: float
@@ -70,6 +72,8 @@ FULL = Profile(graphs.FULL, warmup=2.0, duration=10.0, concurrency=16, processes
 
 @dataclass
 class ScenarioResult:
+    """One row of the bench table."""
+
     name: str
     description: str
     calls_per_s: float
@@ -207,6 +211,8 @@ def follow_server_flags() -> str:
 
 @dataclass
 class Server:
+    """The follow-server process under test and its addresses."""
+
     process: subprocess.Popen[bytes]
     grpc_address: str
     http_address: str | None
@@ -394,6 +400,8 @@ async def prepare(url: str, meta: dict[str, Any]) -> Fixtures:
 
 
 class Workers:
+    """The load-generator processes, each fed jobs over a pipe."""
+
     def __init__(self, count: int, target: Target) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._pipes: list[Connection] = []

@@ -21,6 +21,9 @@ Edge = tuple[str, str]  # (follower, followee)
 
 @dataclass
 class Ledger:
+    """Acknowledged writes, to compare with the database after faults: nothing acknowledged
+    may be lost."""
+
     # The state the last write of each edge left it in: True followed, False not,
     # None unknown (the last write's outcome is unknown).
     edges: dict[Edge, bool | None] = field(default_factory=dict)
