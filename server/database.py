@@ -134,6 +134,8 @@ async def create_pool(
         min_size=min(min_size, size),
         max_size=size,
         command_timeout=30,
+        # Multi-row INSERTs are prepared once per row count (server.store): room for all.
+        statement_cache_size=1024,
         server_settings={"application_name": "follow-server"},
         init=use_int_timestamps if int_timestamps else None,
         reset=_keep_session,

@@ -2,17 +2,25 @@
 
 Lock discipline (what keeps counts, both copies of each edge and mutual state exact under
 concurrency): a transaction touches rows owned by user U only while it holds a lock on U's
-`follow_counts` row. The acting user locks their own row FOR UPDATE first (which also
-serialises the following cap); the users they follow or unfollow are locked FOR SHARE, one
-statement per user, in id order, before any of their rows are touched. A share lock waits
-for U's own transaction in flight and keeps U's next one out until we commit, yet many
-followers of one user hold it at once: following a celebrity is not serialised.
+`follow_counts` row. A call locks the acting user's row FOR UPDATE (which also serialises
+the following cap) and the rows of the users it acts on FOR SHARE, all in one global order
+(ids sorted), one statement per user. So A following B while B follows A waits instead of
+deadlocking, on one PostgreSQL and on Citus alike. A share lock waits for U's own
+transaction in flight and keeps U's next one out until we commit, yet many followers of one
+user hold it at once: following a celebrity is not serialised.
 
 So a follower's changes to U's counts cannot go to U's counter row (that needs U's row
 exclusively). They go to `follow_count_deltas`, one row per (U, shard of the follower), and
-U's counts are the counter row plus the sum of U's delta rows (the `follow_totals` view).
-Two users acting on each other at the same moment (A follows B while B follows A) can
-deadlock; PostgreSQL detects that, and the call is retried, a bounded number of times.
+U's counts are the counter row plus the sum of U's delta rows. Delta rows are written one
+statement per owner, in id order, so two followers sharing a delta shard never lock them in
+opposite orders.
+
+Distribution (Citus, see server.migrations): every statement is either scoped to one owner
+(`user_id = $1`: a single-shard router query) or names its owners with `user_id = ANY($n)`
+or one VALUES row each, which Citus prunes to those owners' shards. None joins on another
+owner's id, none writes through a CTE and none is an INSERT ... SELECT (each of those is
+refused or pulled to the coordinator on Citus). tests/test_citus_plans.py EXPLAINs every
+statement here on a real cluster.
 
 Inputs arrive validated (see server.core); this module decides nothing about ids.
 """
@@ -21,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -103,47 +113,16 @@ SELECT following, clock_timestamp() AS now
 FROM (SELECT following FROM follow_counts WHERE user_id = $1 FOR UPDATE) AS owner
 """
 
-_CLASSIFY_TARGETS = """
-SELECT t.id,
-       EXISTS (SELECT 1 FROM follow_counts c WHERE c.user_id = t.id) AS known,
-       EXISTS (SELECT 1 FROM following f WHERE f.user_id = $1 AND f.target_id = t.id) AS followed
-FROM unnest($2::text[]) AS t(id)
-"""
+# One owner per statement (Citus locks one shard per statement); asyncpg's fetchmany sends
+# them all in one round trip and answers with the users that exist.
+_SHARE_LOCK = "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR SHARE"
 
-# One owner per statement (a distributed PostgreSQL locks one shard at a time); asyncpg's
-# executemany sends them all in one round trip.
-_SHARE_LOCK = "SELECT 1 FROM follow_counts WHERE user_id = $1 FOR SHARE"
-
-# After the share locks: which targets still exist (an account deleted meanwhile has lost
-# its counter row), and which of them follow the acting user (mutual from now on).
-_RECHECK_TARGETS = """
-SELECT t.id,
-       EXISTS (SELECT 1 FROM follow_counts c WHERE c.user_id = t.id) AS known,
-       EXISTS (SELECT 1 FROM followers r WHERE r.user_id = $1 AND r.follower_id = t.id) AS fan
-FROM unnest($2::text[]) AS t(id)
-"""
-
-
-_WRITE_FOLLOWS = """
-WITH new_following AS (
-    INSERT INTO following (user_id, target_id, followed_at, mutual_since)
-    SELECT $1, t.id, $3, CASE WHEN t.id = ANY($4::text[]) THEN $3::timestamptz END
-    FROM unnest($2::text[]) AS t(id)
-), new_followers AS (
-    INSERT INTO followers (user_id, follower_id, followed_at)
-    SELECT t.id, $1, $3 FROM unnest($2::text[]) AS t(id)
-), their_mutual AS (
-    UPDATE following SET mutual_since = $3 WHERE user_id = ANY($4::text[]) AND target_id = $1
-), their_counts AS (
-    INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
-    SELECT t.id, $5, 1, (t.id = ANY($4::text[]))::int
-    FROM unnest($2::text[]) AS t(id) ORDER BY t.id
-    ON CONFLICT (user_id, shard) DO UPDATE
-    SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
-)
-UPDATE follow_counts
-SET following = following + cardinality($2::text[]), mutual = mutual + cardinality($4::text[])
-WHERE user_id = $1
+# The acting user's own rows about the targets: whom they follow (1) and who follows them (2).
+_OWN_EDGES_AMONG = """
+SELECT 1 AS kind, target_id AS id FROM following
+WHERE user_id = $1 AND target_id = ANY($2::text[])
+UNION ALL
+SELECT 2, follower_id FROM followers WHERE user_id = $1 AND follower_id = ANY($2::text[])
 """
 
 _FOLLOWED_AMONG = """
@@ -151,23 +130,25 @@ SELECT target_id, mutual_since IS NOT NULL AS mutual
 FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
 """
 
-_WRITE_UNFOLLOWS = """
-WITH gone_following AS (
-    DELETE FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
-), gone_followers AS (
-    DELETE FROM followers WHERE user_id = ANY($2::text[]) AND follower_id = $1
-), their_mutual AS (
-    UPDATE following SET mutual_since = NULL WHERE user_id = ANY($3::text[]) AND target_id = $1
-), their_counts AS (
-    INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
-    SELECT t.id, $4, -1, -(t.id = ANY($3::text[]))::int
-    FROM unnest($2::text[]) AS t(id) ORDER BY t.id
-    ON CONFLICT (user_id, shard) DO UPDATE
-    SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
+_SET_MUTUAL = """
+UPDATE following SET mutual_since = $2 WHERE user_id = ANY($3::text[]) AND target_id = $1
+"""
+
+_DELETE_FOLLOWING = "DELETE FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])"
+_DELETE_THEIR_FOLLOWERS = (
+    "DELETE FROM followers WHERE user_id = ANY($2::text[]) AND follower_id = $1"
 )
-UPDATE follow_counts
-SET following = following - cardinality($2::text[]), mutual = mutual - cardinality($3::text[])
-WHERE user_id = $1
+
+# One owner per statement, in id order (see the module docstring).
+_ADD_DELTA = """
+INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (user_id, shard) DO UPDATE
+SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
+"""
+
+_ADD_OWN_COUNTS = """
+UPDATE follow_counts SET following = following + $2, mutual = mutual + $3 WHERE user_id = $1
 """
 
 # The FollowType number itself: 2 if the user follows the target, plus 1 if it follows back.
@@ -179,8 +160,18 @@ SELECT (SELECT true FROM follow_counts WHERE user_id = $1) AS owner_known,
 FROM unnest($2::text[]) AS t(id)
 """
 
+# Counts: the counter row plus the delta rows, both read by distribution column only (a
+# co-located join Citus prunes to the asked users' shards; the follow_totals view is the
+# same sum for ad-hoc queries, but Citus cannot prune through its lateral subquery).
 _COUNTS = """
-SELECT user_id, followers, following, mutual FROM follow_totals WHERE user_id = ANY($1::text[])
+SELECT c.user_id, c.following,
+       c.followers + coalesce(d.followers, 0) AS followers,
+       c.mutual + coalesce(d.mutual, 0) AS mutual
+FROM follow_counts c
+LEFT JOIN (SELECT user_id, sum(followers)::bigint AS followers, sum(mutual)::bigint AS mutual
+           FROM follow_count_deltas WHERE user_id = ANY($1::text[]) GROUP BY user_id) d
+       ON d.user_id = c.user_id
+WHERE c.user_id = ANY($1::text[])
 """
 
 _PROFILES = """
@@ -215,14 +206,7 @@ _PAGES: dict[FollowType, tuple[str, str]] = {
     ),
 }
 
-_IMPORT_ACCOUNTS = """
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS i(user_id, nick, face_url)
-), counters AS (
-    INSERT INTO follow_counts (user_id) SELECT user_id FROM input ON CONFLICT DO NOTHING
-)
-INSERT INTO accounts AS a (user_id, nick, face_url)
-SELECT user_id, nick, face_url FROM input
+_ACCOUNT_UPSERT_TAIL = """
 ON CONFLICT (user_id) DO UPDATE SET
     nick = COALESCE(EXCLUDED.nick, a.nick),
     face_url = COALESCE(EXCLUDED.face_url, a.face_url),
@@ -231,40 +215,69 @@ ON CONFLICT (user_id) DO UPDATE SET
         OR COALESCE(EXCLUDED.face_url, a.face_url) IS DISTINCT FROM a.face_url)::int
 """
 
-_LOCK_ACCOUNT = "SELECT 1 FROM follow_counts WHERE user_id = $1 FOR UPDATE"
+_LOCK_FOR_DELETE = "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR UPDATE"
 
 _NEIGHBOURS = """
-SELECT target_id AS id, true AS followee, false AS follower, mutual_since IS NOT NULL AS mutual
+SELECT 1 AS kind, target_id AS id, mutual_since IS NOT NULL AS mutual
 FROM following WHERE user_id = $1
 UNION ALL
-SELECT follower_id, false, true, false FROM followers WHERE user_id = $1
+SELECT 2, follower_id, false FROM followers WHERE user_id = $1
 """
 
-_UNCOUNT_NEIGHBOURS = """
-UPDATE follow_counts c
-SET followers = c.followers - d.followers, following = c.following - d.following,
-    mutual = c.mutual - d.mutual
-FROM (SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::int[])
-      AS d(user_id, followers, following, mutual) ORDER BY user_id) AS d
-WHERE c.user_id = d.user_id
-"""
-
-_DELETE_ACCOUNT = """
-WITH their_following AS (
-    DELETE FROM following WHERE user_id = ANY($2::text[]) AND target_id = $1
-), their_followers AS (
-    DELETE FROM followers WHERE user_id = ANY($3::text[]) AND follower_id = $1
-), own_following AS (
-    DELETE FROM following WHERE user_id = $1
-), own_followers AS (
-    DELETE FROM followers WHERE user_id = $1
-), own_counts AS (
-    DELETE FROM follow_counts WHERE user_id = $1
-), own_deltas AS (
-    DELETE FROM follow_count_deltas WHERE user_id = $1
+# Neighbours' counter rows, each locked FOR UPDATE by the deleting call (so changed in place).
+_UNCOUNT_FOLLOWERS = "UPDATE follow_counts SET followers = followers - 1 WHERE user_id = ANY($1)"
+_UNCOUNT_FOLLOWING = "UPDATE follow_counts SET following = following - 1 WHERE user_id = ANY($1)"
+_UNCOUNT_MUTUAL = "UPDATE follow_counts SET mutual = mutual - 1 WHERE user_id = ANY($1)"
+_DELETE_THEIR_FOLLOWING = "DELETE FROM following WHERE user_id = ANY($2::text[]) AND target_id = $1"
+# The account's own rows, one owner: each a single-shard statement.
+_DELETE_OWN = tuple(
+    f"DELETE FROM {table} WHERE user_id = $1"  # noqa: S608 - table names are constants
+    for table in ("following", "followers", "follow_count_deltas", "follow_counts", "accounts")
 )
-DELETE FROM accounts WHERE user_id = $1
-"""
+
+
+@functools.cache
+def _values(head: str, row: str, rows: int, fixed: int, tail: str = "") -> str:
+    """`head VALUES row, row, ... tail` for `rows` rows: a plain multi-row INSERT, which
+    Citus routes row by row to the owners' shards (an INSERT ... SELECT over unnest() is
+    pulled to the coordinator instead). In `row`, {0}, {1}, ... are the row's own
+    parameters; $1..$`fixed` are shared by every row. One text per row count, each prepared
+    once per connection."""
+    width = row.count("{")
+    parts = []
+    for i in range(rows):
+        first = fixed + 1 + i * width
+        parts.append("(" + row.format(*(f"${first + k}" for k in range(width))) + ")")
+    return f"{head} VALUES {', '.join(parts)}{tail}"
+
+
+def _insert_following(rows: int) -> str:
+    return _values(
+        "INSERT INTO following (user_id, target_id, followed_at, mutual_since)",
+        "$1, {0}, $2, {1}::timestamptz",
+        rows,
+        2,
+    )
+
+
+def _insert_followers(rows: int) -> str:
+    return _values(
+        "INSERT INTO followers (user_id, follower_id, followed_at)", "{0}, $1, $2", rows, 2
+    )
+
+
+def _insert_counters(rows: int) -> str:
+    return _values("INSERT INTO follow_counts (user_id)", "{0}", rows, 0, " ON CONFLICT DO NOTHING")
+
+
+def _upsert_accounts(rows: int) -> str:
+    return _values(
+        "INSERT INTO accounts AS a (user_id, nick, face_url)",
+        "{0}, {1}, {2}",
+        rows,
+        0,
+        _ACCOUNT_UPSERT_TAIL,
+    )
 
 
 class Store:
@@ -278,6 +291,9 @@ class Store:
         # One slot per pooled connection: waiting for a slot is waiting for a connection,
         # bounded here, so it is told apart from the database failing to connect.
         self._slots = asyncio.Semaphore(pool.get_max_size())
+        # Transactions retried, by error (DeadlockDetectedError, SerializationError): with
+        # the one lock order there should be none; tests and metrics read it.
+        self.retried: Counter[str] = Counter()
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -330,7 +346,8 @@ class Store:
             try:
                 async with self._connection() as conn, conn.transaction():
                     return await work(conn)
-            except _RETRYABLE:
+            except _RETRYABLE as exc:
+                self.retried[type(exc).__name__] += 1
                 if attempt == MAX_ATTEMPTS - 1:
                     break
                 await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311 - jitter, not a secret
@@ -367,42 +384,25 @@ class Store:
         """Follow distinct, valid, non-self `targets` in order; the result code of each."""
 
         async def work(conn: Conn) -> dict[str, ItemCode]:
-            owner = await conn.fetchrow(_LOCK_OWNER, user_id)
-            if owner is None:
-                raise _user_not_found()
+            owner, known = await _lock_users(conn, user_id, targets)
+            own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
+            followed = {r[1] for r in own if r[0] == 1}
+            fans = {r[1] for r in own if r[0] == 2}
             results: dict[str, ItemCode] = {}
             room = max_following - owner["following"]
-            wanted: list[str] = []
-            for row in await conn.fetch(_CLASSIFY_TARGETS, user_id, list(targets)):
-                target = row["id"]
-                if not row["known"]:
+            new: list[str] = []
+            for target in targets:
+                if target not in known:
                     results[target] = ItemCode.ACCOUNT_NOT_FOUND
-                elif row["followed"]:
+                elif target in followed:
                     results[target] = ItemCode.OK
-                elif len(wanted) < room:
-                    wanted.append(target)
+                elif len(new) < room:
+                    new.append(target)
                 else:
                     results[target] = ItemCode.FOLLOWING_LIMIT_REACHED
-            if not wanted:
-                return results
-            # After this no transaction of a target's own is in flight, and none can start
-            # until we commit; other followers of theirs may go on beside us.
-            await _share_lock(conn, wanted)
-            new: list[str] = []
-            fans: list[str] = []
-            for row in await conn.fetch(_RECHECK_TARGETS, user_id, wanted):
-                if not row["known"]:  # deleted after we classified it
-                    results[row["id"]] = ItemCode.ACCOUNT_NOT_FOUND
-                    continue
-                new.append(row["id"])
-                if row["fan"]:
-                    fans.append(row["id"])
-            if not new:
-                return results
-            await conn.execute(
-                _WRITE_FOLLOWS, user_id, new, owner["now"], fans, delta_shard(user_id)
-            )
-            results.update(dict.fromkeys(new, ItemCode.OK))
+            if new:
+                await _write_follows(conn, user_id, new, owner["now"], fans)
+                results.update(dict.fromkeys(new, ItemCode.OK))
             return results
 
         return await self._transaction(work)
@@ -411,15 +411,22 @@ class Store:
         """Stop following `targets` (distinct, valid); not following one is no error."""
 
         async def work(conn: Conn) -> None:
-            if await conn.fetchrow(_LOCK_OWNER, user_id) is None:
-                raise _user_not_found()
+            await _lock_users(conn, user_id, targets)
             rows = await conn.fetch(_FOLLOWED_AMONG, user_id, list(targets))
             if not rows:
                 return
             gone = sorted(r["target_id"] for r in rows)
             mutual = [r["target_id"] for r in rows if r["mutual"]]
-            await _share_lock(conn, gone)
-            await conn.execute(_WRITE_UNFOLLOWS, user_id, gone, mutual, delta_shard(user_id))
+            await conn.execute(_DELETE_FOLLOWING, user_id, gone)
+            await conn.execute(_DELETE_THEIR_FOLLOWERS, user_id, gone)
+            if mutual:
+                await conn.execute(_SET_MUTUAL, user_id, None, mutual)
+            shard = delta_shard(user_id)
+            mutual_set = set(mutual)
+            await conn.executemany(
+                _ADD_DELTA, [(t, shard, -1, -int(t in mutual_set)) for t in gone]
+            )
+            await conn.execute(_ADD_OWN_COUNTS, user_id, -len(gone), -len(mutual))
 
         await self._transaction(work)
 
@@ -466,13 +473,14 @@ class Store:
     async def import_accounts(self, accounts: Sequence[AccountInput]) -> None:
         """Create or update distinct accounts, in one transaction."""
         ids = [a.user_id for a in accounts]
-        nicks = [a.nick for a in accounts]
-        faces = [a.face_url for a in accounts]
+        rows = [v for a in accounts for v in (a.user_id, a.nick, a.face_url)]
 
         async def work(conn: Conn) -> None:
-            await conn.execute(_IMPORT_ACCOUNTS, ids, nicks, faces)
+            await conn.execute(_insert_counters(len(ids)), *ids)
+            await conn.execute(_upsert_accounts(len(accounts)), *rows)
 
-        await self._transaction(work)
+        if accounts:
+            await self._transaction(work)
 
     async def existing_accounts(self, user_ids: Sequence[str]) -> set[str]:
         async with self._connection() as conn:
@@ -491,31 +499,75 @@ class Store:
         await self._transaction(work)
 
 
+async def _lock_users(
+    conn: Conn, user_id: str, targets: Sequence[str]
+) -> tuple[asyncpg.Record, set[str]]:
+    """Lock the acting user's counter row FOR UPDATE and the targets' FOR SHARE, all in id
+    order (the one global lock order: no two calls wait for each other in a circle). The
+    owner's row (following count, the time now) and the targets that exist."""
+    ids = sorted({user_id, *targets})
+    at = ids.index(user_id)
+    before, after = ids[:at], ids[at + 1 :]
+    known: set[str] = set()
+    if before:
+        known.update(r[0] for r in await conn.fetchmany(_SHARE_LOCK, [(u,) for u in before]))
+    owner = await conn.fetchrow(_LOCK_OWNER, user_id)
+    if owner is None:
+        raise _user_not_found()
+    if after:
+        known.update(r[0] for r in await conn.fetchmany(_SHARE_LOCK, [(u,) for u in after]))
+    return owner, known
+
+
+async def _write_follows(
+    conn: Conn, user_id: str, new: list[str], now: object, fans: set[str]
+) -> None:
+    """Both copies of each new edge, mutual state on both sides, and the counts: the
+    acting user's own row, and one delta row per target in id order."""
+    mutual = [t for t in new if t in fans]
+    following_rows: list[object] = []
+    for t in new:
+        following_rows += (t, now if t in fans else None)
+    await conn.execute(_insert_following(len(new)), user_id, now, *following_rows)
+    await conn.execute(_insert_followers(len(new)), user_id, now, *new)
+    if mutual:
+        await conn.execute(_SET_MUTUAL, user_id, now, mutual)
+    shard = delta_shard(user_id)
+    await conn.executemany(_ADD_DELTA, [(t, shard, 1, int(t in fans)) for t in sorted(new)])
+    await conn.execute(_ADD_OWN_COUNTS, user_id, len(new), len(mutual))
+
+
 async def _delete_account(conn: Conn, user_id: str) -> None:
-    if await conn.fetchrow(_LOCK_ACCOUNT, user_id) is None:
+    """Remove one account, its edges and what they counted in its neighbours' rows. The
+    account and its neighbours are locked FOR UPDATE in id order, like every call's locks;
+    a neighbour that appears between the read and the locks (a new follower) is locked after
+    them, and in the rare case that deadlocks the call is retried."""
+    rows = await conn.fetch(_NEIGHBOURS, user_id)
+    ids = sorted({user_id, *(r[1] for r in rows)})
+    locked = {r[0] for r in await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in ids])}
+    if user_id not in locked:
         return
-    deltas: dict[str, list[int]] = {}
-    followees: list[str] = []
-    followers: list[str] = []
-    for r in await conn.fetch(_NEIGHBOURS, user_id):
-        d = deltas.setdefault(r["id"], [0, 0, 0])
-        if r["followee"]:
-            followees.append(r["id"])
-            d[0] += 1  # they lose a follower
-            d[2] += int(r["mutual"])
-        if r["follower"]:
-            followers.append(r["id"])
-            d[1] += 1  # they follow one fewer
-    if deltas:
-        ids = sorted(deltas)
-        await conn.execute(
-            _UNCOUNT_NEIGHBOURS,
-            ids,
-            [deltas[i][0] for i in ids],
-            [deltas[i][1] for i in ids],
-            [deltas[i][2] for i in ids],
-        )
-    await conn.execute(_DELETE_ACCOUNT, user_id, followers, followees)
+    locked.update(ids)
+    while True:
+        rows = await conn.fetch(_NEIGHBOURS, user_id)
+        late = {r[1] for r in rows} - locked
+        if not late:
+            break
+        await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in sorted(late)])
+        locked |= late
+    followees = sorted(r[1] for r in rows if r[0] == 1)
+    followers = sorted(r[1] for r in rows if r[0] == 2)
+    mutual = sorted(r[1] for r in rows if r[0] == 1 and r[2])
+    if followees:
+        await conn.execute(_UNCOUNT_FOLLOWERS, followees)
+        await conn.execute(_DELETE_THEIR_FOLLOWERS, user_id, followees)
+    if followers:
+        await conn.execute(_UNCOUNT_FOLLOWING, followers)
+        await conn.execute(_DELETE_THEIR_FOLLOWING, user_id, followers)
+    if mutual:
+        await conn.execute(_UNCOUNT_MUTUAL, mutual)
+    for statement in _DELETE_OWN:
+        await conn.execute(statement, user_id)
 
 
 def _deadline_exceeded() -> ServiceError:
@@ -528,10 +580,6 @@ def delta_shard(user_id: str) -> int:
     """The delta row a user's follows and unfollows count under, in each target's shards:
     spreading followers over DELTA_SHARDS rows lets that many follow a user at once."""
     return zlib.crc32(user_id.encode()) % DELTA_SHARDS
-
-
-async def _share_lock(conn: Conn, user_ids: Sequence[str]) -> None:
-    await conn.executemany(_SHARE_LOCK, [(u,) for u in sorted(user_ids)])
 
 
 def _user_not_found() -> ServiceError:
