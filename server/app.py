@@ -24,6 +24,7 @@ from server.cursor import CursorCodec
 from server.database import create_pool
 from server.interceptor import CallObserver
 from server.metrics import Metrics, MetricsServer, start_metrics_server
+from server.migrations import apply_migrations
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
 from server.store import Store
@@ -115,9 +116,9 @@ async def start_service(
 ) -> RunningService:
     files = tls.tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     server_tls = tls.load(files)
-    pool = await create_pool(
-        database_url, settings.db_pool_size, run_migrations=migrate, int_timestamps=True
-    )
+    if migrate:
+        await apply_migrations(database_url)
+    pool = await create_pool(database_url, settings.db_pool_size, int_timestamps=True)
     store = Store(pool, settings.db_acquire_timeout)
     core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
     metrics = Metrics()

@@ -15,8 +15,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from server.migrations import migrate
-
 log = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "follow"
@@ -71,17 +69,6 @@ async def open_database(url: str | None, data_dir: Path) -> Database:
     return await asyncio.to_thread(_start_embedded, data_dir)
 
 
-async def apply_migrations(url: str) -> None:
-    """Bring the schema up to date (once per start; --workers does it in the parent)."""
-    conn = await asyncpg.connect(url)
-    try:
-        applied = await migrate(conn)
-        if applied:
-            log.info("applied schema migrations %s", applied)
-    finally:
-        await conn.close()
-
-
 # PostgreSQL counts timestamps in microseconds from 2000-01-01; Unix time from 1970-01-01.
 PG_EPOCH_UNIX_MICROS = 946_684_800_000_000
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -121,14 +108,11 @@ async def create_pool(
     url: str,
     size: int,
     *,
-    run_migrations: bool = True,
     int_timestamps: bool = False,
     min_size: int = 2,
 ) -> asyncpg.Pool:
-    """A pool of `size` connections; migrations applied first. With `int_timestamps`,
-    timestamptz values are int Unix microseconds (see use_int_timestamps)."""
-    if run_migrations:
-        await apply_migrations(url)
+    """A pool of `size` connections (the schema is server.migrations' business). With
+    `int_timestamps`, timestamptz values are int Unix microseconds (see use_int_timestamps)."""
     pool = await asyncpg.create_pool(
         url,
         min_size=min(min_size, size),

@@ -35,7 +35,8 @@ from multiprocessing.process import BaseProcess
 from server import logs, runner
 from server.app import serve_on
 from server.config import Settings
-from server.database import Database, apply_migrations, open_database, redact
+from server.database import Database, open_database, redact
+from server.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
 

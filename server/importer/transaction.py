@@ -17,6 +17,7 @@ from server.importer.merge import write_accounts, write_graph
 from server.importer.options import ImportOptions
 from server.importer.report import ImportAbortedError, ImportReport
 from server.importer.staging import DROP_SEQUENCE, STAGING, stage_accounts, stage_edges
+from server.migrations import apply_migrations
 
 # Set-based steps over millions of rows want memory for sorts, hashes and the temporary
 # staging tables (temp_buffers only counts before the first temporary table is touched).
@@ -46,6 +47,7 @@ async def import_graph(
     started = time.perf_counter()
     report = ImportReport()
     ids = IdChecker()
+    await apply_migrations(database_url)
     pool = await create_pool(database_url, 1)
     try:
         async with pool.acquire() as conn, conn.transaction():

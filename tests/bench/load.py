@@ -176,7 +176,6 @@ class _Clients:
             self.pool = await create_pool(
                 self.target.database_url,
                 self.job.concurrency,
-                run_migrations=False,
                 int_timestamps=True,
                 min_size=self.job.concurrency,
             )
