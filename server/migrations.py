@@ -256,7 +256,7 @@ async def _distribute(conn: asyncpg.Connection) -> list[Distributed]:
 
 async def apply_migrations(url: str) -> MigrationReport:
     """Bring the schema up to date over a connection of its own (once per start; --workers
-    does it in the parent), and say in the log what changed."""
+    does it in the parent). The log says what changed (each distributed table included)."""
     conn = await asyncpg.connect(url)
     try:
         report = await migrate_schema(conn)
@@ -264,14 +264,4 @@ async def apply_migrations(url: str) -> MigrationReport:
         await conn.close()
     if report.applied:
         log.info("applied schema migrations %s", report.applied)
-    if report.distributed:
-        log.info(
-            "Citus: distributed %s",
-            ", ".join(
-                f"{d.table} ({d.placement}"
-                + (f", co-located with {d.colocated_with}" if d.colocated_with else "")
-                + ")"
-                for d in report.distributed
-            ),
-        )
     return report

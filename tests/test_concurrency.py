@@ -483,6 +483,61 @@ async def test_many_fans_following_one_user_at_once_count_exactly(
     await api_agrees_with_tables(client, [CELEBRITY, *FANS])
 
 
+async def test_celebrity_is_not_starved_by_a_stream_of_fans(
+    make_service: ServiceFactory, connect: ClientFactory
+) -> None:
+    """While 40 fans follow and unfollow one user without pause (each holding a share lock
+    on that user's counter row, overlapping one another), the user's own Follow and Unfollow
+    calls (which need that row FOR UPDATE) each complete within a 5 s deadline: share
+    lockers arriving after the user's call queue behind it instead of overtaking it."""
+    running = await make_service()
+    client = await connect(running)
+    others = [f"o{i:02d}" for i in range(20)]
+    await import_users(client.accounts, CELEBRITY, *FANS, *others)
+    stop = asyncio.Event()
+    fan_calls = 0
+
+    async def fan(name: str) -> None:
+        nonlocal fan_calls
+        while not stop.is_set():
+            await client.follow.Follow(
+                pb.FollowRequest(user_id=name, target_ids=[CELEBRITY]), timeout=CALL_TIMEOUT
+            )
+            await client.follow.Unfollow(
+                pb.UnfollowRequest(user_id=name, target_ids=[CELEBRITY]), timeout=CALL_TIMEOUT
+            )
+            fan_calls += 2
+
+    fans = [asyncio.create_task(fan(name)) for name in FANS]
+    own_latencies: list[float] = []
+    try:
+        await asyncio.sleep(0.5)  # the stream is flowing before the celebrity acts
+        loop = asyncio.get_running_loop()
+        for k in range(10):
+            started = loop.time()
+            if k % 2 == 0:
+                response = await client.follow.Follow(
+                    pb.FollowRequest(user_id=CELEBRITY, target_ids=others[k : k + 5]),
+                    timeout=5.0,
+                )
+                assert {r.code for r in response.results} == {pb.RESULT_CODE_OK}
+            else:
+                await client.follow.Unfollow(
+                    pb.UnfollowRequest(user_id=CELEBRITY, target_ids=others[k - 1 : k + 4]),
+                    timeout=5.0,
+                )
+            own_latencies.append(loop.time() - started)
+    finally:
+        stop.set()
+        await asyncio.gather(*fans)
+    assert fan_calls > 100, "the fans' stream never got going"
+    print(  # shown with pytest -rP
+        f"\n[celebrity] own calls {[round(t * 1000) for t in own_latencies]} ms"
+        f" among {fan_calls} fan calls"
+    )
+    await assert_sound(client.conn, DEFAULT_CAP)
+
+
 # -- account deletion racing follows ----------------------------------------------------------
 
 STABLE = tuple(f"s{i}" for i in range(6))
