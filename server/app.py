@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from follow.v1 import follow_pb2, follow_pb2_grpc
 from server import runner, tls
 from server.admission import InFlightLimit
+from server.cleanup import DeletionCleaner
 from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
@@ -53,6 +54,7 @@ class RunningService:
     metrics: Metrics = field(default_factory=Metrics, repr=False)
     metrics_server: MetricsServer | None = field(default=None, repr=False)
     admission: InFlightLimit = field(default_factory=InFlightLimit, repr=False)
+    cleaner: DeletionCleaner | None = field(default=None, repr=False)
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -67,6 +69,8 @@ class RunningService:
             self._monitor.cancel()
             await asyncio.wait({self._monitor}, timeout=HEALTH_INTERVAL_SECONDS * 3)
         await self.server.stop(grace)
+        if self.cleaner is not None:
+            await self.cleaner.stop()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         try:
@@ -161,6 +165,9 @@ async def start_service(
         except OSError:
             await running.stop(0)
             raise
+    # Deleted accounts' edges go in the background, one runner per database (server.cleanup).
+    running.cleaner = DeletionCleaner(store, database_url)
+    running.cleaner.start()
     running._monitor = asyncio.create_task(
         _watch_database(store, health, running._stopping, metrics)
     )
