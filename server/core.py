@@ -6,14 +6,21 @@ A request-level problem raises ServiceError before anything is written.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server import rules
 from server.cursor import CursorCodec, Position
+from server.deadline import call_deadline
 from server.errors import FollowType, ItemCode, Reason, ServiceError
 from server.store import AccountInput as AccountInput  # the doors build it; re-exported
-from server.store import Counts, Store
+from server.store import Counts, PendingDeletionError, Store
+
+# How long an import waits for the cleanup of a deleted account of the same id.
+REIMPORT_WAIT_SECONDS = 5.0
+# How long DeleteAccounts removes edges itself before answering (the rest goes on behind).
+DELETE_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,11 +235,49 @@ class FollowCore:
                 )
             merged[acc.user_id] = acc
         if merged:
-            await self._store.import_accounts(list(merged.values()))
+            await self._import_when_deleted(list(merged.values()))
         return [
             ItemResult(a.user_id, ItemCode.OK) if p is None else _invalid(a.user_id, p)
             for a, p in zip(accounts, problems, strict=True)
         ]
+
+    async def _import_when_deleted(self, accounts: list[AccountInput]) -> None:
+        """Import, waiting (bounded by the call's deadline and REIMPORT_WAIT_SECONDS) for
+        the cleanup of any of these ids still being deleted: a re-imported id starts with
+        no edges, never the old account's."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + REIMPORT_WAIT_SECONDS
+        deadline = call_deadline.get()
+        if deadline is not None:
+            give_up = min(give_up, deadline - 0.1)
+        while True:
+            try:
+                await self._store.import_accounts(accounts)
+                return
+            except PendingDeletionError as pending:
+                if loop.time() >= give_up:
+                    raise ServiceError(
+                        Reason.CONTENTION,
+                        f"account {pending.user_ids[0]!r} is still being deleted; import it"
+                        " again once its cleanup has finished",
+                        "accounts",
+                    ) from None
+                await asyncio.sleep(0.05)
+
+    async def _clean_up_for_a_while(self, user_ids: list[str]) -> None:
+        """Remove the deleted accounts' edges here, batch by batch, for at most
+        DELETE_WAIT_SECONDS (and never past the call's deadline): a small account is gone
+        with all its edges when the call returns; a big one is left to the background
+        runner (server.cleanup), which carries on from where this stopped."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + DELETE_WAIT_SECONDS
+        deadline = call_deadline.get()
+        if deadline is not None:
+            give_up = min(give_up, deadline - 0.1)
+        for user_id in user_ids:
+            while loop.time() < give_up:
+                if await self._store.clean_up_deletion(user_id):
+                    break
 
     async def check_accounts(self, user_ids: Sequence[str]) -> list[AccountStatus]:
         _require_batch(user_ids, rules.MAX_ACCOUNTS, "user_ids")
@@ -254,6 +299,7 @@ class FollowCore:
         valid = [u for u, p in problems.items() if p is None]
         if valid:
             await self._store.delete_accounts(valid)
+            await self._clean_up_for_a_while(valid)
         results = []
         for u in user_ids:
             problem = problems[u]

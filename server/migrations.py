@@ -93,6 +93,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ) d;
         """,
     ),
+    (
+        3,
+        "account tombstones: deletion answers at once, edges removed in bounded batches",
+        """
+        -- One row per account being deleted: written in the deletion's own transaction
+        -- (the durable job), removed when the background cleanup has removed every edge.
+        CREATE TABLE account_tombstones (
+            user_id    text COLLATE "C" PRIMARY KEY,
+            deleted_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]
 
 
@@ -112,6 +124,9 @@ DISTRIBUTION: dict[int, dict[str, Placement]] = {
         "service_secrets": "reference",
     },
     2: {"follow_count_deltas": "user_id"},
+    # Few rows (pending deletions only), read beside any user's rows (Check, import): a
+    # copy on every node joins with every shard.
+    3: {"account_tombstones": "reference"},
 }
 
 

@@ -151,12 +151,16 @@ _ADD_OWN_COUNTS = """
 UPDATE follow_counts SET following = following + $2, mutual = mutual + $3 WHERE user_id = $1
 """
 
-# The FollowType number itself: 2 if the user follows the target, plus 1 if it follows back.
+# The FollowType number itself: 2 if the user follows the target, plus 1 if it follows back;
+# 0 for an account being deleted (its edges go in the background; account_tombstones is a
+# reference table, so the join stays on the asking user's shard on Citus).
 _CHECK = """
 SELECT (SELECT true FROM follow_counts WHERE user_id = $1) AS owner_known,
        t.id,
-       2 * EXISTS (SELECT 1 FROM following f WHERE f.user_id = $1 AND f.target_id = t.id)::int
-       + EXISTS (SELECT 1 FROM followers r WHERE r.user_id = $1 AND r.follower_id = t.id)::int
+       CASE WHEN EXISTS (SELECT 1 FROM account_tombstones x WHERE x.user_id = t.id) THEN 0
+       ELSE 2 * EXISTS (SELECT 1 FROM following f WHERE f.user_id = $1 AND f.target_id = t.id)::int
+            + EXISTS (SELECT 1 FROM followers r WHERE r.user_id = $1 AND r.follower_id = t.id)::int
+       END
 FROM unnest($2::text[]) AS t(id)
 """
 
@@ -217,23 +221,35 @@ ON CONFLICT (user_id) DO UPDATE SET
 
 _LOCK_FOR_DELETE = "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR UPDATE"
 
-_NEIGHBOURS = """
-SELECT 1 AS kind, target_id AS id, mutual_since IS NOT NULL AS mutual
-FROM following WHERE user_id = $1
-UNION ALL
-SELECT 2, follower_id, false FROM followers WHERE user_id = $1
-"""
-
-# Neighbours' counter rows, each locked FOR UPDATE by the deleting call (so changed in place).
-_UNCOUNT_FOLLOWERS = "UPDATE follow_counts SET followers = followers - 1 WHERE user_id = ANY($1)"
-_UNCOUNT_FOLLOWING = "UPDATE follow_counts SET following = following - 1 WHERE user_id = ANY($1)"
-_UNCOUNT_MUTUAL = "UPDATE follow_counts SET mutual = mutual - 1 WHERE user_id = ANY($1)"
-_DELETE_THEIR_FOLLOWING = "DELETE FROM following WHERE user_id = ANY($2::text[]) AND target_id = $1"
-# The account's own rows, one owner: each a single-shard statement.
+_TOMBSTONE = "INSERT INTO account_tombstones (user_id) VALUES ($1) ON CONFLICT DO NOTHING"
+_TOMBSTONED_AMONG = "SELECT user_id FROM account_tombstones WHERE user_id = ANY($1::text[])"
+_PENDING_DELETIONS = "SELECT user_id FROM account_tombstones ORDER BY deleted_at, user_id LIMIT $1"
+_LOCK_TOMBSTONE = "SELECT 1 FROM account_tombstones WHERE user_id = $1 FOR UPDATE"
+_END_DELETION = "DELETE FROM account_tombstones WHERE user_id = $1"
+# What goes at once when an account is deleted, one owner each: its counters and profile
+# (so it is unknown to every call from then on). Its edges go in batches (clean_up_deletion).
 _DELETE_OWN = tuple(
     f"DELETE FROM {table} WHERE user_id = $1"  # noqa: S608 - table names are constants
-    for table in ("following", "followers", "follow_count_deltas", "follow_counts", "accounts")
+    for table in ("follow_count_deltas", "follow_counts", "accounts")
 )
+
+# The background cleanup, one bounded batch per transaction: first the deleted account's
+# fans (each loses one following, and a mutual if the account followed them back), then
+# whom it followed (each loses one follower, counted in its delta rows).
+_FANS_BATCH = """
+SELECT follower_id FROM followers WHERE user_id = $1 ORDER BY follower_id LIMIT $2
+"""
+_FOLLOWEES_BATCH = """
+SELECT target_id FROM following WHERE user_id = $1 ORDER BY target_id LIMIT $2
+"""
+_FOLLOWED_BY = "SELECT target_id FROM following WHERE user_id = $1 AND target_id = ANY($2)"
+_UNCOUNT_FOLLOWING = (
+    "UPDATE follow_counts SET following = following - 1 WHERE user_id = ANY($1::text[])"
+)
+_UNCOUNT_MUTUAL = "UPDATE follow_counts SET mutual = mutual - 1 WHERE user_id = ANY($1::text[])"
+_DELETE_THEIR_FOLLOWING = "DELETE FROM following WHERE user_id = ANY($2::text[]) AND target_id = $1"
+_DELETE_OWN_FOLLOWERS = "DELETE FROM followers WHERE user_id = $1 AND follower_id = ANY($2::text[])"
+DELETION_BATCH = 500  # edges per cleanup transaction
 
 
 @functools.cache
@@ -411,8 +427,13 @@ class Store:
         """Stop following `targets` (distinct, valid); not following one is no error."""
 
         async def work(conn: Conn) -> None:
-            await _lock_users(conn, user_id, targets)
-            rows = await conn.fetch(_FOLLOWED_AMONG, user_id, list(targets))
+            _, known = await _lock_users(conn, user_id, targets)
+            # An edge to an account being deleted is the background cleanup's to remove.
+            rows = [
+                r
+                for r in await conn.fetch(_FOLLOWED_AMONG, user_id, list(targets))
+                if r["target_id"] in known
+            ]
             if not rows:
                 return
             gone = sorted(r["target_id"] for r in rows)
@@ -471,13 +492,20 @@ class Store:
     # -- accounts ------------------------------------------------------------------------
 
     async def import_accounts(self, accounts: Sequence[AccountInput]) -> None:
-        """Create or update distinct accounts, in one transaction."""
+        """Create or update distinct accounts, in one transaction. Raises PendingDeletionError,
+        and changes nothing, when one of them is still being deleted (a new account of the
+        same id must not inherit the old one's edges)."""
         ids = [a.user_id for a in accounts]
         rows = [v for a in accounts for v in (a.user_id, a.nick, a.face_url)]
 
         async def work(conn: Conn) -> None:
             await conn.execute(_insert_counters(len(ids)), *ids)
             await conn.execute(_upsert_accounts(len(accounts)), *rows)
+            # After the writes: a deletion committing meanwhile is seen here (its tombstone)
+            # and this transaction rolls back.
+            pending = [r[0] for r in await conn.fetch(_TOMBSTONED_AMONG, ids)]
+            if pending:
+                raise PendingDeletionError(pending)
 
         if accounts:
             await self._transaction(work)
@@ -490,13 +518,89 @@ class Store:
         return {r["user_id"] for r in rows}
 
     async def delete_accounts(self, user_ids: Sequence[str]) -> None:
-        """Delete distinct accounts with every edge they have, correcting neighbours' counts."""
+        """Delete distinct accounts at once: from commit on they are unknown to every call.
+        Their edges, and what those counted in other users' rows, are removed afterwards in
+        bounded batches (clean_up_deletion); the tombstone written here is the durable job."""
 
         async def work(conn: Conn) -> None:
-            for user_id in user_ids:
-                await _delete_account(conn, user_id)
+            ordered = sorted(user_ids)
+            found = await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in ordered])
+            for user_id in sorted(r[0] for r in found):
+                await conn.execute(_TOMBSTONE, user_id)
+                for statement in _DELETE_OWN:
+                    await conn.execute(statement, user_id)
 
         await self._transaction(work)
+
+    async def pending_deletions(self, limit: int = 100) -> list[str]:
+        """Accounts deleted whose edges are still being removed, oldest first."""
+        async with self._connection() as conn:
+            return [r[0] for r in await conn.fetch(_PENDING_DELETIONS, limit)]
+
+    async def pending_among(self, user_ids: Sequence[str]) -> set[str]:
+        async with self._connection() as conn:
+            return {r[0] for r in await conn.fetch(_TOMBSTONED_AMONG, list(user_ids))}
+
+    async def clean_up_deletion(self, user_id: str, batch: int = DELETION_BATCH) -> bool:
+        """Remove one bounded batch of a deleted account's edges, in one short transaction
+        that locks only the users in the batch (ids sorted, like every call). True once
+        nothing is left and the tombstone is gone. Safe to repeat and to interrupt: each
+        batch reads what is left."""
+
+        async def work(conn: Conn) -> bool:
+            # One batch of an account at a time (the caller of DeleteAccounts and the
+            # background runner may both be at it); none left to do once it is gone.
+            if await conn.fetchrow(_LOCK_TOMBSTONE, user_id) is None:
+                return True
+            fans = [r[0] for r in await conn.fetch(_FANS_BATCH, user_id, batch)]
+            if fans:
+                await _remove_fans(conn, user_id, fans)
+                return False
+            followees = [r[0] for r in await conn.fetch(_FOLLOWEES_BATCH, user_id, batch)]
+            if followees:
+                await _remove_followees(conn, user_id, followees)
+                return False
+            await conn.execute(_END_DELETION, user_id)
+            return True
+
+        return await self._transaction(work)
+
+
+class PendingDeletionError(Exception):
+    """Accounts that cannot be imported yet: their deletion's cleanup is still running."""
+
+    def __init__(self, user_ids: list[str]) -> None:
+        super().__init__(", ".join(user_ids))
+        self.user_ids = user_ids
+
+
+async def _remove_fans(conn: Conn, user_id: str, fans: list[str]) -> None:
+    """Fans of a deleted account stop following it: each one's following (and mutual, if
+    the account followed them back) goes down by one, in their own counter rows, locked
+    FOR UPDATE in id order."""
+    rows = await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in fans])
+    alive = [r[0] for r in rows]
+    if alive:
+        followed_back = {r[0] for r in await conn.fetch(_FOLLOWED_BY, user_id, alive)}
+        await conn.execute(_UNCOUNT_FOLLOWING, alive)
+        mutual = [u for u in alive if u in followed_back]
+        if mutual:
+            await conn.execute(_UNCOUNT_MUTUAL, mutual)
+    await conn.execute(_DELETE_THEIR_FOLLOWING, user_id, fans)
+    await conn.execute(_DELETE_OWN_FOLLOWERS, user_id, fans)
+
+
+async def _remove_followees(conn: Conn, user_id: str, followees: list[str]) -> None:
+    """Users the deleted account followed lose it as a follower: one delta row each (a
+    share lock, like any follower's unfollow), in id order. Its fans are gone by now, so
+    none of these pairs is still mutual."""
+    rows = await conn.fetchmany(_SHARE_LOCK, [(u,) for u in followees])
+    alive = sorted(r[0] for r in rows)
+    shard = delta_shard(user_id)
+    if alive:
+        await conn.executemany(_ADD_DELTA, [(u, shard, -1, 0) for u in alive])
+    await conn.execute(_DELETE_THEIR_FOLLOWERS, user_id, followees)
+    await conn.execute(_DELETE_FOLLOWING, user_id, followees)
 
 
 async def _lock_users(
@@ -535,39 +639,6 @@ async def _write_follows(
     shard = delta_shard(user_id)
     await conn.executemany(_ADD_DELTA, [(t, shard, 1, int(t in fans)) for t in sorted(new)])
     await conn.execute(_ADD_OWN_COUNTS, user_id, len(new), len(mutual))
-
-
-async def _delete_account(conn: Conn, user_id: str) -> None:
-    """Remove one account, its edges and what they counted in its neighbours' rows. The
-    account and its neighbours are locked FOR UPDATE in id order, like every call's locks;
-    a neighbour that appears between the read and the locks (a new follower) is locked after
-    them, and in the rare case that deadlocks the call is retried."""
-    rows = await conn.fetch(_NEIGHBOURS, user_id)
-    ids = sorted({user_id, *(r[1] for r in rows)})
-    locked = {r[0] for r in await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in ids])}
-    if user_id not in locked:
-        return
-    locked.update(ids)
-    while True:
-        rows = await conn.fetch(_NEIGHBOURS, user_id)
-        late = {r[1] for r in rows} - locked
-        if not late:
-            break
-        await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in sorted(late)])
-        locked |= late
-    followees = sorted(r[1] for r in rows if r[0] == 1)
-    followers = sorted(r[1] for r in rows if r[0] == 2)
-    mutual = sorted(r[1] for r in rows if r[0] == 1 and r[2])
-    if followees:
-        await conn.execute(_UNCOUNT_FOLLOWERS, followees)
-        await conn.execute(_DELETE_THEIR_FOLLOWERS, user_id, followees)
-    if followers:
-        await conn.execute(_UNCOUNT_FOLLOWING, followers)
-        await conn.execute(_DELETE_THEIR_FOLLOWING, user_id, followers)
-    if mutual:
-        await conn.execute(_UNCOUNT_MUTUAL, mutual)
-    for statement in _DELETE_OWN:
-        await conn.execute(statement, user_id)
 
 
 def _deadline_exceeded() -> ServiceError:

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.config",
             "server.app",
             "server.workers",
+            "server.cleanup",
             "server.runner",
             "server.checker",
             "server.importer.",
