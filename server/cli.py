@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS: dict[str, str] = {
     "check": "server.checker",
     "import": "server.importer",
+    "migrate": "server.migrate",
 }
 
 

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.app",
             "server.workers",
             "server.cleanup",
+            "server.migrate",
             "server.runner",
             "server.checker",
             "server.importer.",

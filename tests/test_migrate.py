@@ -1,0 +1,47 @@
+"""server.migrate: `follow-server migrate` applies pending migrations and says so; a second
+run finds nothing to do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import asyncpg
+
+from server.migrations import MIGRATIONS
+from tests.helpers import REPO
+
+
+async def run_migrate(url: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLLOW_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "migrate",
+        "--database-url",
+        url,
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_migrate_applies_then_finds_nothing_to_do(db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        # The scratch database is migrated already: start from an empty one.
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+    code, out = await run_migrate(db_url)
+    assert code == 0, out
+    assert f"migrations applied now: {[v for v, _, _ in MIGRATIONS]}" in out
+    code, out = await run_migrate(db_url)
+    assert code == 0, out
+    assert "migrations applied now: none (up to date)" in out
