@@ -34,17 +34,25 @@ run: $(STAMP) $(DEV_KEY)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# gen/: the Python of proto/follow (+ .pyi stubs). proto/google/rpc/: the two googleapis
+# files a client in another language needs to decode error details (google.rpc.Status and
+# ErrorInfo), copied once from the installed googleapis-common-protos so the contract ships
+# whole; kept as committed (their wire format never changes): `rm -r proto/google && make gen`
+# refreshes them.
+GOOGLE_RPC_PROTOS := status.proto error_details.proto
 gen: $(STAMP)
 	rm -rf gen/follow
-	mkdir -p gen/follow/v1
+	mkdir -p gen/follow/v1 proto/google/rpc
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
 		--python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen \
 		proto/follow/v1/*.proto
 	touch gen/follow/__init__.py gen/follow/v1/__init__.py gen/follow/py.typed
+	src="$$($(BIN)/python -c 'import os, google.rpc.status_pb2 as m; print(os.path.dirname(m.__file__))')" && \
+		for f in $(GOOGLE_RPC_PROTOS); do test -f proto/google/rpc/$$f || cp "$$src/$$f" proto/google/rpc/$$f; done
 
 gen-check: gen
-	git diff --exit-code -- gen || (echo "gen/ differs from what 'make gen' writes: run make gen and commit" && exit 1)
-	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen; echo "untracked files in gen/" && exit 1)
+	git diff --exit-code -- gen proto/google || (echo "gen/ or proto/google/ differs from what 'make gen' writes: run make gen and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- gen proto/google)" || (git status --porcelain -- gen proto/google; echo "untracked files in gen/ or proto/google/" && exit 1)
 
 lint: $(STAMP)
 	$(BIN)/python -m tests.support.layers

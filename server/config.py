@@ -1,20 +1,26 @@
 """Command-line flags, each with a FOLLOW_* environment equivalent, into one Settings object.
 
-One table of options (OPTIONS) drives both: the flag, its variable, its parser and its help
-come from one row, so a value given in the environment passes the same checks as the same
-value on the command line. A flag wins over its variable, which wins over the default.
+One table of options (SERVE_OPTIONS) drives both: the flag, its variable, its parser and its
+help come from one row, so a value given in the environment passes the same checks as the
+same value on the command line. A flag wins over its variable, which wins over the default.
+
+A mistake is one line on stderr (Parser.error; a JSON object with --log-format json) and exit
+status 2, never a usage block: the line names the flag or variable and what to give instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from server import rules
+from server import logs, rules, tls
 
 ENV_PREFIX = "FOLLOW_"
 
@@ -50,8 +56,125 @@ class Settings:
     admins: tuple[str, ...] = ("administrator",)
     insecure_no_auth: bool = False
     max_body_bytes: int = 1024 * 1024
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
     # Server processes sharing the gRPC and v4 ports (SO_REUSEPORT); see server.workers.
     workers: int = 1
+
+
+PROGRAM = "follow-server"
+EXIT_CODES = (
+    "exit status: 0 stopped cleanly on SIGTERM/SIGINT (check: no violations);"
+    " 1 a runtime failure: a port already in use, the database unreachable or refusing to"
+    " start, a worker that died (check: violations found; import: bad rows);"
+    " 2 a usage or configuration mistake, reported before anything starts."
+    " Each failure is one line on stderr (one JSON object with --log-format json)."
+)
+SUBCOMMANDS_HELP = """\
+commands:
+  follow-server [serve] [OPTIONS]   run the service (the default; the options below)
+  follow-server check [--repair]    verify every invariant of the stored graph; check --help
+  follow-server import --accounts FILE --edges FILE
+                                    bulk-load accounts and follows from CSV; import --help
+"""
+
+
+def version() -> str:
+    """The installed package's version."""
+    try:
+        return metadata.version("follow-service")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def requested_log_format(argv: Sequence[str]) -> str:
+    """The log format asked for by argv or FOLLOW_LOG_FORMAT, read before (and whether or not)
+    the rest parses, so that even a usage error is written in it."""
+    wanted = os.environ.get(ENV_PREFIX + "LOG_FORMAT", "")
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            wanted = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            wanted = arg.split("=", 1)[1]
+    return "json" if wanted.strip().lower() == "json" else "text"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (text, or JSON when --log-format json or
+    FOLLOW_LOG_FORMAT=json asks for it) and exit status 2, instead of a usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._log_format = requested_log_format(sys.argv[1:])
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._log_format = requested_log_format(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        logs.print_fatal(f"{message} (see {self.prog} --help)", self._log_format, self.prog)
+        self.exit(2)
+
+
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.%A-Za-z]+\]")
+
+
+def split_host_port(text: str, *, allow_zero: bool = True, example: int = 50051) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT) as (host without brackets, port); argparse.ArgumentTypeError
+    saying what is missing or wrong otherwise. The host is required: ':PORT' and a bare port
+    are refused rather than guessed (every interface or only this machine?)."""
+    host, sep, port = text.rpartition(":")
+    if text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no host: give HOST:PORT, e.g. 127.0.0.1:{text} (this machine only)"
+            f" or 0.0.0.0:{text} (every interface)"
+        )
+    if not sep or not port or (text.startswith("[") and text.endswith("]")):
+        host = text.rstrip(":") or "127.0.0.1"
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no port: give HOST:PORT, e.g. {host}:{example}"
+        )
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no host: give HOST:PORT, e.g. 127.0.0.1{text} (this machine only)"
+            f" or 0.0.0.0{text} (every interface)"
+        )
+    if not _HOST.fullmatch(host):
+        if ":" in host and not host.startswith("["):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: write an IPv6 host in brackets, e.g. [::1]:{example}"
+            )
+        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not a host name or IP address")
+    lowest = 0 if allow_zero else 1
+    if not (port.isascii() and port.isdigit()) or not lowest <= int(port) <= 65535:
+        zero = " (0: any free port)" if allow_zero else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the port must be a number from {lowest} to 65535{zero}, not {port!r}"
+        )
+    return host.strip("[]"), int(port)
+
+
+def listen_address(example: int, *, optional: bool = False) -> Callable[[str], str]:
+    """A parser of a HOST:PORT to listen on (port 0: any free port); with `optional`, '' is
+    accepted and means "off"."""
+
+    def parse(text: str) -> str:
+        if optional and text == "":
+            return text
+        split_host_port(text, example=example)
+        return text
+
+    return parse
+
+
+def target_address(text: str) -> str:
+    """A HOST:PORT to connect to (port 1 to 65535); '' means none."""
+    if text:
+        split_host_port(text, allow_zero=False)
+    return text
 
 
 def positive_int(text: str) -> int:
@@ -143,7 +266,12 @@ DATABASE_OPTIONS = (
 )
 
 SERVE_OPTIONS = (
-    Option("--grpc-listen", "gRPC listen address", str, "HOST:PORT"),
+    Option(
+        "--grpc-listen",
+        "gRPC listen address (port 0: any free port, logged at start)",
+        listen_address(50051),
+        "HOST:PORT",
+    ),
     *DATABASE_OPTIONS,
     Option("--max-following", "how many users one user may follow", positive_int, "N"),
     Option("--db-pool-size", "database connections per process", positive_int, "N"),
@@ -194,15 +322,28 @@ SERVE_OPTIONS = (
     Option(
         "--metrics-listen",
         "serve Prometheus metrics at http://HOST:PORT/metrics (off unless given)",
-        _text_or_none,
+        lambda text: listen_address(9464, optional=True)(text) or None,
         "HOST:PORT",
     ),
     # The v4 REST-JSON shim.
-    Option("--http-listen", "v4 shim listen address, '' to run without it", str, "HOST:PORT"),
+    Option(
+        "--http-listen",
+        "v4 shim listen address, '' to run without it",
+        listen_address(8080, optional=True),
+        "HOST:PORT",
+    ),
+    Option(
+        "--http-tls-cert",
+        "serve the v4 shim over HTTPS with this certificate chain (the UserSig travels in"
+        " the query string: use it off loopback)",
+        _path_or_none,
+        "PEM",
+    ),
+    Option("--http-tls-key", "private key of --http-tls-cert", _path_or_none, "PEM"),
     Option(
         "--grpc-target",
         "run only the v4 shim, against this remote gRPC server",
-        _text_or_none,
+        lambda text: target_address(text) or None,
         "HOST:PORT",
     ),
     Option("--sdkappid", "the one SDKAppID the v4 shim serves", positive_int, "ID"),
@@ -222,7 +363,8 @@ SERVE_OPTIONS = (
     ),
     Option(
         "--insecure-no-auth",
-        "accept v4 calls without checking UserSig; for local experiments only",
+        "accept v4 calls without checking UserSig; for local experiments only, so refused"
+        " unless --http-listen is a loopback address",
         switch=True,
     ),
     Option("--max-body-bytes", "largest v4 request body accepted", positive_int, "N"),
@@ -299,16 +441,49 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
             )
 
 
-def add_database_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every subcommand that opens the database shares."""
-    add_options(parser, DATABASE_OPTIONS)
+CREATE_DATABASE = Option(
+    "--create-database",
+    "with no --database-url: when --data-dir holds no database yet, create one there"
+    " (otherwise a folder without a database is refused, so a mistyped path is not taken"
+    " for an empty graph)",
+    switch=True,
+)
+
+
+def add_database_flags(parser: argparse.ArgumentParser, *, create: bool = False) -> None:
+    """Flags every subcommand that opens the database shares; `create` adds
+    --create-database (the subcommand may make a new embedded database)."""
+    add_options(parser, (*DATABASE_OPTIONS, *((CREATE_DATABASE,) if create else ())))
+
+
+def add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress, the same for every subcommand (FOLLOW_PROGRESS): progress
+    bars on stderr, by default when stderr is a terminal."""
+    variable = ENV_PREFIX + "PROGRESS"
+    raw = os.environ.get(variable)
+    default = sys.stderr.isatty()
+    if raw is not None:
+        try:
+            default = flag_bool(raw)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{variable}: {exc}")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help=f"progress bars on stderr ({variable}; default: when stderr is a terminal)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="follow-server",
-        description="Follow/fan relationship service: gRPC follow.v1 over PostgreSQL.",
+    parser = Parser(
+        prog=PROGRAM,
+        usage="follow-server [serve] [OPTIONS] | follow-server {check,import} [OPTIONS]",
+        description="Follow/fan relationship service: gRPC follow.v1 over PostgreSQL, with the"
+        " v4 REST-JSON shim beside it.\n\n" + SUBCOMMANDS_HELP,
+        epilog=EXIT_CODES,
     )
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {version()}")
     add_options(parser, SERVE_OPTIONS)
     return parser
 
@@ -328,8 +503,30 @@ def _secret_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     return key
 
 
+def _check_tls(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Half a TLS configuration is a mistake; said before anything starts."""
+    try:
+        tls.tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        tls.client_files(
+            settings.grpc_target_ca, settings.grpc_target_cert, settings.grpc_target_key
+        )
+    except tls.TlsConfigError as exc:
+        parser.error(str(exc))
+    if (settings.http_tls_cert is None) != (settings.http_tls_key is None):
+        parser.error("--http-tls-cert and --http-tls-key must be given together")
+    if settings.http_tls_cert is not None and not settings.http_listen:
+        parser.error("--http-tls-cert serves the v4 shim, which --http-listen '' turns off")
+
+
 def _check_v4(parser: argparse.ArgumentParser, settings: Settings) -> None:
     """Refuse to start a shim that would run open by accident."""
+    open_door = settings.insecure_no_auth and settings.http_listen
+    if open_door and not tls.is_loopback(settings.http_listen):
+        parser.error(
+            f"--insecure-no-auth accepts every v4 call unchecked, so it runs only on a"
+            f" loopback address (127.0.0.1, [::1], localhost), not --http-listen"
+            f" {settings.http_listen}; give --sdkappid and --secret-key-file instead"
+        )
     if settings.workers > 1 and settings.grpc_target:
         parser.error("--workers runs several full servers; it does not apply to --grpc-target")
     if settings.grpc_target and not settings.http_listen:
@@ -354,5 +551,6 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     }
     admins = tuple(args.admin_given) if args.admin_given else args.admin
     settings = Settings(**values, secret_key=_secret_key(parser, args), admins=admins)
+    _check_tls(parser, settings)
     _check_v4(parser, settings)
     return settings

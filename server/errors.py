@@ -1,6 +1,9 @@
-"""The error vocabulary: per-item result codes and request-level reasons.
+"""The error vocabulary: per-item result codes and request-level reasons, and the two kinds
+of operator-facing failure (a configuration that cannot work, a start or run that failed).
 
-One table maps each to its gRPC status code and v4 number, so both doors say the same thing.
+One table maps each reason to its gRPC status code and v4 number, so both doors say the same
+thing; proto/follow/v1/follow.proto documents the same table (tests/test_errors.py compares
+the two both ways).
 """
 
 from __future__ import annotations
@@ -100,9 +103,13 @@ ERROR_DOMAIN = "follow.v1"
 
 
 class ServiceError(Exception):
-    """A request that fails as a whole and changes nothing."""
+    """A request that fails as a whole and changes nothing. A message about a field starts
+    with the field's name ("page_token: ..."), added here when the raiser left it out, so
+    every such message reads the same way at both doors."""
 
     def __init__(self, reason: Reason, message: str, field: str | None = None) -> None:
+        if field and not message.startswith(f"{field}: "):
+            message = f"{field}: {message}"
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -111,3 +118,17 @@ class ServiceError(Exception):
     @property
     def mapping(self) -> ReasonMapping:
         return REASONS[self.reason]
+
+
+class ConfigError(Exception):
+    """A flag, variable, file or folder that cannot work: nothing was started, the operator
+    fixes the invocation. One line says what is wrong and what to do; exit status 2."""
+
+    exit_code = 2
+
+
+class StartupError(Exception):
+    """A valid configuration that could not start or keep running (a port already taken, the
+    database unreachable or refusing to start). One line says why; exit status 1."""
+
+    exit_code = 1

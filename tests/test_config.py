@@ -4,6 +4,8 @@ the same checks for both; a flag wins over its variable, which wins over the def
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from server.config import (
     SERVE_OPTIONS,
     Settings,
     add_database_flags,
+    add_progress_flags,
     parse_settings,
 )
 
@@ -105,3 +108,123 @@ def test_subcommands_share_the_database_options(monkeypatch: pytest.MonkeyPatch)
     assert args.database_url == "postgresql://u@h/d"
     assert args.log_level == "WARNING"
     assert {o.dest for o in DATABASE_OPTIONS} <= {o.dest for o in SERVE_OPTIONS}
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--grpc-listen", "50060"], "'50060' has no host: give HOST:PORT, e.g. 127.0.0.1:50060"),
+        (["--http-listen", "localhost"], "'localhost' has no port: give HOST:PORT"),
+        (["--http-listen", ":8080"], "':8080' has no host"),
+        (["--http-listen", "127.0.0.1:99999"], "the port must be a number from 0 to 65535"),
+        (["--metrics-listen", "127.0.0.1:x"], "the port must be a number from 0 to 65535"),
+        (["--grpc-listen", "::1:50051"], "write an IPv6 host in brackets"),
+        (["--grpc-target", "h:0", "--insecure-no-auth"], "from 1 to 65535"),
+        (["--grpc-listen", "a b:1"], "'a b' is not a host name or IP address"),
+    ],
+)
+def test_addresses_need_a_host_and_a_port_in_range(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    """HOST:PORT everywhere: no host, no port, a port past 65535 (which used to wrap) are
+    one-line usage errors that say what to give."""
+    with pytest.raises(SystemExit) as exited:
+        parse_settings([*argv, *NO_SHIM] if "--http-listen" not in argv else argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:0", "[::1]:8080", "localhost:1", "0.0.0.0:65535", "follow.internal:9"]
+)
+def test_good_addresses_are_accepted(listen: str) -> None:
+    assert parse_settings(["--grpc-listen", listen, *NO_SHIM]).grpc_listen == listen
+
+
+def test_variables_get_the_address_checks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FOLLOW_HTTP_LISTEN", "127.0.0.1:70000")
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--insecure-no-auth"])
+    assert exited.value.code == 2
+    assert "FOLLOW_HTTP_LISTEN: '127.0.0.1:70000': the port must be" in capsys.readouterr().err
+
+
+def test_usage_error_is_one_line_not_a_usage_block(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "follow-server: error: unrecognized arguments: --no-such-flag (see follow-server --help)"
+    ]
+
+
+def test_usage_error_is_json_with_log_format_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--log-format", "json", "--sdkappid", "abc"])
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "ERROR"
+    assert "'abc' is not a whole number" in entry["message"]
+
+
+def test_insecure_no_auth_only_on_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    """--insecure-no-auth opens every relationship to whoever reaches the port: refused
+    unless the shim listens on loopback."""
+    assert parse_settings(["--insecure-no-auth", "--http-listen", "[::1]:0"]).insecure_no_auth
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--insecure-no-auth", "--http-listen", "0.0.0.0:8080"])
+    assert exited.value.code == 2
+    assert "runs only on a loopback address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key must be given together"),
+        (["--http-tls-key", "k.pem"], "--http-tls-cert and --http-tls-key must be given"),
+        (
+            ["--http-tls-cert", "c", "--http-tls-key", "k", *NO_SHIM],
+            "which --http-listen '' turns off",
+        ),
+    ],
+)
+def test_half_a_tls_pair_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_settings([*argv, "--insecure-no-auth"])
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_help_lists_subcommands_exit_codes_and_version(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("follow-server check", "follow-server import", "exit status: 0", "2 a usage"):
+        assert words in text
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--version"])
+    assert exited.value.code == 0
+    assert re.fullmatch(r"follow-server \S+\n", capsys.readouterr().out)
+
+
+def test_subcommand_flags_progress_and_create(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--progress/--no-progress (FOLLOW_PROGRESS) and --create-database read the same way
+    for every subcommand that asks for them."""
+    parser = argparse.ArgumentParser()
+    add_database_flags(parser, create=True)
+    add_progress_flags(parser)
+    args = parser.parse_args(["--no-progress", "--create-database"])
+    assert (args.progress, args.create_database) == (False, True)
+    monkeypatch.setenv("FOLLOW_PROGRESS", "1")
+    parser = argparse.ArgumentParser()
+    add_progress_flags(parser)
+    assert parser.parse_args([]).progress is True

@@ -1,10 +1,19 @@
 """server.errors: the one table that maps the error vocabulary onto follow.v1 enums,
-gRPC status codes and v4 numbers."""
+gRPC status codes and v4 numbers, and the proto's own copy of that table; the
+google/rpc protos shipped beside the contract."""
 
 from __future__ import annotations
 
+import re
+import tempfile
+from pathlib import Path
+
 import grpc
+import grpc_tools  # type: ignore[import-untyped]
 import pytest
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_tools import protoc  # type: ignore[import-untyped]
 
 from follow.v1 import follow_pb2 as pb
 from server.errors import (
@@ -91,28 +100,97 @@ def test_reason_mapping(reason: Reason, code: grpc.StatusCode, v4: int) -> None:
     assert REASONS[reason].v4_code == v4
 
 
-def test_proto_documents_every_reason() -> None:
-    """The reasons the proto's header comment promises exist in the vocabulary."""
-    for name in (
-        "INVALID_USER_ID",
-        "TOO_MANY_ITEMS",
-        "INVALID_FOLLOW_TYPE",
-        "INVALID_PAGE_SIZE",
-        "INVALID_PAGE_TOKEN",
-        "USER_NOT_FOUND",
-        "DATABASE_UNAVAILABLE",
-        "DEADLINE_EXCEEDED",
-        "OVERLOADED",
-        "INTERNAL",
-    ):
-        assert Reason(name).name == name
+PROTO = Path(__file__).resolve().parent.parent / "proto"
+_ROW = re.compile(r"^//\s+([A-Z_]+)\s+([A-Z_]+)\s+(\d+)\s+\S.*$")
+
+
+def proto_reason_table() -> dict[str, tuple[str, int]]:
+    """reason -> (gRPC status name, v4 code), as the header comment of follow.proto lists
+    them: the rows between the `reason  gRPC status  v4  when` heading and the next blank
+    comment line."""
+    lines = (PROTO / "follow" / "v1" / "follow.proto").read_text(encoding="utf-8").splitlines()
+    heading = next(
+        i for i, line in enumerate(lines) if re.match(r"^//\s+reason\s+gRPC status", line)
+    )
+    table: dict[str, tuple[str, int]] = {}
+    for line in lines[heading + 1 :]:
+        if line.strip() == "//":
+            break
+        row = _ROW.match(line)
+        assert row, f"not a row of the reason table: {line!r}"
+        assert row.group(1) not in table, f"{row.group(1)} listed twice"
+        table[row.group(1)] = (row.group(2), int(row.group(3)))
+    return table
+
+
+def test_proto_reason_table_equals_the_code_both_ways() -> None:
+    """Every reason the server can send is documented in the proto with the status and v4
+    code it really gets, and the proto documents no reason the code does not have."""
+    documented = proto_reason_table()
+    ours = {r.value: (m.grpc_code.name, m.v4_code) for r, m in REASONS.items()}
+    assert sorted(set(ours) - set(documented)) == [], "reasons the proto does not document"
+    assert sorted(set(documented) - set(ours)) == [], "reasons the proto invents"
+    assert documented == ours
+
+
+def _compiled(*files: str) -> descriptor_pb2.FileDescriptorSet:
+    """The shipped proto files compiled by protoc, with only the well-known types of any
+    protobuf distribution besides: what a client in another language would have."""
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    with tempfile.TemporaryDirectory() as out:
+        target = Path(out) / "set.pb"
+        code = protoc.main(
+            [
+                "protoc",
+                f"-I{PROTO}",
+                f"-I{well_known}",
+                f"--descriptor_set_out={target}",
+                *files,
+            ]
+        )
+        assert code == 0, f"protoc failed on {files}"
+        return descriptor_pb2.FileDescriptorSet.FromString(target.read_bytes())
+
+
+def _fields(message: descriptor_pb2.DescriptorProto) -> dict[str, tuple[int, int, str]]:
+    return {f.name: (f.number, f.type, f.type_name) for f in message.field}
+
+
+def test_the_contract_ships_what_decodes_error_details() -> None:
+    """proto/ holds follow.proto and the google.rpc Status and ErrorInfo it refers to; they
+    compile on their own and define the same messages, field for field, as the ones the
+    server encodes with."""
+    compiled = _compiled(
+        "follow/v1/follow.proto", "google/rpc/status.proto", "google/rpc/error_details.proto"
+    )
+    shipped = {
+        f"{f.package}.{m.name}": m
+        for f in compiled.file
+        if f.package == "google.rpc"
+        for m in f.message_type
+    }
+    for module, name in ((status_pb2, "Status"), (error_details_pb2, "ErrorInfo")):
+        installed = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(installed)
+        (ours,) = (m for m in installed.message_type if m.name == name)
+        assert _fields(shipped[f"google.rpc.{name}"]) == _fields(ours), name
 
 
 def test_service_error_carries_its_mapping() -> None:
     """A ServiceError keeps reason, message and field, and finds its mapping in the table."""
     error = ServiceError(Reason.USER_NOT_FOUND, "no such user", "user_id")
-    assert str(error) == "no such user"
+    assert str(error) == "user_id: no such user"
     assert error.field == "user_id"
     assert error.mapping is REASONS[Reason.USER_NOT_FOUND]
     assert ServiceError(Reason.INTERNAL, "x").field is None
     assert ERROR_DOMAIN == "follow.v1"
+
+
+def test_a_field_error_message_starts_with_the_field_once() -> None:
+    """A message about a field reads "<field>: ..." whether or not the raiser wrote the
+    prefix (the page-token error did not); it is never doubled."""
+    without = ServiceError(Reason.INVALID_PAGE_TOKEN, "page token is invalid: x", "page_token")
+    assert without.message == "page_token: page token is invalid: x"
+    already = ServiceError(Reason.INVALID_USER_ID, "user_id: user id is empty", "user_id")
+    assert already.message == "user_id: user id is empty"
+    assert ServiceError(Reason.INTERNAL, "internal error").message == "internal error"

@@ -10,17 +10,31 @@ same for a user with ten followers and for one with ten million.
 Errors. A request that cannot be carried out as a whole fails with a gRPC status and a
 google.rpc.Status in the `grpc-status-details-bin` trailer carrying exactly one
 google.rpc.ErrorInfo (AIP-193) whose `domain` is "follow.v1", whose `reason` is one of
-the REASON_* names documented below, and whose metadata names the offending `field`
-where there is one:
-  INVALID_ARGUMENT   a malformed request: a bad acting user id (INVALID_USER_ID), too
-                     many items (TOO_MANY_ITEMS), an unknown list type (INVALID_FOLLOW_TYPE),
-                     a negative page size (INVALID_PAGE_SIZE), a page token that is malformed,
-                     tampered with or from another list (INVALID_PAGE_TOKEN).
-  NOT_FOUND          the acting user has not been imported (USER_NOT_FOUND).
-  UNAVAILABLE        the database cannot be reached (DATABASE_UNAVAILABLE); retry later.
-  DEADLINE_EXCEEDED  the call's deadline passed before the database answered.
-  RESOURCE_EXHAUSTED the server is at its bound of in-flight calls (OVERLOADED).
-  INTERNAL           anything else (INTERNAL); never carries SQL text or a stack trace.
+the reasons below, and whose metadata names the offending `field` where there is one (the
+status message then starts with "<field>: "). A client in any language decodes the
+trailer with google/rpc/status.proto and google/rpc/error_details.proto, shipped beside
+this file in proto/google/rpc/ (`make gen` copies them from googleapis-common-protos).
+Every reason the server sends, its gRPC status, its v4 ErrorCode, and when:
+
+  reason                gRPC status          v4     when
+  INVALID_USER_ID       INVALID_ARGUMENT     30001  the acting user id is empty, over 32 bytes of UTF-8 or holds a control character (field user_id)
+  MISSING_ITEMS         INVALID_ARGUMENT     30001  a batch with no items (field target_ids, accounts or user_ids)
+  TOO_MANY_ITEMS        INVALID_ARGUMENT     30001  a batch over its limit, documented on each request (same fields)
+  INVALID_FOLLOW_TYPE   INVALID_ARGUMENT     30001  List with FOLLOW_TYPE_NONE or an unknown number (field follow_type)
+  INVALID_PAGE_SIZE     INVALID_ARGUMENT     30001  List with a negative page_size (field page_size)
+  INVALID_PAGE_TOKEN    INVALID_ARGUMENT     30001  a page token that is malformed, altered, or from another user's or list's paging (field page_token)
+  INVALID_ARGUMENT      INVALID_ARGUMENT     30001  request bytes that do not parse as the method's message (e.g. a string field holding invalid UTF-8)
+  USER_NOT_FOUND        NOT_FOUND            30003  the acting user has not been imported (field user_id)
+  CONTENTION            ABORTED              30006  concurrent changes to the same users outlasted the server's own retries; retry with backoff
+  DATABASE_UNAVAILABLE  UNAVAILABLE          30006  the database cannot be reached; retry later
+  DEADLINE_EXCEEDED     DEADLINE_EXCEEDED    30007  the call's deadline passed before the database answered
+  OVERLOADED            RESOURCE_EXHAUSTED   30006  the server is at its bound of in-flight calls, or no database connection came free in time; retry with backoff
+  INTERNAL              INTERNAL             30006  anything else; never carries SQL text or a stack trace
+
+A status without a follow.v1 ErrorInfo comes from gRPC itself: RESOURCE_EXHAUSTED for a
+request over the server's receive limit of 256 KiB (the largest valid request, 100
+accounts with 500-byte nicks and face URLs, is about 105 kB), UNIMPLEMENTED for an
+unknown method, and the client library's own DEADLINE_EXCEEDED, CANCELLED or UNAVAILABLE.
 A failed call changes nothing. Problems with one item of a batch do not fail the call:
 they are reported in that item's `ResultCode` and the other items are carried out.
 """
