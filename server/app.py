@@ -1,4 +1,5 @@
-"""Assemble and run the service: database, pool, core, gRPC server, health and reflection."""
+"""Assemble and run the service: database, pool, core, gRPC server, health and reflection
+(grpc.reflection.v1, which current tools ask for first, and v1alpha for older ones)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from follow.v1 import follow_pb2, follow_pb2_grpc
-from server import runner, tls
+from server import rules, runner, tls
 from server.admission import InFlightLimit
 from server.cleanup import DeletionCleaner
 from server.config import Settings
 from server.core import FollowCore
 from server.cursor import CursorCodec
-from server.database import create_pool
+from server.database import create_pool, redact
+from server.errors import StartupError
 from server.interceptor import CallObserver
 from server.metrics import Metrics, MetricsServer, start_metrics_server
 from server.migrations import apply_migrations
@@ -38,6 +42,70 @@ SERVICE_NAMES = (
     follow_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
 )
 HEALTH_INTERVAL_SECONDS = 1.0
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+def largest_valid_request_bytes() -> int:
+    """The encoded size of the largest request the contract accepts: ImportAccounts with
+    MAX_ACCOUNTS accounts, each with a 32-byte id and a nick and face URL at their limit."""
+    longest = "x" * rules.MAX_PROFILE_FIELD_BYTES
+    account = follow_pb2.Account(
+        user_id="u" * rules.MAX_USER_ID_BYTES, nick=longest, face_url=longest
+    )
+    return follow_pb2.ImportAccountsRequest(accounts=[account] * rules.MAX_ACCOUNTS).ByteSize()
+
+
+# The gRPC receive limit: over twice the largest valid request (about 105 kB), so every valid
+# request fits with room to spare, while a caller cannot make the server buffer megabytes
+# for a call that can only fail. Larger requests get RESOURCE_EXHAUSTED from gRPC itself.
+MAX_RECEIVE_BYTES = 256 * 1024
+
+
+def _reflection_v1_descriptor() -> None:
+    """Put grpc.reflection.v1 in the default descriptor pool (once): the same messages as
+    v1alpha under the stable package name, so the v1 service describes itself like any
+    other. grpcio-reflection ships only the v1alpha descriptors."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name, proto.package = _REFLECTION_V1_FILE, "grpc.reflection.v1"
+    proto.ClearField("options")
+    for message in proto.message_type:
+        for field_ in message.field:
+            if field_.HasField("type_name"):
+                field_.type_name = field_.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.AddSerializedFile(proto.SerializeToString())
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Serve reflection as grpc.reflection.v1 and v1alpha. The two differ only in their
+    package name, so one servicer answers both: the wire format is the same."""
+    _reflection_v1_descriptor()
+    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
 
 
 @dataclass
@@ -120,9 +188,15 @@ async def start_service(
 ) -> RunningService:
     files = tls.tls_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     server_tls = tls.load(files)
-    if migrate:
-        await apply_migrations(database_url)
-    pool = await create_pool(database_url, settings.db_pool_size, int_timestamps=True)
+    try:
+        if migrate:
+            await apply_migrations(database_url)
+        pool = await create_pool(database_url, settings.db_pool_size, int_timestamps=True)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StartupError(
+            f"the database at {redact(database_url)} failed while the server was starting: {reason}"
+        ) from None
     store = Store(pool, settings.db_acquire_timeout)
     core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
     metrics = Metrics()
@@ -134,7 +208,7 @@ async def start_service(
     observer = CallObserver(metrics, admission)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             # Several worker processes (--workers) share the port; one alone keeps the
             # default refusal of a second server on the same port.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -145,24 +219,22 @@ async def start_service(
     follow_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(core), observed)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, observed)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    enable_reflection(
+        server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     )
     port = tls.add_port(server, settings.grpc_listen, server_tls)
     if port == 0:
         await pool.close()
-        raise OSError(f"cannot listen on {settings.grpc_listen}")
+        raise StartupError(
+            f"--grpc-listen {settings.grpc_listen}: cannot listen there (the port is in use"
+            " by another process, or the host is not this machine's)"
+        )
     await server.start()
     running = RunningService(server, port, pool, health, store, core, metrics, admission=admission)
     if settings.metrics_listen:
         try:
-            running.metrics_server = await start_metrics_server(metrics, settings.metrics_listen)
-        except OSError:
+            running.metrics_server = await _start_metrics(metrics, settings.metrics_listen)
+        except StartupError:
             await running.stop(0)
             raise
     # Deleted accounts' edges go in the background, one runner per database (server.cleanup).
@@ -174,13 +246,26 @@ async def start_service(
     return running
 
 
+async def _start_metrics(metrics: Metrics, listen: str) -> MetricsServer:
+    try:
+        return await start_metrics_server(metrics, listen)
+    except OSError as exc:
+        raise StartupError(
+            f"--metrics-listen {listen}: cannot listen there: {exc.strerror or exc}"
+        ) from None
+
+
 async def serve_v4_alone(settings: Settings) -> None:
     """--grpc-target: only the v4 shim, against a remote gRPC server; no database here."""
     metrics = Metrics()
     shim = await start_shim(settings, metrics=metrics)
     metrics_server = None
     if settings.metrics_listen:
-        metrics_server = await start_metrics_server(metrics, settings.metrics_listen)
+        try:
+            metrics_server = await _start_metrics(metrics, settings.metrics_listen)
+        except StartupError:
+            await shim.stop()
+            raise
     await runner.until_signal()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_seconds)
     await shim.stop()

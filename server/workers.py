@@ -87,7 +87,7 @@ def worker_main(settings: Settings, index: int) -> None:
 
 async def supervise(settings: Settings) -> None:
     """Run `settings.workers` workers until SIGTERM or SIGINT; exit 1 if one fails."""
-    database: Database = await open_database(settings.database_url, settings.data_dir)
+    database: Database = await open_database(settings.database_url, settings.data_dir, create=True)
     placeholders: list[socket.socket] = []
     processes: list[BaseProcess] = []
     failed = False

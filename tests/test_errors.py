@@ -13,7 +13,7 @@ import grpc_tools  # type: ignore[import-untyped]
 import pytest
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
-from grpc_tools import protoc  # type: ignore[import-untyped]
+from grpc_tools import protoc
 
 from follow.v1 import follow_pb2 as pb
 from server.errors import (

@@ -122,15 +122,48 @@ async def test_unknown_command_is_60009(v4: V4Client, method: str, path: str) ->
         payload = assert_envelope(await response.json(content_type=None))
     assert payload["ErrorCode"] == 60009
     assert path in payload["ErrorInfo"]
+    # ... and lists what would have worked.
+    for name in commands.COMMANDS:
+        assert f"POST /v4/{name}" in payload["ErrorInfo"]
 
 
 async def test_openapi_document_is_served(v4: V4Client) -> None:
-    """GET /v4/openapi.yaml returns the repository's OpenAPI 3 document."""
+    """GET /v4/openapi.yaml returns the repository's OpenAPI 3 document, its `servers`
+    entry the address the request came to (not a fixed 127.0.0.1:8080)."""
     async with v4.session.get(v4.base + "/v4/openapi.yaml") as response:
         assert response.status == 200
         text = await response.text()
     assert text.startswith("openapi: 3")
-    assert text == (Path(commands.__file__).parent / "openapi.yaml").read_text()
+    shipped = (Path(commands.__file__).parent / "openapi.yaml").read_text()
+    assert "  - url: http://127.0.0.1:8080\n" in shipped
+    assert text == shipped.replace("  - url: http://127.0.0.1:8080\n", f"  - url: {v4.base}\n")
+
+
+async def test_openapi_servers_entry_ignores_a_hostile_host_header(v4: V4Client) -> None:
+    """A Host header that is not a plain host[:port] is not echoed into the document."""
+    async with v4.session.get(
+        v4.base + "/v4/openapi.yaml", headers={"Host": "evil/  - url: x"}
+    ) as response:
+        text = await response.text()
+    assert f"  - url: {v4.base}\n" in text
+    assert "evil" not in text
+
+
+async def test_grpc_client_on_the_v4_port_is_one_warning_line(
+    v4: V4Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP/2 connection preface (what a gRPC client sends) gets aiohttp's 400 and one
+    WARNING line naming the likely cause, not an ERROR with a traceback."""
+    port = int(v4.base.rsplit(":", 1)[1])
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        response, _ = await _raw_exchange(port, preface, b"")
+        await asyncio.sleep(0.1)
+    assert response.startswith(b"HTTP/1.0 400") or response.startswith(b"HTTP/1.1 400")
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.levelname for r in records] == ["WARNING"], caplog.text
+    assert "gRPC client?" in records[0].getMessage()
+    assert records[0].exc_info is None
 
 
 async def test_unexpected_exception_is_30006_not_500(

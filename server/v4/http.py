@@ -1,22 +1,28 @@
-"""The v4 shim's HTTP side (aiohttp): routing, body limits, and its start and graceful stop.
+"""The v4 shim's HTTP side (aiohttp): routing, body limits, HTTPS, and its start and graceful
+stop.
 
 Every answered request is HTTP 200 with the v4 envelope, errors included; an unexpected
-exception is logged and answered 30006, never a 500.
+exception is logged and answered 30006, never a 500. Bytes that are not HTTP/1.1 at all (a
+gRPC client pointed at this port, a scanner) are answered 400 by aiohttp and logged as one
+warning line, without a traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from server import tls
 from server.admission import InFlightLimit
 from server.core import FollowCore
+from server.errors import StartupError
 from server.metrics import Metrics
 from server.v4 import backend as backends
 from server.v4.commands import COMMANDS
@@ -40,8 +46,38 @@ log = logging.getLogger(__name__)
 
 OPENAPI_PATH = "/v4/openapi.yaml"
 OPENAPI = (Path(__file__).parent / "openapi.yaml").read_bytes()
+# The document's one `servers` entry, replaced when served by the address the caller used.
+_OPENAPI_SERVER = b"  - url: http://127.0.0.1:8080\n"
+# A Host header fit to echo into the document: a name or address and an optional port.
+_HOST_HEADER = re.compile(r"[A-Za-z0-9.-]{1,253}(:\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:\d{1,5})?")
 _JSON = "application/json"
 LINGER_SECONDS = 1.0
+COMMAND_LIST = ", ".join(f"POST /v4/{name}" for name in COMMANDS)
+
+
+class _NotHttpFilter(logging.Filter):
+    """aiohttp logs bytes that do not parse as HTTP at ERROR with a traceback; one WARNING
+    line says the same (and names the usual cause: a gRPC client on the v4 port)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, http_exceptions.HttpProcessingError):
+            return True
+        text = str(exc.message if hasattr(exc, "message") else exc)
+        why = (
+            "an HTTP/2 connection preface (a gRPC client? gRPC is served on --grpc-listen)"
+            if "PRI" in text
+            else " ".join(text.split())[:120]
+        )
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "v4 shim: answered 400 to %s, whose bytes are not HTTP/1.1: %s"
+        record.args = (remote, why)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+_NOT_HTTP = _NotHttpFilter()
 
 
 class Shim:
@@ -53,7 +89,12 @@ class Shim:
         backend: backends.Backend,
         max_body_bytes: int,
         metrics: Metrics | None = None,
+        scheme: str = "http",
     ) -> None:
+        self._scheme = scheme
+        # HOST:PORT where the shim listens (set once bound), for a request without a usable
+        # Host header.
+        self.address = "127.0.0.1:8080"
         self._metrics = metrics
         self._auth = auth
         self._backend = backend
@@ -75,7 +116,10 @@ class Shim:
                 f"{request.match_info['service']}/{request.match_info['command']}"
             )
             if command is None:
-                raise V4Error(UNKNOWN_COMMAND, f"no such command: POST {request.path}")
+                raise V4Error(
+                    UNKNOWN_COMMAND,
+                    f"no such command: POST {request.path}; the commands are {COMMAND_LIST}",
+                )
             length = request.content_length
             if length is not None and length > self._max_body:
                 return self._too_large(length)
@@ -112,7 +156,7 @@ class Shim:
             body=fail(
                 UNKNOWN_COMMAND,
                 f"no such command: {request.method} {request.path};"
-                " commands are POST /v4/follow/<command> and /v4/im_open_login_svc/<command>",
+                f" the commands are {COMMAND_LIST}",
             ),
             content_type=_JSON,
         )
@@ -121,7 +165,14 @@ class Shim:
         return response
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(body=OPENAPI, content_type="application/yaml")
+        """The OpenAPI document, its `servers` entry the address this request came to."""
+        host = request.headers.get("Host", "")
+        if not _HOST_HEADER.fullmatch(host):
+            host = self.address
+        served = OPENAPI.replace(
+            _OPENAPI_SERVER, f"  - url: {self._scheme}://{host}\n".encode("ascii"), 1
+        )
+        return web.Response(body=served, content_type="application/yaml")
 
 
 @dataclass
@@ -141,11 +192,11 @@ class RunningShim:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (or [v6]:PORT) as (host, port)."""
+    """HOST:PORT (or [v6]:PORT) as (host, port); the settings have checked its form."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{address!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":PORT" asks for every interface
+    return host.strip("[]"), int(port)
 
 
 def authenticator(settings: Settings) -> Authenticator:
@@ -189,7 +240,19 @@ async def start_shim(
         raise ValueError("the v4 shim needs a core or a --grpc-target")
     if metrics is not None:
         metrics.add_v4_commands(COMMANDS)
-    shim = Shim(authenticator(settings), backend, settings.max_body_bytes, metrics)
+    try:
+        context: ssl.SSLContext | None = tls.http_ssl_context(
+            settings.http_tls_cert, settings.http_tls_key
+        )
+    except tls.TlsConfigError:
+        if channel is not None:
+            await channel.close(None)
+        raise
+    if context is None:
+        tls.warn_plaintext_http(settings.http_listen)
+    scheme = "https" if context is not None else "http"
+    logging.getLogger("aiohttp.server").addFilter(_NOT_HTTP)  # once: filters are a set
+    shim = Shim(authenticator(settings), backend, settings.max_body_bytes, metrics, scheme)
     runner = web.AppRunner(
         shim.application(),
         access_log=None,
@@ -201,17 +264,23 @@ async def start_shim(
     )
     await runner.setup()
     host, port = split_address(settings.http_listen)
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+    site = web.TCPSite(runner, host, port, ssl_context=context, reuse_port=reuse_port or None)
     try:
         await site.start()
-    except BaseException:
+    except BaseException as exc:
         await runner.cleanup()
         if channel is not None:
             await channel.close(None)
+        if isinstance(exc, OSError):
+            raise StartupError(
+                f"--http-listen {settings.http_listen}: cannot listen there: {exc.strerror or exc}"
+            ) from None
         raise
     bound = runner.addresses[0][1]
+    shim.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
     log.info(
-        "v4 shim listening on http://%s:%d (sdkappid %s, admins %s, %s)",
+        "v4 shim listening on %s://%s:%d (sdkappid %s, admins %s, %s)",
+        scheme,
         host,
         bound,
         settings.sdkappid if settings.sdkappid is not None else "any",
