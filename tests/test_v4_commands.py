@@ -427,3 +427,32 @@ async def test_paging_2500_fans(v4: V4Client, threaded_shim: ServiceInThread, ui
     assert times == sorted(times, reverse=True)
     info = await v4.ok("follow_get_info", {"From_Account": star, "To_Account": [star]})
     assert info["FollowInfo"][0]["FollowerCount"] == 2500
+
+
+async def test_an_invalid_id_is_echoed_cut_to_a_bounded_length(v4: V4Client) -> None:
+    """A 200 kB id comes back as its first 64 characters and "...", in every per-item
+    answer (To_Account, UserID, FailAccounts): the answer does not grow with the input."""
+    await v4.import_users("echo-a")
+    huge = "h" * 200_000
+    cut = "h" * 64 + "..."
+    answers = {
+        "follow_add": {"From_Account": "echo-a", "FollowItem": [{"To_Account": huge}]},
+        "follow_delete": {"From_Account": "echo-a", "To_Account": [huge]},
+        "follow_check": {"From_Account": "echo-a", "To_Account": [huge]},
+        "follow_get_info": {"From_Account": "echo-a", "To_Account": [huge]},
+        "account_check": {"CheckItem": [{"UserID": huge}]},
+        "account_delete": {"DeleteItem": [{"UserID": huge}]},
+    }
+    for command, body in answers.items():
+        payload = await v4.ok(command, body)
+        items = payload.get("ResultItem") or payload["FollowInfo"]
+        (item,) = items
+        assert item.get("To_Account", item.get("UserID")) == cut, command
+        assert item["ResultCode"] == 30001, command
+        assert len(str(payload)) < 1000, command
+    failed = await v4.ok("multiaccount_import", {"Accounts": ["echo-b", huge]})
+    assert failed["FailAccounts"] == [cut]
+    # At the limit nothing is cut: 64 characters (invalid, over 32 bytes) come back whole.
+    exact = "e" * 64
+    payload = await v4.ok("follow_check", {"From_Account": "echo-a", "To_Account": [exact]})
+    assert payload["ResultItem"][0]["To_Account"] == exact

@@ -59,13 +59,26 @@ async def test_other_sdkappid_is_60006(v4: V4Client) -> None:
 
 
 async def test_non_admin_identifier_is_60010(v4: V4Client) -> None:
-    """An identifier outside --admin is refused before its UserSig is looked at: 60010."""
+    """An identifier outside --admin, with a valid UserSig of its own, is refused: 60010."""
     sig = TLSSigAPIv2(APP, KEY).gen_sig("mallory")
     code, info = await v4.fail(
         "follow_check", BODY, query=envelope_query(identifier="mallory", usersig=sig)
     )
     assert code == 60010
     assert "mallory" in info
+
+
+@pytest.mark.parametrize("identifier", ["administrator", "ops", "mallory"])
+async def test_without_a_valid_usersig_admins_and_others_look_alike(
+    v4: V4Client, identifier: str
+) -> None:
+    """The UserSig is checked before the admin list: without a valid one, an admin and a
+    stranger get the same answer, so nobody learns which identifiers are admins."""
+    forged = TLSSigAPIv2(APP, "not-the-key").gen_sig(identifier)
+    code, _ = await v4.fail(
+        "follow_check", BODY, query=envelope_query(identifier=identifier, usersig=forged)
+    )
+    assert code == 70009
 
 
 async def test_second_admin_is_accepted(v4: V4Client) -> None:
@@ -166,7 +179,8 @@ def test_parse_body_unit() -> None:
 
 
 def test_authenticator_order_unit() -> None:
-    """Unit: parameters are checked before sdkappid, sdkappid before admin, admin before sig."""
+    """Unit: parameters are checked before sdkappid, sdkappid before the sig, the sig before
+    the admin list."""
     auth = Authenticator(APP, frozenset({ADMIN}), None)
     query = envelope_query(sdkappid=str(APP + 1), identifier="x", random="no")
     with pytest.raises(V4Error) as caught:

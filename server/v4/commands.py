@@ -3,6 +3,10 @@
 Only JSON shape and types are checked here (30001, 60015 for account ids). Ids, limits,
 batch sizes, cursors and per-item outcomes are the core's; its codes become v4 numbers
 through the tables in server/errors.py.
+
+Per-item answers echo each id as given, except that an id over ECHO_CHARS characters (never
+a valid one: ids are at most 32 bytes) is cut to its first ECHO_CHARS characters and "...",
+so a 200 kB id does not come back as a 200 kB answer. Results are in request order.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ Body = dict[str, object]
 
 _ITEM_CODES: dict[int, int] = {int(item): code for item, code in ITEM_V4_CODES.items()}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+ECHO_CHARS = 64
 _NICK = "Tag_Profile_IM_Nick"
 _IMAGE = "Tag_Profile_IM_Image"
 
@@ -53,6 +58,11 @@ def translate(exc: CallFailedError, fields: Mapping[str, str]) -> V4Error:
 
 def _item_code(code: int) -> int:
     return _ITEM_CODES.get(code, INTERNAL_ERROR)
+
+
+def _cut(user_id: str) -> str:
+    """An echoed id, bounded (see the module docstring); call only when it is too long."""
+    return user_id[:ECHO_CHARS] + "..."
 
 
 # -- JSON field readers: absent fields get the contract's zero value, which the core judges --
@@ -121,7 +131,11 @@ def _text(body: Mapping[str, object], name: str, where: str = "") -> str | None:
 
 def _result_items(results: Iterable[pb.ItemResult]) -> list[Body]:
     return [
-        {"To_Account": r.user_id, "ResultCode": _item_code(r.code), "ResultInfo": r.message}
+        {
+            "To_Account": r.user_id if len(r.user_id) <= ECHO_CHARS else _cut(r.user_id),
+            "ResultCode": _item_code(r.code),
+            "ResultInfo": r.message,
+        }
         for r in results
     ]
 
@@ -150,7 +164,7 @@ async def follow_check(backend: Backend, body: Body) -> Body:
     return {
         "ResultItem": [
             {
-                "To_Account": r.user_id,
+                "To_Account": r.user_id if len(r.user_id) <= ECHO_CHARS else _cut(r.user_id),
                 "ResultCode": codes.get(r.code, INTERNAL_ERROR),
                 "ResultInfo": r.message,
                 "FollowType": r.follow_type,
@@ -201,7 +215,7 @@ async def follow_get_info(backend: Backend, body: Body) -> Body:
     return {
         "FollowInfo": [
             {
-                "To_Account": i.user_id,
+                "To_Account": i.user_id if len(i.user_id) <= ECHO_CHARS else _cut(i.user_id),
                 "ResultCode": _item_code(i.code),
                 "ResultInfo": i.message,
                 "FollowerCount": i.follower_count,
@@ -243,7 +257,13 @@ async def multiaccount_import(backend: Backend, body: Body) -> Body:
     else:
         accounts = [pb.Account(user_id=u) for u in _accounts(body, "Accounts")]
     response = await backend.ImportAccounts(pb.ImportAccountsRequest(accounts=accounts))
-    return {"FailAccounts": [r.user_id for r in response.results if r.code != pb.RESULT_CODE_OK]}
+    return {
+        "FailAccounts": [
+            r.user_id if len(r.user_id) <= ECHO_CHARS else _cut(r.user_id)
+            for r in response.results
+            if r.code != pb.RESULT_CODE_OK
+        ]
+    }
 
 
 async def account_check(backend: Backend, body: Body) -> Body:
@@ -252,7 +272,7 @@ async def account_check(backend: Backend, body: Body) -> Body:
     return {
         "ResultItem": [
             {
-                "UserID": s.user_id,
+                "UserID": s.user_id if len(s.user_id) <= ECHO_CHARS else _cut(s.user_id),
                 "ResultCode": _item_code(s.code),
                 "ResultInfo": s.message,
                 "AccountStatus": "Imported" if s.imported else "NotImported",
@@ -267,7 +287,11 @@ async def account_delete(backend: Backend, body: Body) -> Body:
     response = await backend.DeleteAccounts(request)
     return {
         "ResultItem": [
-            {"UserID": r.user_id, "ResultCode": _item_code(r.code), "ResultInfo": r.message}
+            {
+                "UserID": r.user_id if len(r.user_id) <= ECHO_CHARS else _cut(r.user_id),
+                "ResultCode": _item_code(r.code),
+                "ResultInfo": r.message,
+            }
             for r in response.results
         ]
     }

@@ -100,7 +100,8 @@ def _unsigned(query: Mapping[str, str], name: str, maximum: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Authenticator:
-    """Checks the query parameters of every call: the app, the admin and the UserSig.
+    """Checks the query parameters of every call: their form, the app, the UserSig, then
+    the admin.
 
     `verifier` None means --insecure-no-auth: the UserSig is neither required nor checked;
     `sdkappid` None (possible only then) accepts any app id."""
@@ -121,11 +122,14 @@ class Authenticator:
             raise V4Error(HTTP_PARSE_ERROR, "query parameter usersig is missing or empty")
         if self.sdkappid is not None and sdkappid != self.sdkappid:
             raise V4Error(SDKAPPID_INVALID, f"sdkappid {sdkappid} is not served here")
-        if identifier not in self.admins:
-            raise V4Error(NOT_ADMIN, f"identifier {identifier!r} is not an app administrator")
+        # The UserSig first: answering 60010 to anyone would tell a stranger which
+        # identifiers are admins. Only a caller who proved who they are learns that they
+        # are not one.
         if self.verifier is not None:
             try:
                 self.verifier.verify(usersig, identifier)
             except UserSigError as exc:
                 raise V4Error(exc.code, exc.message) from None
+        if identifier not in self.admins:
+            raise V4Error(NOT_ADMIN, f"identifier {identifier!r} is not an app administrator")
         return identifier
