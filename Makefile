@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test gen gen-check lint format bench bench-quick soak clean
+.PHONY: install run test gen gen-check lint format bench bench-quick bench-citus soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -69,6 +69,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m tests.bench --quick $(ARGS)
+
+# The gRPC scenarios on a Citus cluster (coordinator + 2 workers) and on one plain PostgreSQL 15,
+# same data, side by side (tests/bench/citus.py); quick size unless ARGS=--full.
+bench-citus: $(STAMP)
+	$(BIN)/python -m tests.bench --citus $(ARGS)
 
 # Mixed load while PostgreSQL restarts and the server is killed, then the checker;
 # bounded (SOAK_SECONDS, default 600). Extra flags in ARGS.

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -171,32 +172,40 @@ async def _seed(url: str, params: graphs.GraphParams, folder: Path) -> None:
     finally:
         await conn.close()
     print("seeding: importing (follow-server import) ...", file=sys.stderr)
+    imported = await import_csv(url, accounts, edges)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("VACUUM ANALYZE")
+        meta = graph.meta() | {"import": imported}
+        await conn.execute("CREATE TABLE bench_meta (doc text NOT NULL)")
+        await conn.execute("INSERT INTO bench_meta VALUES ($1)", json.dumps(meta))
+    finally:
+        await conn.close()
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def import_csv(url: str, accounts: Path, edges: Path) -> dict[str, Any]:
+    """Import the two CSV files with the bulk importer; its figures for the bench's JSON."""
     with accounts.open(newline="") as a, edges.open(newline="") as e:
         report = await import_graph(
             url,
             a,
             e,
             ImportOptions(progress=True),
-            accounts_size=accounts.stat().st_size,
-            edges_size=edges.stat().st_size,
+            accounts_size=_file_size(accounts),
+            edges_size=_file_size(edges),
         )
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("VACUUM ANALYZE")
-        meta = graph.meta() | {
-            "import": {
-                "edges": report.edges_read,
-                "accounts": report.accounts_read,
-                "seconds": round(report.seconds, 3),
-                "edges_per_s": round(report.edges_per_second),
-                "phases": {k: round(v, 3) for k, v in report.phases.items()},
-                "command": f"follow-server import --accounts {accounts} --edges {edges}",
-            }
-        }
-        await conn.execute("CREATE TABLE bench_meta (doc text NOT NULL)")
-        await conn.execute("INSERT INTO bench_meta VALUES ($1)", json.dumps(meta))
-    finally:
-        await conn.close()
+    return {
+        "edges": report.edges_read,
+        "accounts": report.accounts_read,
+        "seconds": round(report.seconds, 3),
+        "edges_per_s": round(report.edges_per_second),
+        "phases": {k: round(v, 3) for k, v in report.phases.items()},
+        "command": f"follow-server import --accounts {accounts} --edges {edges}",
+    }
 
 
 # -- the server under test ------------------------------------------------------------------
@@ -291,21 +300,20 @@ def _wait_serving(server: Server, log: Path) -> None:
 class Monitor:
     """CPU of the server tree and of PostgreSQL over a window; the server's peak RSS."""
 
-    def __init__(self, server: Server, postmaster_pid: int | None) -> None:
+    def __init__(self, server: Server, postmaster_pids: Sequence[int]) -> None:
         self._server = server
-        self._pg = postmaster_pid
+        self._pg = list(postmaster_pids)  # several for a Citus cluster: its CPU is the sum
         self._stop = threading.Event()
         self._peak = 0
         self._thread: threading.Thread | None = None
 
     def _pg_tree(self) -> list[psutil.Process]:
-        if self._pg is None:
-            return []
-        try:
-            root = psutil.Process(self._pg)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        tree: list[psutil.Process] = []
+        for pid in self._pg:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(pid)
+                tree += [root, *root.children(recursive=True)]
+        return tree
 
     @staticmethod
     def _cpu(processes: list[psutil.Process]) -> dict[int, float]:
@@ -501,6 +509,49 @@ def run_scenario(
     )
 
 
+def run_scenarios(
+    workers: Workers,
+    monitor: Monitor,
+    profile: Profile,
+    meta: dict[str, Any],
+    fixtures: Fixtures,
+    scenarios: list[tuple[str, str]],
+    only: set[str] | None,
+    http_address: str | None,
+    results: dict[str, ScenarioResult],
+    probe: Callable[[str], None] | None = None,
+) -> None:
+    """Run `scenarios` in order into `results` (filled as they finish), one line each on
+    stderr. `probe(name)`, if given, is called just before and just after each scenario."""
+    for name, description in scenarios:
+        if only is not None and name not in only:
+            continue
+        if name.startswith("v4:") and http_address is None:
+            print(f"{name}: not available (this follow-server has no v4 shim)", file=sys.stderr)
+            continue
+        limits = None
+        if name == "grpc:unfollow20":
+            follow = results.get("grpc:follow20")
+            if follow is None:
+                continue
+            limits = follow.issued_per_worker
+        seed = 20 if name in ("grpc:follow20", "grpc:unfollow20") else 1 + len(results)
+        if probe is not None:
+            probe(name)
+        result = run_scenario(
+            workers, monitor, profile, name, description, meta, fixtures, limits, seed
+        )
+        if probe is not None:
+            probe(name)
+        results[name] = result
+        print(
+            f"  {name:<26} {result.calls_per_s:>9.0f}/s  p50 {result.p50_ms:7.2f} ms"
+            f"  p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
+            + (f"  ({result.error_sample})" if result.error_sample else ""),
+            file=sys.stderr,
+        )
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -615,7 +666,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, help="load-generator processes")
     parser.add_argument("--workers", type=int, default=1, help="follow-server --workers N")
     parser.add_argument("--only", help="comma-separated scenario names to run")
+    citus = parser.add_argument_group(
+        "Citus",
+        "--citus: the gRPC scenarios on a 3-node Citus cluster and on one plain"
+        " PostgreSQL 15, same data (see tests.bench.citus)",
+    )
+    citus.add_argument("--citus", action="store_true", help="cluster vs single node")
+    citus.add_argument(
+        "--full", action="store_true", help="with --citus: the full graph and durations"
+    )
+    citus.add_argument(
+        "--citus-seed",
+        choices=("auto", "import", "copy"),
+        default="auto",
+        help="seed the cluster with the bulk importer, by COPY from the seeded single node,"
+        " or (auto) the importer and COPY if the importer fails there",
+    )
+    citus.add_argument(
+        "--citus-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a postgresql.conf setting for every cluster node (repeatable)",
+    )
     args = parser.parse_args(argv)
+    if args.quick and args.full:
+        parser.error("--quick and --full exclude each other")
+    if args.citus and not args.full:
+        args.quick = True  # the Citus bench is quick unless --full
     base = QUICK if args.quick else FULL
     profile = Profile(
         base.graph,
@@ -626,6 +704,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.citus:
+        from tests.bench.citus import run_citus
+
+        run_citus(args, profile, out)
+        return
     started = time.monotonic()
     database, run_url, pg_version, meta = asyncio.run(_setup(out, profile))
     server: Server | None = None
@@ -641,31 +724,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         target = Target(server.grpc_address, run_url, server.http_address, v4_query)
         workers = Workers(profile.processes, target)
-        monitor = Monitor(server, _postmaster_pid(database))
+        pid = _postmaster_pid(database)
+        monitor = Monitor(server, [pid] if pid is not None else [])
         only = set(args.only.split(",")) if args.only else None
-        for name, description in SCENARIOS:
-            if only is not None and name not in only:
-                continue
-            if name.startswith("v4:") and server.http_address is None:
-                print(f"{name}: not available (this follow-server has no v4 shim)", file=sys.stderr)
-                continue
-            limits = None
-            if name == "grpc:unfollow20":
-                follow = results.get("grpc:follow20")
-                if follow is None:
-                    continue
-                limits = follow.issued_per_worker
-            seed = 20 if name in ("grpc:follow20", "grpc:unfollow20") else 1 + len(results)
-            result = run_scenario(
-                workers, monitor, profile, name, description, meta, fixtures, limits, seed
-            )
-            results[name] = result
-            print(
-                f"  {name:<26} {result.calls_per_s:>9.0f}/s  p50 {result.p50_ms:7.2f} ms"
-                f"  p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
-                + (f"  ({result.error_sample})" if result.error_sample else ""),
-                file=sys.stderr,
-            )
+        run_scenarios(
+            workers, monitor, profile, meta, fixtures, SCENARIOS, only, server.http_address, results
+        )
     finally:
         if workers is not None:
             workers.close()
