@@ -177,6 +177,21 @@ def target_address(text: str) -> str:
     return text
 
 
+def input_file(text: str) -> str:
+    """A file to read ('-' is stdin), checked when the flags are read, so that a wrong path is
+    a usage error before any database is started."""
+    if text == "-":
+        return text
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text}: no permission to read it")
+    return text
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -207,7 +207,7 @@ def _start_embedded(data_dir: Path) -> Database:
         if "(1 row)" not in exists:
             server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
         return Database(server.get_uri(EMBEDDED_DATABASE), server)
-    except (OSError, subprocess.SubprocessError, RuntimeError, AssertionError) as exc:
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError, AssertionError) as exc:
         if server is not None:
             server.cleanup()
         raise StartupError(
