@@ -113,22 +113,21 @@ SELECT following, clock_timestamp() AS now
 FROM (SELECT following FROM follow_counts WHERE user_id = $1 FOR UPDATE) AS owner
 """
 
+# The acting user's own rows about the targets (one owner: one shard on Citus), read in a
+# statement of its own after the locks: a statement that waits for a row lock still reads
+# everything else with the snapshot it started with, which would miss what the previous
+# holder of the lock just committed. kind 1: followed (mutual or not), 2: a fan.
+_OWN_EDGES_AMONG = """
+SELECT 1 AS kind, target_id AS id, mutual_since IS NOT NULL AS mutual FROM following
+WHERE user_id = $1 AND target_id = ANY($2::text[])
+UNION ALL
+SELECT 2, follower_id, false FROM followers
+WHERE user_id = $1 AND follower_id = ANY($2::text[])
+"""
+
 # One owner per statement (Citus locks one shard per statement); asyncpg's fetchmany sends
 # them all in one round trip and answers with the users that exist.
 _SHARE_LOCK = "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR SHARE"
-
-# The acting user's own rows about the targets: whom they follow (1) and who follows them (2).
-_OWN_EDGES_AMONG = """
-SELECT 1 AS kind, target_id AS id FROM following
-WHERE user_id = $1 AND target_id = ANY($2::text[])
-UNION ALL
-SELECT 2, follower_id FROM followers WHERE user_id = $1 AND follower_id = ANY($2::text[])
-"""
-
-_FOLLOWED_AMONG = """
-SELECT target_id, mutual_since IS NOT NULL AS mutual
-FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
-"""
 
 _SET_MUTUAL = """
 UPDATE following SET mutual_since = $2 WHERE user_id = ANY($3::text[]) AND target_id = $1
@@ -138,6 +137,51 @@ _DELETE_FOLLOWING = "DELETE FROM following WHERE user_id = $1 AND target_id = AN
 _DELETE_THEIR_FOLLOWERS = (
     "DELETE FROM followers WHERE user_id = ANY($2::text[]) AND follower_id = $1"
 )
+
+# One PostgreSQL: each call's writes in one statement (one round trip). The delta rows are
+# written in id order (ORDER BY), so two followers sharing a delta shard never lock them in
+# opposite orders. Citus pulls a writing CTE to the coordinator, so there the same writes
+# are sent one owner-scoped statement at a time instead (_write_follows_per_owner).
+_WRITE_FOLLOWS = """
+WITH new_following AS (
+    INSERT INTO following (user_id, target_id, followed_at, mutual_since)
+    SELECT $1, t.id, $3, CASE WHEN t.id = ANY($4::text[]) THEN $3::timestamptz END
+    FROM unnest($2::text[]) AS t(id)
+), new_followers AS (
+    INSERT INTO followers (user_id, follower_id, followed_at)
+    SELECT t.id, $1, $3 FROM unnest($2::text[]) AS t(id)
+), their_mutual AS (
+    UPDATE following SET mutual_since = $3 WHERE user_id = ANY($4::text[]) AND target_id = $1
+), their_counts AS (
+    INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
+    SELECT t.id, $5, 1, (t.id = ANY($4::text[]))::int
+    FROM unnest($2::text[]) AS t(id) ORDER BY t.id
+    ON CONFLICT (user_id, shard) DO UPDATE
+    SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
+)
+UPDATE follow_counts
+SET following = following + cardinality($2::text[]), mutual = mutual + cardinality($4::text[])
+WHERE user_id = $1
+"""
+
+_WRITE_UNFOLLOWS = """
+WITH gone_following AS (
+    DELETE FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])
+), gone_followers AS (
+    DELETE FROM followers WHERE user_id = ANY($2::text[]) AND follower_id = $1
+), their_mutual AS (
+    UPDATE following SET mutual_since = NULL WHERE user_id = ANY($3::text[]) AND target_id = $1
+), their_counts AS (
+    INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
+    SELECT t.id, $4, -1, -(t.id = ANY($3::text[]))::int
+    FROM unnest($2::text[]) AS t(id) ORDER BY t.id
+    ON CONFLICT (user_id, shard) DO UPDATE
+    SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
+)
+UPDATE follow_counts
+SET following = following - cardinality($2::text[]), mutual = mutual - cardinality($3::text[])
+WHERE user_id = $1
+"""
 
 # One owner per statement, in id order (see the module docstring).
 _ADD_DELTA = """
@@ -310,6 +354,7 @@ class Store:
         # Transactions retried, by error (DeadlockDetectedError, SerializationError): with
         # the one lock order there should be none; tests and metrics read it.
         self.retried: Counter[str] = Counter()
+        self._citus: bool | None = None
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -371,6 +416,15 @@ class Store:
             Reason.CONTENTION, "too many concurrent changes to the same users; try again"
         )
 
+    async def _distributed(self, conn: Conn) -> bool:
+        """Whether the database is a Citus cluster (asked once): the writes of a call then
+        go one owner-scoped statement at a time instead of one writing CTE."""
+        if self._citus is None:
+            self._citus = bool(
+                await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'citus'")
+            )
+        return self._citus
+
     async def cursor_key(self) -> bytes:
         """The page-token key, made once per database so every server process shares it."""
         async with self._connection() as conn:
@@ -417,7 +471,12 @@ class Store:
                 else:
                     results[target] = ItemCode.FOLLOWING_LIMIT_REACHED
             if new:
-                await _write_follows(conn, user_id, new, owner["now"], fans)
+                mutual = [t for t in new if t in fans]
+                if await self._distributed(conn):
+                    await _write_follows_per_owner(conn, user_id, new, owner["now"], fans)
+                else:
+                    shard = delta_shard(user_id)
+                    await conn.execute(_WRITE_FOLLOWS, user_id, new, owner["now"], mutual, shard)
                 results.update(dict.fromkeys(new, ItemCode.OK))
             return results
 
@@ -428,16 +487,16 @@ class Store:
 
         async def work(conn: Conn) -> None:
             _, known = await _lock_users(conn, user_id, targets)
+            own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
             # An edge to an account being deleted is the background cleanup's to remove.
-            rows = [
-                r
-                for r in await conn.fetch(_FOLLOWED_AMONG, user_id, list(targets))
-                if r["target_id"] in known
-            ]
-            if not rows:
+            gone = sorted(r[1] for r in own if r[0] == 1 and r[1] in known)
+            if not gone:
                 return
-            gone = sorted(r["target_id"] for r in rows)
-            mutual = [r["target_id"] for r in rows if r["mutual"]]
+            mutual = [r[1] for r in own if r[0] == 1 and r[2] and r[1] in known]
+            if not await self._distributed(conn):
+                shard = delta_shard(user_id)
+                await conn.execute(_WRITE_UNFOLLOWS, user_id, gone, mutual, shard)
+                return
             await conn.execute(_DELETE_FOLLOWING, user_id, gone)
             await conn.execute(_DELETE_THEIR_FOLLOWERS, user_id, gone)
             if mutual:
@@ -623,7 +682,7 @@ async def _lock_users(
     return owner, known
 
 
-async def _write_follows(
+async def _write_follows_per_owner(
     conn: Conn, user_id: str, new: list[str], now: object, fans: set[str]
 ) -> None:
     """Both copies of each new edge, mutual state on both sides, and the counts: the

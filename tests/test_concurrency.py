@@ -483,13 +483,17 @@ async def test_many_fans_following_one_user_at_once_count_exactly(
     await api_agrees_with_tables(client, [CELEBRITY, *FANS])
 
 
+CELEBRITY_DEADLINE = 10.0
+
+
 async def test_celebrity_is_not_starved_by_a_stream_of_fans(
     make_service: ServiceFactory, connect: ClientFactory
 ) -> None:
     """While 40 fans follow and unfollow one user without pause (each holding a share lock
     on that user's counter row, overlapping one another), the user's own Follow and Unfollow
-    calls (which need that row FOR UPDATE) each complete within a 5 s deadline: share
-    lockers arriving after the user's call queue behind it instead of overtaking it."""
+    calls (which need that row FOR UPDATE) each complete within their deadline (10 s, the
+    machine may be busy): share lockers arriving after the user's call queue behind it
+    instead of overtaking it forever."""
     running = await make_service()
     client = await connect(running)
     others = [f"o{i:02d}" for i in range(20)]
@@ -518,13 +522,13 @@ async def test_celebrity_is_not_starved_by_a_stream_of_fans(
             if k % 2 == 0:
                 response = await client.follow.Follow(
                     pb.FollowRequest(user_id=CELEBRITY, target_ids=others[k : k + 5]),
-                    timeout=5.0,
+                    timeout=CELEBRITY_DEADLINE,
                 )
                 assert {r.code for r in response.results} == {pb.RESULT_CODE_OK}
             else:
                 await client.follow.Unfollow(
                     pb.UnfollowRequest(user_id=CELEBRITY, target_ids=others[k - 1 : k + 4]),
-                    timeout=5.0,
+                    timeout=CELEBRITY_DEADLINE,
                 )
             own_latencies.append(loop.time() - started)
     finally:
