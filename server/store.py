@@ -183,6 +183,10 @@ SET following = following - cardinality($2::text[]), mutual = mutual - cardinali
 WHERE user_id = $1
 """
 
+# Statements sent only to one PostgreSQL, never to Citus (see Store._distributed); the
+# Citus plan test skips them.
+SINGLE_NODE_ONLY = frozenset({"_WRITE_FOLLOWS", "_WRITE_UNFOLLOWS"})
+
 # One owner per statement, in id order (see the module docstring).
 _ADD_DELTA = """
 INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
