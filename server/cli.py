@@ -19,12 +19,10 @@ import sys
 from collections.abc import Sequence
 
 from server import logs, tls
-from server.app import serve_on, serve_v4_alone
 from server.config import PROGRAM, Settings, parse_settings, requested_log_format, split_host_port
 from server.database import Database, open_database, redact
 from server.errors import ConfigError, StartupError
 from server.runner import run
-from server.workers import supervise
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +129,11 @@ def preflight(settings: Settings) -> None:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully: the shim alone
     (--grpc-target), N workers (--workers), or one server over its database."""
+    # Imported here, not at the top: --help, --version and a usage mistake answer without
+    # loading the servers (grpc.aio, aiohttp, the servicers), a second or more on a busy host.
+    from server.app import serve_on, serve_v4_alone
+    from server.workers import supervise
+
     if settings.grpc_target:
         await serve_v4_alone(settings)
         return
