@@ -3,9 +3,11 @@ for plaintext."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from TLSSigAPIv2 import TLSSigAPIv2
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
 from server import tls
-from server.app import start_service
+from server.app import RunningService, start_service
 from server.config import Settings
 from server.v4.http import start_shim
 from tests.conftest import ServiceFactory
@@ -352,3 +354,80 @@ def test_half_a_client_tls_configuration_is_refused() -> None:
     with pytest.raises(tls.TlsConfigError, match="together"):
         tls.client_files(None, Path("client.pem"), None)
     assert tls.client_files(None, None, None) is None
+
+
+# -- the v4 shim's own TLS (--http-tls-cert/--http-tls-key) ------------------------------
+
+
+async def test_shim_serves_https_with_its_own_certificate(
+    service: RunningService, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With --http-tls-cert/--http-tls-key the shim speaks HTTPS only: a client trusting the
+    CA gets the envelope (the UserSig travels encrypted), a plaintext client gets nothing,
+    and the OpenAPI document names the https address."""
+    caplog.set_level(logging.INFO, logger="server.v4.http")
+    app, key = 1400000009, "https-key"
+    settings = Settings(
+        http_listen="127.0.0.1:0",
+        sdkappid=app,
+        secret_key=key,
+        http_tls_cert=pki.server_files.cert,
+        http_tls_key=pki.server_files.key,
+    )
+    shim = await start_shim(settings, service.core)
+    try:
+        context = ssl.create_default_context(cadata=pki.server_ca.pem.decode())
+        query = {
+            "sdkappid": str(app),
+            "identifier": "administrator",
+            "usersig": TLSSigAPIv2(app, key).gen_sig("administrator"),
+            "random": "1",
+            "contenttype": "json",
+        }
+        base = f"https://127.0.0.1:{shim.port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{base}/v4/im_open_login_svc/account_check",
+                params=query,
+                data=b'{"CheckItem": [{"UserID": "a"}]}',
+                ssl=context,
+            ) as response:
+                assert (await response.json(content_type=None))["ErrorCode"] == 0
+            async with session.get(f"{base}/v4/openapi.yaml", ssl=context) as response:
+                assert f"  - url: {base}\n" in await response.text()
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(f"http://127.0.0.1:{shim.port}/v4/openapi.yaml") as r:
+                    await r.read()
+    finally:
+        await shim.stop()
+    assert f"v4 shim listening on https://127.0.0.1:{shim.port}" in caplog.text
+    assert "PLAINTEXT" not in caplog.text
+
+
+async def test_shim_in_plaintext_off_loopback_warns_loudly(
+    service: RunningService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plaintext HTTP on 0.0.0.0 logs a warning naming the UserSig and the TLS flags (the
+    port is talked to only via 127.0.0.1 here); on loopback it stays quiet."""
+    caplog.set_level(logging.WARNING, logger="server.tls")
+    settings = Settings(http_listen="0.0.0.0:0", sdkappid=1400000009, secret_key="k")
+    shim = await start_shim(settings, service.core)
+    await shim.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "server.tls"]
+    assert any(
+        "PLAINTEXT HTTP" in m and "UserSig" in m and "--http-tls-cert" in m for m in warnings
+    )
+    caplog.clear()
+    shim = await start_shim(dataclasses.replace(settings, http_listen="127.0.0.1:0"), service.core)
+    await shim.stop()
+    assert not [r for r in caplog.records if r.name == "server.tls"]
+
+
+def test_unusable_shim_certificate_is_a_config_error(tmp_path: Path, pki: Pki) -> None:
+    """A missing file, or a certificate with another key, is one TlsConfigError naming them."""
+    with pytest.raises(tls.TlsConfigError, match="cannot read certificate"):
+        tls.http_ssl_context(tmp_path / "missing.pem", pki.server_files.key)
+    other = tmp_path / "other.key"
+    other.write_bytes(pki.client.key)
+    with pytest.raises(tls.TlsConfigError, match="do not load as a certificate and its key"):
+        tls.http_ssl_context(pki.server_files.cert, other)
