@@ -10,11 +10,14 @@
    counts and counter sums are compared before anything is measured.
 3. The statements behind the read calls, timed on both idle systems, with the number of
    tasks Citus runs for each (EXPLAIN ANALYZE on the coordinator).
-4. For each system in turn (the cluster first, then the single node): `follow-server`
-   against it, the gRPC scenarios of `make bench` from the same load generators, the CPU of
-   every PostgreSQL process and, on the cluster, the Citus statement counters per scenario
-   (single- and multi-shard statements) and the deadlocks (pg_stat_database on every node
-   before and after, and the node and server logs).
+4. A `follow-server` against each system, both up at once, and the gRPC scenarios of
+   `make bench` from the same load generators, interleaved: each scenario on one system
+   then on the other (alternating which goes first), so that each pair of figures is taken
+   close together in time on a machine whose other load drifts. Measured besides: the CPU
+   of every PostgreSQL process; on the cluster, per scenario, the Citus statement and
+   connection counters and what the nodes' backends wait for (sampled pg_stat_activity),
+   and over the whole run the deadlocks (pg_stat_database on every node before and after,
+   and the node and server logs).
 5. Each system's usual table, the cluster / single-node throughput ratio per scenario with
    its target, the deadlocks, a JSON file of every figure and a PNG chart in var/bench/.
 """
@@ -443,38 +446,73 @@ def _postmasters(nodes: list[Node]) -> list[int]:
     return pids
 
 
-def run_system(
-    system: System,
+class Session:
+    """follow-server against one system, its load generators and monitors, for as long as
+    the scenarios run; `close()` stops them and reads the deadlock figures."""
+
+    def __init__(
+        self, system: System, profile: Profile, meta: dict[str, Any], out: Path, workers: int
+    ) -> None:
+        print(f"{system.key}: starting follow-server ...", file=sys.stderr)
+        self.system = system
+        self.profile = profile
+        self.meta = meta
+        self.log = out / f"bench-citus-server-{system.key}.log"
+        self._before = {
+            "stat": asyncio.run(_deadlock_counts(system.nodes)),
+            "logs": {n.name: _log_size(n.log) for n in system.nodes},
+        }
+        self.server = start_server(system.url, profile, self.log, workers)
+        self.workers: Workers | None = None
+        try:
+            self.fixtures = asyncio.run(prepare(system.url, meta))
+            self.workers = Workers(profile.processes, Target(self.server.grpc_address, system.url))
+        except BaseException:
+            self.close()
+            raise
+        self.monitor = Monitor(self.server, _postmasters(system.nodes))
+        self.probe = _counter_probe(system) if system.citus else None
+
+    def run(self, scenario: tuple[str, str]) -> None:
+        """One scenario (results into the system; unfollow20 replays its follow20)."""
+        assert self.workers is not None
+        run_scenarios(
+            self.workers, self.monitor, self.profile, self.meta, self.fixtures, [scenario],
+            None, None, self.system.results, self.probe, f"{self.system.key:<8}",
+        )  # fmt: skip
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+        if self.server.process.poll() is None:
+            self.server.stop()
+            time.sleep(1.5)  # statistics reach the shared counters when backends end
+            self.system.deadlocks = deadlocks(self.system, self._before, self.log)
+
+
+def run_interleaved(
+    systems: list[System],
     profile: Profile,
     meta: dict[str, Any],
     out: Path,
     server_workers: int,
     only: set[str] | None,
 ) -> None:
-    """follow-server against `system`, then every scenario; results into `system`."""
-    print(f"{system.key}: starting follow-server ...", file=sys.stderr)
-    log = out / f"bench-citus-server-{system.key}.log"
-    before = {
-        "stat": asyncio.run(_deadlock_counts(system.nodes)),
-        "logs": {n.name: _log_size(n.log) for n in system.nodes},
-    }
-    server = start_server(system.url, profile, log, server_workers)
-    workers: Workers | None = None
+    """Both systems served at once, each scenario run on one then on the other (the order
+    alternating from scenario to scenario), so both figures of a pair are taken minutes
+    apart at most under whatever else this machine is running."""
+    sessions: list[Session] = []
     try:
-        fixtures = asyncio.run(prepare(system.url, meta))
-        workers = Workers(profile.processes, Target(server.grpc_address, system.url))
-        monitor = Monitor(server, _postmasters(system.nodes))
-        probe = _counter_probe(system) if system.citus else None
-        run_scenarios(
-            workers, monitor, profile, meta, fixtures, CITUS_SCENARIOS, only, None,
-            system.results, probe,
-        )  # fmt: skip
+        for system in systems:
+            sessions.append(Session(system, profile, meta, out, server_workers))
+        chosen = [s for s in CITUS_SCENARIOS if only is None or s[0] in only]
+        for i, scenario in enumerate(chosen):
+            for session in sessions if i % 2 == 0 else sessions[::-1]:
+                session.run(scenario)
     finally:
-        if workers is not None:
-            workers.close()
-        server.stop()
-    time.sleep(1.5)  # statistics reach the shared counters when backends end or idle
-    system.deadlocks = deadlocks(system, before, log)
+        for session in sessions:
+            session.close()
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -574,11 +612,8 @@ def run_citus(args: argparse.Namespace, profile: Profile, out: Path) -> None:
             for s in (single, cluster)
         }
         only = set(args.only.split(",")) if args.only else None
-        # The cluster first, then it is stopped (its logs kept) before the single node runs.
-        run_system(cluster, profile, meta, out, args.workers, only)
+        run_interleaved([cluster, single], profile, meta, out, args.workers, only)
         _keep_logs(cluster, out)
-        cluster_pg.stop()
-        run_system(single, profile, meta, out, args.workers, only)
     finally:
         cluster_pg.stop()
         single_pg.stop()

@@ -520,9 +520,11 @@ def run_scenarios(
     http_address: str | None,
     results: dict[str, ScenarioResult],
     probe: Callable[[str], None] | None = None,
+    label: str = "",
 ) -> None:
     """Run `scenarios` in order into `results` (filled as they finish), one line each on
-    stderr. `probe(name)`, if given, is called just before and just after each scenario."""
+    stderr (after `label`). `probe(name)`, if given, is called just before and just after
+    each scenario."""
     for name, description in scenarios:
         if only is not None and name not in only:
             continue
@@ -545,7 +547,7 @@ def run_scenarios(
             probe(name)
         results[name] = result
         print(
-            f"  {name:<26} {result.calls_per_s:>9.0f}/s  p50 {result.p50_ms:7.2f} ms"
+            f"  {label}{name:<26} {result.calls_per_s:>9.0f}/s  p50 {result.p50_ms:7.2f} ms"
             f"  p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
             + (f"  ({result.error_sample})" if result.error_sample else ""),
             file=sys.stderr,
