@@ -14,17 +14,29 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from grpc_status import rpc_status
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from server.app import HEALTH_INTERVAL_SECONDS, RunningService, start_service
+from server.app import (
+    HEALTH_INTERVAL_SECONDS,
+    MAX_RECEIVE_BYTES,
+    RunningService,
+    largest_valid_request_bytes,
+    start_service,
+)
 from server.config import Settings
 from server.database import Database, open_database
 from tests.conftest import ServiceFactory
@@ -114,6 +126,105 @@ async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
     assert services["follow.v1.AccountService"] == ACCOUNT_METHODS
     assert "grpc.health.v1.Health" in services
     assert "grpc.reflection.v1alpha.ServerReflection" in services
+    assert services["grpc.reflection.v1.ServerReflection"] == {"ServerReflectionInfo"}
+
+
+class ReflectionV1Database(ProtoReflectionDescriptorDatabase):  # type: ignore[misc]
+    """grpcio-reflection's reflection client (a DescriptorDatabase over the server's
+    reflection service, as grpcurl is) asking grpc.reflection.v1, the stable version newer
+    tools ask for first. The two versions differ only in their package name, so the
+    v1alpha messages carry v1 on the wire."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self._stub = SimpleNamespace(
+            ServerReflectionInfo=channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+        )
+
+
+def _grpcurl_style(port: int) -> tuple[list[str], str, str, str]:
+    """What `grpcurl -plaintext 127.0.0.1:PORT list` and two calls made from reflected
+    descriptors alone (no generated code) see, over reflection v1."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        database = ReflectionV1Database(channel)
+        services = sorted(database.get_services())
+        pool = descriptor_pool.DescriptorPool(database)
+        follow = pool.FindServiceByName("follow.v1.FollowService").methods_by_name["Follow"]
+        request = json_format.Parse(
+            '{"user_id": "", "target_ids": ["bob"]}',
+            message_factory.GetMessageClass(follow.input_type)(),
+        )
+        call = channel.unary_unary(
+            "/follow.v1.FollowService/Follow",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=message_factory.GetMessageClass(follow.output_type).FromString,
+        )
+        with pytest.raises(grpc.RpcError) as failed:
+            call(request, timeout=10)
+        error = failed.value
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        assert status is not None
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info)
+        check = pool.FindServiceByName("follow.v1.AccountService").methods_by_name["CheckAccounts"]
+        answer = channel.unary_unary(
+            "/follow.v1.AccountService/CheckAccounts",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=message_factory.GetMessageClass(check.output_type).FromString,
+        )(
+            json_format.Parse(
+                '{"user_ids": ["nobody"]}', message_factory.GetMessageClass(check.input_type)()
+            ),
+            timeout=10,
+        )
+        described = pool.FindServiceByName("grpc.reflection.v1.ServerReflection").full_name
+        return services, info.reason, json_format.MessageToJson(answer, indent=None), described
+
+
+async def test_reflection_v1_serves_grpcurl_style_clients(service: RunningService) -> None:
+    """grpc.reflection.v1 (not only v1alpha) lists the services, describes them and itself,
+    and its descriptors alone are enough to call the contract and read its error details."""
+    services, reason, answer, described = await asyncio.to_thread(_grpcurl_style, service.port)
+    assert services == sorted(
+        [
+            "follow.v1.FollowService",
+            "follow.v1.AccountService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+    )
+    assert reason == "INVALID_USER_ID"
+    assert '"userId": "nobody"' in answer
+    assert described == "grpc.reflection.v1.ServerReflection"
+
+
+async def test_receive_limit_fits_every_valid_request_and_no_more(
+    account_stub: pb_grpc.AccountServiceAsyncStub,
+) -> None:
+    """The gRPC receive limit is over twice the largest valid request (100 accounts with a
+    32-byte id and 500-byte nick and face URL, about 105 kB): that request is served, and a
+    request just over the limit is refused by gRPC with RESOURCE_EXHAUSTED."""
+    largest = largest_valid_request_bytes()
+    assert 100_000 < largest < 110_000
+    assert 2 * largest <= MAX_RECEIVE_BYTES <= 4 * largest
+    longest = "é" * 250  # 500 bytes of UTF-8
+    accounts = [
+        pb.Account(user_id=f"big-{i:028d}", nick=longest, face_url=longest) for i in range(100)
+    ]
+    request = pb.ImportAccountsRequest(accounts=accounts)
+    assert request.ByteSize() == largest
+    response = await account_stub.ImportAccounts(request, timeout=30)
+    assert [r.code for r in response.results] == [pb.RESULT_CODE_OK] * 100
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await account_stub.CheckAccounts(
+            pb.CheckAccountsRequest(user_ids=["x" * MAX_RECEIVE_BYTES]), timeout=30
+        )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture
