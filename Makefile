@@ -31,7 +31,17 @@ $(DEV_KEY):
 run: $(STAMP) $(DEV_KEY)
 	$(BIN)/follow-server $(RUN_KEY) $(RUN_APP) $(ARGS)
 
-test: $(STAMP)
+# tests/test_node_client.py's packages (tests/node, from its package-lock.json), installed
+# when npm is on the machine; without node/npm that one test skips and says why.
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+.PHONY: node-deps
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+		test $(NODE_DEPS) -nt tests/node/package-lock.json 2>/dev/null || \
+		(cd tests/node && npm ci --no-audit --no-fund --loglevel=error); \
+	else echo "npm not found: tests/test_node_client.py will skip"; fi
+
+test: $(STAMP) node-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # gen/: the Python of proto/follow (+ .pyi stubs). proto/google/rpc/: the two googleapis
