@@ -225,7 +225,8 @@ def render_citus_table(doc: dict[str, Any]) -> str:
         f" log lines naming a deadlock: nodes {d['log_lines']}, follow-server"
         f" {d['server_log_lines']}; single node for comparison: {d['single_node']}",
         "",
-        "### statements, idle systems (median of repeated runs, prepared, from one client)",
+        "### statements without the bench's load (one client, prepared, median of repeated"
+        " runs; before the scenarios)",
         "",
         "| statement | single ms | cluster ms | cluster / single | Citus tasks |"
         " worker connections opened / run |",
