@@ -107,7 +107,7 @@ def check_data_dir(data_dir: Path, *, create: bool = True) -> bool:
     return False
 
 
-def _say_what_root_changes(data_dir: Path, exists: bool) -> None:
+def say_what_root_changes(data_dir: Path, exists: bool) -> None:
     """As root the embedded server runs PostgreSQL as EMBEDDED_SYSTEM_USER: it hands the data
     folder to that user and opens the folders above it to everyone (o+rx). Said, never
     done silently."""
@@ -253,7 +253,7 @@ async def open_database(url: str | None, data_dir: Path, *, create: bool = True)
         await check_database_url(url)
         return Database(url)
     exists = check_data_dir(data_dir, create=create)
-    _say_what_root_changes(data_dir, exists)
+    say_what_root_changes(data_dir, exists)
     log.info("no database URL given: starting embedded PostgreSQL in %s", data_dir)
     return await asyncio.to_thread(_start_embedded, data_dir)
 

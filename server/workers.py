@@ -36,6 +36,7 @@ from server import logs, runner
 from server.app import serve_on
 from server.config import Settings
 from server.database import Database, open_database, redact
+from server.errors import ConfigError, StartupError
 from server.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,12 @@ def worker_main(settings: Settings, index: int) -> None:
     logs.setup_logging(settings.log_level, settings.log_format)
     if settings.database_url is None:
         raise ValueError("a worker needs the database URL its parent opened")
-    runner.run(serve_on(settings, settings.database_url, worker=index))
+    try:
+        runner.run(serve_on(settings, settings.database_url, worker=index))
+    except (ConfigError, StartupError) as exc:
+        # One line, like the parent's; the parent then stops the others and exits 1.
+        logs.print_fatal(f"worker {index}: {exc}", settings.log_format)
+        sys.exit(exc.exit_code)
 
 
 async def supervise(settings: Settings) -> None:
