@@ -63,13 +63,14 @@ class Settings:
 
 
 PROGRAM = "follow-server"
-EXIT_CODES = (
-    "exit status: 0 stopped cleanly on SIGTERM/SIGINT (check: no violations);"
-    " 1 a runtime failure: a port already in use, the database unreachable or refusing to"
-    " start, a worker that died (check: violations found; import: bad rows);"
-    " 2 a usage or configuration mistake, reported before anything starts."
-    " Each failure is one line on stderr (one JSON object with --log-format json)."
-)
+EXIT_CODES = """\
+exit status:
+  0  stopped cleanly on SIGTERM/SIGINT (check: no violations)
+  1  a failure at run time: a port already in use, the database unreachable or refusing
+     to start, a worker that died (check: violations found; import: bad rows)
+  2  a usage or configuration mistake, reported before anything starts
+Each failure is one line on stderr (one JSON object with --log-format json).
+"""
 SUBCOMMANDS_HELP = """\
 commands:
   follow-server [serve] [OPTIONS]   run the service (the default; the options below)
@@ -414,6 +415,8 @@ def _env_value(parser: argparse.ArgumentParser, option: Option) -> tuple[bool, A
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return ",".join(value) or "none"
     if value is None:
