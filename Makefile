@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test gen gen-check lint format bench bench-quick bench-citus soak clean
+.PHONY: install run test test-citus gen gen-check lint format bench bench-quick bench-citus soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -43,6 +43,21 @@ node-deps:
 
 test: $(STAMP) node-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The storage-touching suites again, on a throwaway Citus cluster (a coordinator and two
+# workers on 127.0.0.1, started and stopped by the tests: tests/support/citus.py), each test
+# in a Citus database of its own with the tables distributed; plus every store statement's
+# plan (tests/test_citus_plans.py; `PYTEST_ARGS=-rP` prints the table).
+CITUS_TESTS := tests/test_servicer.py tests/test_v4_commands.py tests/test_stateful.py \
+	tests/test_v4_stateful.py tests/test_concurrency.py tests/test_importer.py \
+	tests/test_checker.py tests/test_citus_migrations.py tests/test_citus_plans.py
+test-citus: $(STAMP)
+	@$(BIN)/python -c 'from tests.support.citus import citus_missing_reason as missing; \
+		r = missing(); raise SystemExit(r and "make test-citus: no Citus cluster can start here: " + r \
+		+ "\nInstall Citus: run ../shared/citus/install.sh (or install Citus 13.2 for PostgreSQL" \
+		" 15-17 from its packages); FOLLOW_CITUS_PG_BIN (default /usr/lib/postgresql/15/bin)" \
+		" picks the PostgreSQL binaries it runs on.")'
+	FOLLOW_TEST_CITUS=1 $(BIN)/python -m pytest $(CITUS_TESTS) $(PYTEST_ARGS)
 
 # gen/: the Python of proto/follow (+ .pyi stubs). proto/google/rpc/: the two googleapis
 # files a client in another language needs to decode error details (google.rpc.Status and

@@ -13,7 +13,7 @@ import pytest
 from server.app import RunningService
 from server.checker import check
 from server.store import AccountInput
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, skip_on_citus
 
 
 @pytest.fixture
@@ -65,7 +65,21 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=skip_on_citus(
+                "Citus refuses this corruption's own UPDATE (followed_at - interval: a STABLE"
+                " function over a column in an UPDATE)"
+            ),
+        )
+        if name == "edge_time_mismatch"
+        else name
+        for name in sorted(CORRUPTIONS)
+    ],
+)
 async def test_each_corruption_is_found_and_repaired(conn: asyncpg.Connection, name: str) -> None:
     """Each kind of damage is reported under its invariant, and --repair leaves none."""
     before = await conn.fetch(

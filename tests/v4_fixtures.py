@@ -16,7 +16,7 @@ import pytest
 from server.app import RunningService
 from server.database import Database
 from server.v4.http import RunningShim, start_shim
-from tests.conftest import TEMPLATE, ServiceFactory, admin_execute, database_url
+from tests.conftest import ServiceFactory, create_database, drop_database
 from tests.support.threaded import ServiceInThread
 from tests.v4_helpers import SETTINGS, ShimFactory, V4Client
 
@@ -66,9 +66,9 @@ def threaded_shim(pg_cluster: Database) -> Iterator[ServiceInThread]:
     """One database (from the migrated template) and one service + shim for the module."""
     name = f"v4_threaded_{next(_databases)}"
 
-    asyncio.run(admin_execute(pg_cluster, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    url = asyncio.run(create_database(pg_cluster, name))
     try:
-        with ServiceInThread(database_url(pg_cluster, name), SETTINGS, shim=True) as shim:
+        with ServiceInThread(url, SETTINGS, shim=True) as shim:
             yield shim
     finally:
-        asyncio.run(admin_execute(pg_cluster, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        asyncio.run(drop_database(pg_cluster, name))
