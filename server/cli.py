@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS: dict[str, str] = {
     "check": "server.checker",
     "import": "server.importer",
+    "migrate": "server.migrate",
 }
 
 
@@ -54,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             args = args[1:]
         elif args and not args[0].startswith("-"):
             raise ConfigError(
-                f"unknown command {args[0]!r}: the commands are serve (the default), check"
-                f" and import (see {PROGRAM} --help)"
+                f"unknown command {args[0]!r}: the commands are serve (the default),"
+                f" {', '.join(SUBCOMMANDS)} (see {PROGRAM} --help)"
             )
         settings = parse_settings(args)
         setup_logging(settings.log_level, settings.log_format)

@@ -77,6 +77,7 @@ commands:
   follow-server check [--repair]    verify every invariant of the stored graph; check --help
   follow-server import --accounts FILE --edges FILE
                                     bulk-load accounts and follows from CSV; import --help
+  follow-server migrate             apply pending schema migrations and say what was done
 """
 
 
@@ -496,7 +497,7 @@ def add_progress_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROGRAM,
-        usage="follow-server [serve] [OPTIONS] | follow-server {check,import} [OPTIONS]",
+        usage="follow-server [serve] [OPTIONS] | follow-server {check,import,migrate} [OPTIONS]",
         description="Follow/fan relationship service: gRPC follow.v1 over PostgreSQL, with the"
         " v4 REST-JSON shim beside it.\n\n" + SUBCOMMANDS_HELP,
         epilog=EXIT_CODES,

@@ -113,7 +113,10 @@ def test_a_taken_port_is_one_line_and_exit_1_before_the_database_starts(
             "--insecure-no-auth accepts every v4 call unchecked, so it runs only on a loopback",
         ),
         (("--tls-cert", "server.pem"), "--tls-cert and --tls-key must be given together"),
-        (("chekc",), "unknown command 'chekc': the commands are serve (the default), check"),
+        (
+            ("chekc",),
+            "unknown command 'chekc': the commands are serve (the default), check, import, migrate",
+        ),
         (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
     ],
 )
