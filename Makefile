@@ -100,6 +100,13 @@ bench-quick: $(STAMP)
 bench-citus: $(STAMP)
 	$(BIN)/python -m tests.bench --citus $(ARGS)
 
+# Cost as the graph grows: the gRPC scenarios on graphs of 1, 5 and 10 million edges, throughput
+# at the largest / the smallest (target >= 0.8), database size per million edges, import rate,
+# server RSS (tests/bench/scale.py). Smaller sizes for a quick check: ARGS=--scale-sizes=0.2,1.
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	$(BIN)/python -m tests.bench --scale $(ARGS)
+
 # Mixed load while PostgreSQL restarts and the server is killed, then the checker;
 # bounded (SOAK_SECONDS, default 600). Extra flags in ARGS.
 SOAK_SECONDS ?= 600

@@ -292,3 +292,191 @@ def render_citus_chart(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# -- make bench-scale -------------------------------------------------------------------------
+
+# Throughput at the largest graph / at the smallest, per scenario: at least this.
+SCALE_TARGET = 0.8
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else _num(value / 2**20, 1)
+
+
+def render_scale_table(doc: dict[str, Any]) -> str:
+    """The scale bench's tables: per scenario throughput and latency at each size with the
+    largest / smallest ratio; the sizes (import, database, RSS); per-table bytes; B-tree
+    depths; each call's statements at each size."""
+    m = doc["machine"]
+    cfg = doc["config"]
+    sizes = doc["sizes"]
+    labels = [s["label"] for s in sizes]
+    small, large = labels[0], labels[-1]
+    lines = [
+        f"{doc['profile']} run, git {doc['git']['revision'][:10]}"
+        f"{' (dirty)' if doc['git']['dirty'] else ''}: {m['cpu_count']} x {m['cpu_model']},"
+        f" {m['memory_gb']} GB, Python {m['python']}, PostgreSQL {m['postgres']} (embedded,"
+        f" shared_buffers {sizes[0]['storage']['shared_buffers']}); load average (1 min) at"
+        f" start {m['load_average_at_start'][0]}, at end {m['load_average_at_end'][0]:.2f}"
+        " (other work shares this machine: figures are noisy)",
+        f"load: {cfg['concurrency']} calls in flight from {cfg['processes']} processes,"
+        f" {cfg['warmup']}s warm-up + {cfg['duration']}s measured per run; {cfg['rounds']}"
+        f" rounds, {cfg['mode']}; figures are medians over the rounds",
+        "",
+        f"### throughput and latency by graph size (calls/s, ms); {large} / {small}",
+        "",
+        "| scenario | "
+        + " | ".join(f"{x} calls/s | {x} p50 | {x} p99" for x in labels)
+        + f" | {large}/{small} | target | met | per-round ratios |",
+        "|---|" + "---:|---:|---:|" * len(labels) + "---:|---:|:---:|---|",
+    ]
+    for row in doc["scenarios"]:
+        cells = []
+        for x in labels:
+            s = row["sizes"][x]
+            cells.append(f"{_num(s['calls_per_s'], 0)} | {_num(s['p50_ms'])} | {_num(s['p99_ms'])}")
+        target = f">= {row['target']}" if row["target"] is not None else "(control)"
+        met = _met(row["met"]) if row["target"] is not None else ""
+        rounds = ", ".join(f"{r:.2f}" for r in row["round_ratios"])
+        errors = sum(row["sizes"][x]["errors"] for x in labels)
+        lines.append(
+            f"| {row['scenario']} | {' | '.join(cells)} | {_num(row['ratio'])} | {target} |"
+            f" {met} | {rounds}{f' ({errors} errors)' if errors else ''} |"
+        )
+    lines += [
+        "",
+        "### round-to-round spread of calls/s ((max - min) / median, %) and load average",
+        "",
+        "| scenario | " + " | ".join(f"{x} spread %" for x in labels) + " | load average |",
+        "|---|" + "---:|" * len(labels) + "---|",
+    ]
+    for row in doc["scenarios"]:
+        spreads, loads = [], []
+        for x in labels:
+            s = row["sizes"][x]
+            values = [v for v in s["rounds_calls_per_s"] if v]
+            med = s["calls_per_s"]
+            spreads.append(
+                _num((max(values) - min(values)) / med * 100, 0) if values and med else "n/a"
+            )
+            loads += s["load_average"]
+        span = f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""
+        lines.append(f"| {row['scenario']} | {' | '.join(spreads)} | {span} |")
+    lines += [
+        "",
+        "### sizes: import (when the template was made), database after VACUUM ANALYZE, server RSS",
+        "",
+        "| size | users | edges | celebrity fans | import s | import edges/s | template |"
+        " load at import | database MB | MB per M edges | server RSS idle MB |"
+        " server RSS peak MB |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in sizes:
+        g, st, imp = s["graph"], s["storage"], s["graph"]["import"]
+        load = g.get("load_average_at_import")
+        made = "cached" if g.get("cached") else "imported now"
+        if g.get("seeded_at"):
+            made += f" ({g['seeded_at'][:16]})"
+        lines.append(
+            f"| {s['label']} | {g['params']['users']:,} | {g['edges']:,} |"
+            f" {g['params']['celebrity_followers']:,} | {imp['seconds']:.0f} |"
+            f" {imp['edges_per_s']:,} | {made} | {load[0] if load else 'n/a'} |"
+            f" {_mb(st['database_bytes'])} | {_mb(st['bytes_per_million_edges'])} |"
+            f" {_num(s['server_idle_rss_mb'], 0)} | {_num(s['server_peak_rss_mb'], 0)} |"
+        )
+    lines += [
+        "",
+        "### per table: heap + indexes, MB (bytes per edge)",
+        "",
+        "| table | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for table in sizes[0]["storage"]["tables"]:
+        cells = []
+        for s in sizes:
+            t = s["storage"]["tables"][table]
+            per_edge = t["total"] / s["graph"]["edges"]
+            cells.append(f"{_mb(t['heap'])} + {_mb(t['indexes'])} ({per_edge:.0f} B)")
+        lines.append(f"| {table} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "### B-tree depth (levels, root to leaf) and size, MB",
+        "",
+        "| index | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for name in sizes[0]["storage"]["indexes"]:
+        cells = []
+        for s in sizes:
+            i = s["storage"]["indexes"].get(name, {})
+            cells.append(f"{i.get('levels', 'n/a')} ({_mb(i.get('bytes'))})")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "### each call's statements, EXPLAIN (ANALYZE, BUFFERS, WAL) on the copies, no load"
+        " from the bench (median per call of 20 draws; writes rolled back)",
+        "",
+        "| scenario | size | statements | ms | shared hit | shared read | dirtied |"
+        " WAL records | WAL FPI | WAL KB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_size in doc["statements"].items():
+        for x in labels:
+            p = by_size.get(x)
+            if p is None:
+                continue
+            lines.append(
+                f"| {name} | {x} | {p['statements']:.0f} | {p['ms']:.3f} |"
+                f" {p['Shared Hit Blocks']:.0f} | {p['Shared Read Blocks']:.0f} |"
+                f" {p['Shared Dirtied Blocks']:.0f} | {p['WAL Records']:.0f} |"
+                f" {p['WAL FPI']:.0f} | {p['WAL Bytes'] / 1024:.1f} |"
+            )
+    d = doc["disk"]
+    lines += [
+        "",
+        f"disk: {d['at_start']['free_gib']} GiB free at start, {d['at_end']['free_gib']} at end;"
+        f" {d['pgdata']} at most {d['pgdata_peak_gib']} GiB while measuring (templates +"
+        f" copies), {d['pgdata_templates_gib']} GiB kept (templates); seeding"
+        f" {doc['seeding_seconds']:.0f}s, whole run {doc['seconds']:.0f}s",
+    ]
+    return "\n".join(lines)
+
+
+def render_scale_chart(doc: dict[str, Any], path: Path) -> None:
+    """Throughput per scenario against the graph's size; below, relative to the smallest
+    size, with the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = doc["sizes"]
+    labels = [s["label"] for s in sizes]
+    x = [s["graph"]["edges"] / 1e6 for s in sizes]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 10), sharex=True)
+    for row in doc["scenarios"]:
+        y = [row["sizes"][lab]["calls_per_s"] for lab in labels]
+        style = ":" if row["target"] is None else "-"
+        top.plot(x, y, marker="o", linestyle=style, label=row["scenario"])
+        base = y[0]
+        if base:
+            bottom.plot(
+                x, [v / base if v else float("nan") for v in y], marker="o", linestyle=style
+            )
+    top.set_yscale("log")
+    top.set_ylabel("calls / s (median of rounds, log)")
+    top.legend(fontsize=8, ncol=2)
+    top.set_title(
+        f"follow-service bench-scale @ {doc['git']['revision'][:10]}"
+        f" ({doc['machine']['cpu_count']} CPU, shared machine; {doc['config']['rounds']} rounds)"
+    )
+    bottom.axhline(SCALE_TARGET, color="black", linestyle="--", linewidth=1)
+    bottom.axhline(1.0, color="#999999", linewidth=0.8)
+    bottom.set_ylabel(f"calls/s relative to {labels[0]} (dashes: target {SCALE_TARGET})")
+    bottom.set_xlabel("graph size, million edges")
+    bottom.set_xticks(x)
+    bottom.set_xticklabels([f"{v:g}" for v in x])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -164,8 +164,10 @@ async def ensure_seed(
 
 async def _seed(url: str, params: graphs.GraphParams, folder: Path) -> None:
     print(f"seeding {folder.name}: generating the graph ...", file=sys.stderr)
+    generating = time.monotonic()
     graph = graphs.generate(params)
     accounts, edges = graphs.write_csv(graph, folder)
+    generated = time.monotonic() - generating
     conn = await asyncpg.connect(url)
     try:
         await migrate(conn)
@@ -176,7 +178,13 @@ async def _seed(url: str, params: graphs.GraphParams, folder: Path) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("VACUUM ANALYZE")
-        meta = graph.meta() | {"import": imported}
+        meta = graph.meta() | {
+            "import": imported,
+            # When and under what machine load the seed was made (cached seeds keep them).
+            "seeded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "load_average_at_import": [round(x, 2) for x in os.getloadavg()],
+            "generate_seconds": round(generated, 1),
+        }
         await conn.execute("CREATE TABLE bench_meta (doc text NOT NULL)")
         await conn.execute("INSERT INTO bench_meta VALUES ($1)", json.dumps(meta))
     finally:
@@ -691,7 +699,37 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=VALUE",
         help="a postgresql.conf setting for every cluster node (repeatable)",
     )
+    scale = parser.add_argument_group(
+        "scale",
+        "--scale (make bench-scale): the gRPC scenarios on generated graphs of several sizes,"
+        " throughput at the largest / the smallest (see tests.bench.scale)",
+    )
+    scale.add_argument("--scale", action="store_true", help="cost as the graph grows")
+    scale.add_argument(
+        "--scale-sizes",
+        default="1,5,10",
+        metavar="M,M,...",
+        help="graph sizes in millions of edges (default 1,5,10; e.g. 0.2,1 for a quick check)",
+    )
+    scale.add_argument(
+        "--rounds",
+        type=int,
+        help="with --scale: rounds of every scenario at every size (default 5, 2 with --quick)",
+    )
+    scale.add_argument(
+        "--reseed", action="store_true", help="with --scale: import the graphs again"
+    )
+    scale.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --scale: one size at a time (least disk) instead of all sizes interleaved",
+    )
     args = parser.parse_args(argv)
+    if args.scale:
+        from tests.bench.scale import run_scale
+
+        run_scale(args)
+        return
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other")
     if args.citus and not args.full:
