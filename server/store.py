@@ -125,6 +125,20 @@ SELECT 2, follower_id, false FROM followers
 WHERE user_id = $1 AND follower_id = ANY($2::text[])
 """
 
+# Before any row lock, the same locks as advisory locks, in the same id order, in one
+# statement (on Citus it runs on the coordinator alone, where every session of the service
+# is). Row locks alone let a stream of followers starve a celebrity's own call: a share
+# request is granted at once while other share locks are held, even past an exclusive
+# request already waiting. PostgreSQL's lock manager queues heavyweight locks fairly (a
+# new request waits behind a waiting one it conflicts with), so the celebrity's call waits
+# only for the followers already in. No transaction id is assigned by these.
+_GATE = """
+SELECT CASE WHEN s.exclusive THEN pg_advisory_xact_lock(hashtextextended(s.id, 0))
+            ELSE pg_advisory_xact_lock_shared(hashtextextended(s.id, 0)) END::text
+FROM (SELECT id, exclusive FROM unnest($1::text[], $2::bool[]) AS u(id, exclusive)
+      ORDER BY id OFFSET 0) AS s
+"""
+
 # One owner per statement (Citus locks one shard per statement); asyncpg's fetchmany sends
 # them all in one round trip and answers with the users that exist.
 _SHARE_LOCK = "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR SHARE"
@@ -592,6 +606,7 @@ class Store:
 
         async def work(conn: Conn) -> None:
             ordered = sorted(user_ids)
+            await conn.execute(_GATE, ordered, [True] * len(ordered))
             found = await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in ordered])
             for user_id in sorted(r[0] for r in found):
                 await conn.execute(_TOMBSTONE, user_id)
@@ -646,6 +661,7 @@ async def _remove_fans(conn: Conn, user_id: str, fans: list[str]) -> None:
     """Fans of a deleted account stop following it: each one's following (and mutual, if
     the account followed them back) goes down by one, in their own counter rows, locked
     FOR UPDATE in id order."""
+    await conn.execute(_GATE, fans, [True] * len(fans))
     rows = await conn.fetchmany(_LOCK_FOR_DELETE, [(u,) for u in fans])
     alive = [r[0] for r in rows]
     if alive:
@@ -662,6 +678,7 @@ async def _remove_followees(conn: Conn, user_id: str, followees: list[str]) -> N
     """Users the deleted account followed lose it as a follower: one delta row each (a
     share lock, like any follower's unfollow), in id order. Its fans are gone by now, so
     none of these pairs is still mutual."""
+    await conn.execute(_GATE, followees, [False] * len(followees))
     rows = await conn.fetchmany(_SHARE_LOCK, [(u,) for u in followees])
     alive = sorted(r[0] for r in rows)
     shard = delta_shard(user_id)
@@ -678,6 +695,7 @@ async def _lock_users(
     order (the one global lock order: no two calls wait for each other in a circle). The
     owner's row (following count, the time now) and the targets that exist."""
     ids = sorted({user_id, *targets})
+    await conn.execute(_GATE, ids, [u == user_id for u in ids])
     at = ids.index(user_id)
     before, after = ids[:at], ids[at + 1 :]
     known: set[str] = set()
