@@ -100,9 +100,8 @@ def check_data_dir(data_dir: Path, *, create: bool = True) -> bool:
         raise ConfigError(f"{flag} cannot be read: {exc.strerror} ({exc.filename})") from None
     if not create:
         raise ConfigError(
-            f"{flag} holds no database yet, so there is nothing to read: give the folder the"
-            " server runs with, or --database-url (follow-server import --create-database"
-            " makes a new one)"
+            f"{flag} holds no database yet (a mistyped path?): give the folder the server runs"
+            " with, or --database-url; follow-server import --create-database makes a new one"
         )
     return False
 
