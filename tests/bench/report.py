@@ -440,6 +440,8 @@ def render_scale_table(doc: dict[str, Any]) -> str:
         f" copies), {d['pgdata_templates_gib']} GiB kept (templates); seeding"
         f" {doc['seeding_seconds']:.0f}s, whole run {doc['seconds']:.0f}s",
     ]
+    if doc.get("seeding_note"):
+        lines.append(f"seeding: {doc['seeding_note']}")
     return "\n".join(lines)
 
 
