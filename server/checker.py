@@ -10,6 +10,11 @@ write landing mid-scan may show up as a transient violation). `--repair` fixes w
 derived: missing or dangling edge halves, mutual state, counter rows and counts, all in one
 transaction. Users over the cap are reported, never repaired: which follows to drop is not
 the checker's choice.
+
+On Citus the same SQL runs: an invariant that pairs an edge row with its other user's rows
+reads the edge table re-keyed by that user (server.graph_invariants.rekeyed_edges), filled
+once per scan, and again before a repair step whenever an earlier one wrote edges; a scan
+runs in one transaction of its own, rolled back at its end, which drops those tables.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from tqdm import tqdm
 from server import logs, rules
 from server.config import Parser, add_database_flags, add_progress_flags
 from server.database import open_database
-from server.graph_invariants import INVARIANTS, OVER_CAP
+from server.graph_invariants import INVARIANTS, OVER_CAP, rekeyed_edges
 from server.migrations import migrate
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Report:
+    """What one check found: violations per invariant (every invariant named, 0 when it
+    holds), a few example rows of each broken one, and what --repair fixed."""
+
     violations: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[dict[str, object]]] = field(default_factory=dict)
     repaired: dict[str, int] = field(default_factory=dict)
@@ -47,13 +55,15 @@ class Report:
 async def _scan(conn: asyncpg.Connection, max_following: int, progress: bool) -> Report:
     report = Report()
     checks = [*INVARIANTS, OVER_CAP]
-    for inv in tqdm(checks, desc="checking", unit="invariant", disable=not progress):
-        args = (max_following,) if inv is OVER_CAP else ()
-        n: int = await conn.fetchval(inv.count_sql, *args)
-        report.violations[inv.name] = n
-        if n:
-            rows = await conn.fetch(inv.sample_sql, *args)
-            report.samples[inv.name] = [dict(r) for r in rows]
+    async with rekeyed_edges(conn) as edges:
+        for inv in tqdm(checks, desc="checking", unit="invariant", disable=not progress):
+            args = (max_following,) if inv is OVER_CAP else ()
+            await edges.ready_for(inv.count_sql, inv.sample_sql)
+            n: int = await conn.fetchval(inv.count_sql, *args)
+            report.violations[inv.name] = n
+            if n:
+                rows = await conn.fetch(inv.sample_sql, *args)
+                report.samples[inv.name] = [dict(r) for r in rows]
     return report
 
 
@@ -74,10 +84,14 @@ async def check(
     async with conn.transaction():
         # Serialise with the service: every writer locks counter rows first.
         await conn.execute("LOCK TABLE follow_counts IN EXCLUSIVE MODE")
-        for inv in tqdm(INVARIANTS, desc="repairing", unit="invariant", disable=not progress):
-            if report.violations.get(inv.name):
-                for sql in inv.repair_sql:
-                    await conn.execute(sql)
+        async with rekeyed_edges(conn) as edges:
+            for inv in tqdm(INVARIANTS, desc="repairing", unit="invariant", disable=not progress):
+                if report.violations.get(inv.name):
+                    # Each step reads the edges as the steps before it left them.
+                    await edges.ready_for(*inv.repair_sql)
+                    for sql in inv.repair_sql:
+                        await conn.execute(sql)
+                    edges.changed()
     after = await _scan(conn, max_following, progress)
     after.repaired = {k: v for k, v in report.violations.items() if v and k != OVER_CAP.name}
     return after

@@ -6,13 +6,15 @@ only hold for a graph written by the service itself, never repaired by hand:
 - nobody follows themselves;
 - a mutual pair became mutual when the later of its two follows happened, so both rows'
   mutual_since equals the later followed_at (a repeated follow keeps the first time).
+They run on one PostgreSQL and on Citus alike: a check that pairs an edge with its reverse
+reads the re-keyed relations of server.graph_invariants.rekeyed_edges.
 """
 
 from __future__ import annotations
 
 import asyncpg
 
-from server.graph_invariants import INVARIANTS, OVER_CAP, Invariant
+from server.graph_invariants import INVARIANTS, OVER_CAP, Invariant, rekeyed_edges
 
 EXTRA_INVARIANTS: tuple[Invariant, ...] = (
     Invariant(
@@ -27,13 +29,14 @@ EXTRA_INVARIANTS: tuple[Invariant, ...] = (
     Invariant(
         "mutual_time_not_latest_follow",
         "mutual_since differs from the later of the pair's two follow times",
-        """SELECT count(*) FROM following f JOIN following g
-               ON g.user_id = f.target_id AND g.target_id = f.user_id
+        # g is following(b, a), the reverse of f = following(a, b), keyed by its target a.
+        """SELECT count(*) FROM following f JOIN following_by_target g
+               ON g.user_id = f.user_id AND g.follower_id = f.target_id
            WHERE f.mutual_since IS DISTINCT FROM greatest(f.followed_at, g.followed_at)""",
         """SELECT f.user_id, f.target_id AS other, f.mutual_since,
                   f.followed_at, g.followed_at AS reverse_followed_at
-           FROM following f JOIN following g
-               ON g.user_id = f.target_id AND g.target_id = f.user_id
+           FROM following f JOIN following_by_target g
+               ON g.user_id = f.user_id AND g.follower_id = f.target_id
            WHERE f.mutual_since IS DISTINCT FROM greatest(f.followed_at, g.followed_at)
            LIMIT 5""",
     ),
@@ -47,10 +50,12 @@ async def violations(
 
     Run it on a quiet database: a write landing mid-scan can show as a transient violation."""
     found: dict[str, list[dict[str, object]]] = {}
-    for inv in (*INVARIANTS, *EXTRA_INVARIANTS, OVER_CAP):
-        args = (max_following,) if inv is OVER_CAP else ()
-        if await conn.fetchval(inv.count_sql, *args):
-            found[inv.name] = [dict(r) for r in await conn.fetch(inv.sample_sql, *args)]
+    async with rekeyed_edges(conn) as edges:
+        for inv in (*INVARIANTS, *EXTRA_INVARIANTS, OVER_CAP):
+            args = (max_following,) if inv is OVER_CAP else ()
+            await edges.ready_for(inv.count_sql, inv.sample_sql)
+            if await conn.fetchval(inv.count_sql, *args):
+                found[inv.name] = [dict(r) for r in await conn.fetch(inv.sample_sql, *args)]
     return found
 
 

@@ -3,13 +3,20 @@
 Accounts (CSV `user_id[,nick[,face_url]]`) and follow edges (CSV
 `follower_id,target_id[,followed_at]`, the time as Unix seconds with an optional fraction or
 as ISO-8601, naive meaning UTC) are read from files or stdin and streamed through COPY into
-temporary staging tables. Plain rows (one line each, no quoting, ids and times of the usual
+staging tables. Plain rows (one line each, no quoting, ids and times of the usual
 shape) are checked a chunk at a time by one regular expression and handed to COPY as they
 are; from the first chunk that does not fit, rows are checked one by one in Python (ids by
 `rules.user_id_problem`, times). Self-follows, unknown accounts, duplicate edges and the cap
 are found in SQL. Then a handful of set-based statements write both copies of each edge,
-mutual state (`mutual_since` is the later of the two follow times, found by one hash
-self-join) and the counters, each built once rather than edge by edge.
+mutual state (`mutual_since` is the later of the two follow times, found by one hash join of
+the new edges with themselves keyed by target) and the counters, each built once rather than
+edge by edge.
+
+The same statements run on one PostgreSQL and on Citus (tables distributed on user_id):
+every join pairs rows of one owner. On Citus the staging tables are distributed and
+co-located with the live ones, and the rows that must move to another owner (each new edge's
+followers copy, the targets to look up) are moved once by a re-partitioning INSERT ...
+SELECT; on one PostgreSQL those re-keyed relations are views (server.importer.staging).
 
 The whole import is one transaction, so an interrupted import leaves nothing behind, and it
 is safely re-runnable: edges already present are skipped (their first follow time is kept),

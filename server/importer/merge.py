@@ -1,10 +1,13 @@
 """From the staging tables into the live ones: accounts, both copies of each edge, mutual
 state and the counters, each built once by a set-based statement rather than row by row.
 
-Mutual state comes from one hash self-join of the new edges (`mutual_since` is the later of
-the two follow times); the counters of every user the import touched are recomputed from
-the lists, so they are exact afterwards even if they were not before. A load that at least
-doubles the edge tables may drop their indexes and build them again after.
+Mutual state comes from one hash join of the new edges with themselves keyed by target
+(import_rev: `mutual_since` is the later of the two follow times) and, for edges already
+stored, with the followers copy of the reverse edge, which lives under this edge's follower;
+the counters of every user the import touched are recomputed from the lists, so they are
+exact afterwards even if they were not before. Every join pairs rows of one owner, so on
+Citus each runs within the shards (server.importer.staging). A load that at least doubles
+the edge tables may drop their indexes and build them again after.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING
 from server.graph_invariants import true_counts
 from server.importer.options import ImportOptions
 from server.importer.report import ImportReport, progress_bar
-from server.importer.staging import NEW_TABLE, check_edges, rowcount
+from server.importer.staging import Staging, check_edges, rowcount
 
 if TYPE_CHECKING:
     from server.importer.staging import Conn
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 # writes lock counter rows first), so plain UPDATE and INSERT do what ON CONFLICT would, at
 # a fraction of its cost per row. Counter rows are made (with exact counts) by the recount.
 _PROFILES = """
-CREATE TEMP TABLE import_profiles ON COMMIT DROP AS
+INSERT INTO import_profiles (user_id, nick, face_url)
 SELECT DISTINCT ON (user_id) user_id, nick, face_url FROM import_accounts
 ORDER BY user_id, line DESC
 """
@@ -46,50 +49,51 @@ WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = p.user_id)
 """,
 )
 
-_TS = "'epoch'::timestamptz + {} * interval '1 microsecond'"
-
-# Mutual pairs by one hash self-join of the new edges; the rows go in import_new's order.
-_FOLLOWING = f"""
+# Mutual pairs by one hash join of the new edges with their copy keyed by target (on one
+# PostgreSQL the same rows); the rows go in import_new's order. An edge already stored in
+# the other direction shows as the followers row under this edge's follower (the two copies
+# of an edge carry one follow time: server.graph_invariants).
+_FOLLOWING = """
 INSERT INTO following (user_id, target_id, followed_at, mutual_since)
-SELECT n.follower, n.target, {_TS.format("n.at_us")},
-       CASE WHEN back.at_us IS NOT NULL THEN {_TS.format("greatest(n.at_us, back.at_us)")}
-            {{old_mutual}} END
+SELECT n.follower, n.target, n.at,
+       CASE WHEN back.at IS NOT NULL THEN greatest(n.at, back.at)
+            {old_mutual} END
 FROM import_new n
-LEFT JOIN import_new back ON back.follower = n.target AND back.target = n.follower
-{{old_join}}
+LEFT JOIN import_rev back ON back.target = n.follower AND back.follower = n.target
+{old_join}
 """
-_OLD_MUTUAL = f"""WHEN old.followed_at IS NOT NULL
-            THEN greatest({_TS.format("n.at_us")}, old.followed_at)"""
-_OLD_JOIN = "LEFT JOIN following old ON old.user_id = n.target AND old.target_id = n.follower"
+_OLD_MUTUAL = "WHEN old.followed_at IS NOT NULL THEN greatest(n.at, old.followed_at)"
+_OLD_JOIN = "LEFT JOIN followers old ON old.user_id = n.follower AND old.follower_id = n.target"
 
-_FOLLOWERS = f"""
+# Each new edge's followers copy, from the copy of the new edges keyed by target.
+_FOLLOWERS = """
 INSERT INTO followers (user_id, follower_id, followed_at)
-SELECT n.target, n.follower, {_TS.format("n.at_us")}
-FROM import_new n
+SELECT n.target, n.follower, n.at FROM import_rev n
 """
 
-# Old edges that the import made mutual (the reverse edge is new).
-_OLD_BECOME_MUTUAL = f"""
-UPDATE following f SET mutual_since = greatest(f.followed_at, {_TS.format("n.at_us")})
-FROM import_new n
+# Old edges that the import made mutual (the reverse edge is new): each old edge's row is
+# under its follower, the target of the new edge, so the new edges are read by target.
+_OLD_BECOME_MUTUAL = """
+UPDATE following f SET mutual_since = greatest(f.followed_at, n.at)
+FROM import_rev n
 WHERE f.user_id = n.target AND f.target_id = n.follower AND f.mutual_since IS NULL
 """
 
 # Whom to recount: everyone the import touched; every account when the edge tables were
 # empty before it (the same counts, found without collecting the touched set).
 _TOUCHED = """
-CREATE TEMP TABLE import_touched ON COMMIT DROP AS
-SELECT follower AS user_id FROM import_new
-UNION SELECT target FROM import_new
+INSERT INTO import_touched (user_id)
+SELECT follower FROM import_new
+UNION SELECT target FROM import_rev
 UNION SELECT user_id FROM import_accounts
 """
-_ALL_ACCOUNTS = "CREATE TEMP TABLE import_touched ON COMMIT DROP AS SELECT user_id FROM accounts"
+_ALL_ACCOUNTS = "INSERT INTO import_touched (user_id) SELECT user_id FROM accounts"
 
 # Counts from the lists (server.graph_invariants.true_counts, the checker's definition of a
 # true count), for the touched users that have an account; the edge scans are limited to the
 # touched users unless those are every account.
 _COUNT = """
-CREATE TEMP TABLE import_counts ON COMMIT DROP AS{counts}ORDER BY u.user_id
+INSERT INTO import_counts (user_id, following, followers, mutual){counts}ORDER BY u.user_id
 """
 _TOUCHED_ACCOUNTS = "import_touched u\nJOIN accounts a ON a.user_id = u.user_id"
 _ONLY_TOUCHED = "SELECT user_id FROM import_touched"
@@ -119,7 +123,8 @@ DELETE FROM follow_count_deltas d USING import_counts n WHERE d.user_id = n.user
 # Bulk mode: the indexes (and primary keys) of the edge tables, to drop before a load that
 # at least doubles them and to build again afterwards, which is several times faster than
 # maintaining them row by row. Definitions are read from the catalog, so what is built
-# again is exactly what the migrations made.
+# again is exactly what the migrations made (on Citus: the distributed tables' definitions,
+# which Citus applies to every shard).
 _EDGE_INDEXES = """
 SELECT i.indexrelid::regclass::text AS name, t.relname AS table_name,
        pg_get_indexdef(i.indexrelid) AS index_def,
@@ -141,11 +146,10 @@ async def write_accounts(conn: Conn, report: ImportReport) -> None:
 
 
 async def write_graph(
-    conn: Conn, report: ImportReport, options: ImportOptions, staged: int | None
+    conn: Conn, staging: Staging, report: ImportReport, options: ImportOptions, staged: int | None
 ) -> None:
     """From the staging tables to the real ones: check, edges, mutual state, counters.
     `staged` is how many edge rows are staged, None without an edges file."""
-    has_edges = staged is not None
     steps = ["checking", "edges", "mutual state", "counters"]
     # Under the lock nobody adds edges: an empty table stays empty until the load, and
     # then holds exactly the import's edges.
@@ -161,47 +165,58 @@ async def write_graph(
                 bar.set_postfix_str(steps[int(bar.n)])
 
         bar.set_postfix_str(steps[0])
-        if has_edges:
-            await check_edges(conn, report, options, was_empty, staged or 0)
-        else:
-            await conn.execute(NEW_TABLE)
+        if staged is not None:
+            await check_edges(conn, staging, report, options, was_empty, staged)
         if report.bad_row_count and not options.skip_bad_rows:
             return  # the caller aborts; don't spend time writing what will be rolled back
         step("check")
-        if has_edges:
-            new = await conn.fetchval("SELECT count(*) FROM import_new")
-            rebuild = await _should_rebuild(conn, options.rebuild_indexes, new)
-            indexes = await _drop_edge_indexes(conn) if rebuild else []
-            following = _FOLLOWING.format(
-                old_mutual="" if was_empty else _OLD_MUTUAL,
-                old_join="" if was_empty else _OLD_JOIN,
-            )
-            # A hash join keeps import_new's order; a merge join would sort it away.
-            await conn.execute("SET LOCAL enable_mergejoin = off")
-            report.edges_added = rowcount(await conn.execute(following))
-            await conn.execute("SET LOCAL enable_mergejoin = on")
-            await conn.execute(_FOLLOWERS + ("" if indexes else " ORDER BY n.target, n.follower"))
-            report.lap("insert edges")
-            for statement in indexes:
-                await conn.execute(statement)
-            if indexes:
-                report.lap("rebuild indexes")
+        if staged is not None:
+            await _write_edges(conn, staging, report, options, was_empty)
         step("edges")
-        if has_edges and not was_empty:
+        if staged is not None and not was_empty:
             await conn.execute(_OLD_BECOME_MUTUAL)
         step("mutual state")
-        if was_empty:
-            await conn.execute(_ALL_ACCOUNTS)
-            only = None
-        else:
-            await conn.execute(_TOUCHED)
-            only = _ONLY_TOUCHED
-            await conn.execute("ANALYZE import_touched")
-        count = _COUNT.format(counts=true_counts(_TOUCHED_ACCOUNTS, only))
-        report.users_recounted = rowcount(await conn.execute(count))
-        for statement in _WRITE_COUNTS:
-            await conn.execute(statement)
+        await _recount(conn, report, was_empty)
         step("counters")
+
+
+async def _write_edges(
+    conn: Conn, staging: Staging, report: ImportReport, options: ImportOptions, was_empty: bool
+) -> None:
+    """Both copies of each new edge, with the mutual state the new edges give each other."""
+    new = await conn.fetchval("SELECT count(*) FROM import_new")
+    rebuild = await _should_rebuild(conn, options.rebuild_indexes, new)
+    indexes = await _drop_edge_indexes(conn) if rebuild else []
+    await staging.fill(conn, "import_rev")
+    following = _FOLLOWING.format(
+        old_mutual="" if was_empty else _OLD_MUTUAL,
+        old_join="" if was_empty else _OLD_JOIN,
+    )
+    # A hash join keeps import_new's order; a merge join would sort it away.
+    await conn.execute("SET LOCAL enable_mergejoin = off")
+    report.edges_added = rowcount(await conn.execute(following))
+    await conn.execute("SET LOCAL enable_mergejoin = on")
+    await conn.execute(_FOLLOWERS + ("" if indexes else " ORDER BY n.target, n.follower"))
+    report.lap("insert edges")
+    for statement in indexes:
+        await conn.execute(statement)
+    if indexes:
+        report.lap("rebuild indexes")
+
+
+async def _recount(conn: Conn, report: ImportReport, was_empty: bool) -> None:
+    """Exact counter rows, from the lists, for every user the import touched."""
+    if was_empty:
+        await conn.execute(_ALL_ACCOUNTS)
+        only = None
+    else:
+        await conn.execute(_TOUCHED)
+        only = _ONLY_TOUCHED
+        await conn.execute("ANALYZE import_touched")
+    count = _COUNT.format(counts=true_counts(_TOUCHED_ACCOUNTS, only))
+    report.users_recounted = rowcount(await conn.execute(count))
+    for statement in _WRITE_COUNTS:
+        await conn.execute(statement)
 
 
 async def _should_rebuild(conn: Conn, mode: str, new_edges: int) -> bool:

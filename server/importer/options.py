@@ -9,6 +9,9 @@ from server import rules
 
 @dataclass(frozen=True, slots=True)
 class ImportOptions:
+    """The command line's choices, as one frozen value that every step of an import reads
+    (kept apart from argparse so the importer can be called from code and tests)."""
+
     skip_bad_rows: bool = False
     max_following: int = rules.DEFAULT_MAX_FOLLOWING
     progress: bool = True

@@ -23,6 +23,8 @@ class ImportAbortedError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class BadRow:
+    """One refused input row, with its file and line, so the operator can find and fix it."""
+
     source: str  # "accounts" or "edges"
     line: int
     problem: str
@@ -33,6 +35,9 @@ class BadRow:
 
 @dataclass(slots=True)
 class ImportReport:
+    """Everything one import found and did, filled in by each step as it goes: what the
+    command prints, what ImportAbortedError carries, and what the tests compare."""
+
     accounts_read: int = 0
     edges_read: int = 0
     accounts_written: int = 0

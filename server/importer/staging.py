@@ -1,20 +1,34 @@
 """From CSV into the staging tables, and the checks only SQL can make there.
 
-Rows are COPYed into temporary tables (import_accounts, import_edges; bad rows found so far
-in import_bad) that drop at commit. The edge checks (self-follows, unknown accounts,
-duplicate edges in the file, followers the import would take over the cap) are set-based
-statements over the staged rows, and leave import_new: the edges server.importer.merge
-writes.
+Rows are COPYed into staging tables (import_accounts, import_edges; bad rows found so far
+in import_bad). The edge checks (self-follows, unknown accounts, duplicate edges in the
+file, followers the import would take over the cap) are set-based statements over the
+staged rows, and leave import_new: the edges server.importer.merge writes.
+
+Where the staging tables live (Staging): on one PostgreSQL they are temporary tables that
+drop at commit. On Citus a temporary table cannot be joined with a distributed one, so each
+staging table that meets the live tables is an ordinary (unlogged) table distributed on the
+column naming the user its rows belong to and co-located with the live tables, so that a
+join between them is a join within each shard, as every live table is keyed by user_id
+(server.migrations); they are dropped before commit, and a rollback takes them away with
+everything else. Two relations hold rows keyed by the other user of an edge: import_targets
+(each staged edge's target, for the unknown-account check) and import_rev (the new edges
+under their target, for the followers copy, mutual state and the recount). On Citus they are
+tables filled by an INSERT ... SELECT that re-partitions the rows; on one PostgreSQL they are
+views of the same rows, so every statement reads the same on both and nothing is copied
+where nothing has to move.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 import asyncpg
 
+from server.graph_invariants import graph_is_distributed
 from server.importer.csvread import (
     ACCOUNTS,
     EDGES,
@@ -32,20 +46,117 @@ if TYPE_CHECKING:
 
     Conn = PoolConnectionProxy[asyncpg.Record]
 
+
+@dataclass(frozen=True, slots=True)
+class StagingTable:
+    """One staging relation. `owner` names the column holding the user each row belongs to
+    (the distribution column on Citus; None for the small tables only the coordinator
+    reads, which stay temporary everywhere). `rekeys`, for a relation holding other rows
+    under another owner, is the query of those rows: a view of it on one PostgreSQL, a
+    table filled from it on Citus (Staging.fill)."""
+
+    name: str
+    columns: str
+    owner: str | None
+    rekeys: str | None = None
+
+
+_ID = 'text COLLATE "C" NOT NULL'
 # `line` comes from the file (slow path) or from the sequence (fast path: one row a line).
-STAGING = """
-CREATE TEMP SEQUENCE import_line;
-CREATE TEMP TABLE import_accounts (
-    line int NOT NULL DEFAULT nextval('import_line'), user_id text COLLATE "C" NOT NULL,
-    nick text, face_url text
-) ON COMMIT DROP;
-CREATE TEMP TABLE import_edges (
-    line int NOT NULL DEFAULT nextval('import_line'), follower text COLLATE "C" NOT NULL,
-    target text COLLATE "C" NOT NULL, at numeric, problem text
-) ON COMMIT DROP;
-CREATE TEMP TABLE import_bad (line int NOT NULL, problem text NOT NULL) ON COMMIT DROP;
+_LINE = "line int NOT NULL DEFAULT nextval('import_line')"
+_NEW = (
+    f"line int NOT NULL, follower {_ID}, target {_ID}, at timestamptz NOT NULL,"
+    " stored bool NOT NULL"
+)
+
+TABLES: tuple[StagingTable, ...] = (
+    StagingTable("import_accounts", f"{_LINE}, user_id {_ID}, nick text, face_url text", "user_id"),
+    StagingTable(
+        "import_edges",
+        f"{_LINE}, follower {_ID}, target {_ID}, at numeric, problem text",
+        "follower",
+    ),
+    StagingTable(
+        "import_targets", f"user_id {_ID}", "user_id", "SELECT target AS user_id FROM import_edges"
+    ),
+    StagingTable("import_unknown", f"user_id {_ID}", None),
+    StagingTable("import_bad", "line int NOT NULL, problem text NOT NULL", None),
+    StagingTable("import_profiles", f"user_id {_ID}, nick text, face_url text", "user_id"),
+    StagingTable("import_new", _NEW, "follower"),
+    StagingTable("import_rev", _NEW, "target", "SELECT * FROM import_new"),
+    StagingTable("import_touched", f"user_id {_ID}", "user_id"),
+    StagingTable(
+        "import_counts",
+        f"user_id {_ID}, following bigint NOT NULL, followers bigint NOT NULL,"
+        " mutual bigint NOT NULL",
+        "user_id",
+    ),
+)
+_BY_NAME = {t.name: t for t in TABLES}
+
+
+@dataclass(frozen=True, slots=True)
+class Staging:
+    """Where one import's staging relations live: temporary ones on one PostgreSQL,
+    distributed ones co-located with the live tables on Citus (see the module's doc)."""
+
+    citus: bool
+
+    @classmethod
+    async def detect(cls, conn: Conn) -> Staging:
+        return cls(await graph_is_distributed(conn))
+
+    async def create(self, conn: Conn) -> None:
+        """Make every staging relation (inside the import's transaction)."""
+        if not self.citus:
+            await conn.execute("CREATE TEMP SEQUENCE import_line")
+            for t in TABLES:
+                if t.rekeys is None:
+                    await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}) ON COMMIT DROP")
+                else:
+                    await conn.execute(f"CREATE TEMP VIEW {t.name} AS {t.rekeys}")
+            return
+        # Citus: a sequence the coordinator's COPY draws line numbers from (a temporary
+        # one cannot be a distributed table's default); owned rows in distributed tables.
+        await conn.execute("CREATE SEQUENCE import_line")
+        for t in TABLES:
+            if t.owner is None:
+                await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}) ON COMMIT DROP")
+                continue
+            await conn.execute(f"CREATE UNLOGGED TABLE {t.name} ({t.columns})")
+            await conn.execute(
+                "SELECT create_distributed_table($1, $2, colocate_with => 'follow_counts')",
+                t.name,
+                t.owner,
+            )
+
+    async def fill(self, conn: Conn, name: str) -> None:
+        """Fill a re-keyed relation from its query: on Citus an INSERT ... SELECT that
+        moves each row to its new owner's shard; on one PostgreSQL nothing (a view)."""
+        query = _BY_NAME[name].rekeys
+        if self.citus and query is not None:
+            await conn.execute(f"INSERT INTO {name} {query}")
+
+    async def drop(self, conn: Conn) -> None:
+        """Drop what would outlive the commit: the sequence (a temporary one too), the
+        views, and on Citus the distributed tables (temporary tables drop at commit)."""
+        if self.citus:
+            await conn.execute("DROP TABLE " + ", ".join(t.name for t in TABLES if t.owner))
+        else:
+            await conn.execute("DROP VIEW " + ", ".join(t.name for t in TABLES if t.rekeys))
+        await conn.execute("DROP SEQUENCE import_line CASCADE")
+
+
+# The ids the staged edges name that are not accounts: followers looked up beside their
+# rows, targets beside import_targets (each target under its own id), both by anti-join.
+_UNKNOWN_ACCOUNTS = """
+INSERT INTO import_unknown (user_id)
+SELECT e.follower FROM import_edges e
+WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = e.follower)
+UNION
+SELECT t.user_id FROM import_targets t
+WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = t.user_id)
 """
-DROP_SEQUENCE = "DROP SEQUENCE import_line CASCADE"  # a temporary one outlives COMMIT
 
 # Rows that name the same user twice or an unknown account, or whose time the reader could
 # not read, in the order the checks are made for one row.
@@ -54,9 +165,9 @@ INSERT INTO import_bad (line, problem)
 SELECT line, problem FROM (
     SELECT e.line, CASE
         WHEN e.follower = e.target THEN 'a user cannot follow themselves'
-        WHEN e.follower NOT IN (SELECT user_id FROM accounts)
+        WHEN e.follower IN (SELECT user_id FROM import_unknown)
         THEN 'follower_id: account ' || e.follower || ' does not exist'
-        WHEN e.target NOT IN (SELECT user_id FROM accounts)
+        WHEN e.target IN (SELECT user_id FROM import_unknown)
         THEN 'target_id: account ' || e.target || ' does not exist'
         ELSE e.problem END AS problem
     FROM import_edges e
@@ -64,22 +175,17 @@ SELECT line, problem FROM (
 WHERE problem IS NOT NULL
 """
 
-NEW_TABLE = """
-CREATE TEMP TABLE import_new (
-    line int NOT NULL, follower text COLLATE "C" NOT NULL, target text COLLATE "C" NOT NULL,
-    at_us bigint NOT NULL, stored bool NOT NULL
-) ON COMMIT DROP
-"""
-
 # The first row of each edge among the good rows, in (follower, target) order: the order
-# of the following table's primary key, whose build then finds its input sorted. `stored`
-# marks edges already present (their first follow time is kept); it is false without a
-# look when the edge tables were empty.
+# of the following table's primary key, whose build then finds its input sorted. `at` is
+# the follow time ($1, the import's start in µs, when the row gives none). `stored` marks
+# edges already present (their first follow time is kept); it is false without a look
+# when the edge tables were empty.
 _NEW_EDGES = """
-INSERT INTO import_new (line, follower, target, at_us, stored)
-SELECT d.line, d.follower, d.target, d.at_us, {stored} FROM (
+INSERT INTO import_new (line, follower, target, at, stored)
+SELECT d.line, d.follower, d.target, d.at, {stored} FROM (
     SELECT DISTINCT ON (e.follower, e.target) e.line, e.follower, e.target,
-           COALESCE(trunc(e.at * 1000000)::bigint, $1) AS at_us
+           'epoch'::timestamptz
+           + COALESCE(trunc(e.at * 1000000)::bigint, $1) * interval '1 microsecond' AS at
     FROM import_edges e {good}
     ORDER BY e.follower, e.target, e.line
 ) d
@@ -100,8 +206,9 @@ WHERE r.line <> r.first
 """
 
 _CAP_MAY_BITE = """
-SELECT COALESCE(max(n), 0) + (SELECT COALESCE(max(following), 0) FROM follow_counts) > $1::bigint
-FROM (SELECT count(*) AS n FROM import_new GROUP BY follower) p
+SELECT (SELECT COALESCE(max(n), 0)
+        FROM (SELECT count(*) AS n FROM import_new GROUP BY follower) p)
+     + (SELECT COALESCE(max(following), 0) FROM follow_counts) > $1::bigint
 """
 
 # Followers whom the import would take over the cap keep their earliest new follows.
@@ -116,7 +223,7 @@ WITH per_follower AS (
 SELECT r.line, 'following limit reached: ' || r.follower || ' would follow more than '
        || $1::bigint::text || ' users'
 FROM (SELECT n.line, n.follower, o.room,
-             row_number() OVER (PARTITION BY n.follower ORDER BY n.at_us, n.line) AS nth
+             row_number() OVER (PARTITION BY n.follower ORDER BY n.at, n.line) AS nth
       FROM import_new n JOIN over o ON o.follower = n.follower) r
 WHERE r.nth > r.room
 """
@@ -136,7 +243,7 @@ async def _copy_fast(conn: Conn, table: str, fast: FastReader) -> None:
         async for chunk in chunks:
             yield chunk
 
-    await conn.execute(f"SELECT setval('import_line', {fast.first_line}, false)")
+    await conn.execute("SELECT setval('import_line', $1, false)", fast.first_line)
     await conn.copy_to_table(table, source=data(), columns=list(fast.columns), format="csv")
 
 
@@ -185,12 +292,18 @@ async def stage_edges(
 
 
 async def check_edges(
-    conn: Conn, report: ImportReport, options: ImportOptions, was_empty: bool, staged: int
+    conn: Conn,
+    staging: Staging,
+    report: ImportReport,
+    options: ImportOptions,
+    was_empty: bool,
+    staged: int,
 ) -> None:
-    """Find the bad edge rows SQL can see, and make import_new: the edges to add."""
+    """Find the bad edge rows SQL can see, and fill import_new: the edges to add."""
+    await staging.fill(conn, "import_targets")
+    await conn.execute(_UNKNOWN_ACCOUNTS)
     per_row = rowcount(await conn.execute(_FIND_BAD_ROWS))
     good = _GOOD if per_row else ""
-    await conn.execute(NEW_TABLE)
     new_edges = _NEW_EDGES.format(good=good, stored="false" if was_empty else _STORED)
     distinct = rowcount(await conn.execute(new_edges, time.time_ns() // 1000))
     if distinct < staged - per_row:

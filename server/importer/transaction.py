@@ -3,7 +3,9 @@
 It holds `follow_counts` in EXCLUSIVE mode while it runs: the live service keeps answering
 reads, and its writes wait for the import to commit (every write path locks a counter row
 first, see server.store), which keeps the lock discipline's invariants. An interrupted or
-aborted import leaves nothing behind.
+aborted import leaves nothing behind: on Citus too, where the staging tables are distributed
+tables made inside the transaction (server.importer.staging) and every worker's part of it
+commits or rolls back with the coordinator's (two-phase commit).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from server.importer.csvread import IdChecker
 from server.importer.merge import write_accounts, write_graph
 from server.importer.options import ImportOptions
 from server.importer.report import ImportAbortedError, ImportReport
-from server.importer.staging import DROP_SEQUENCE, STAGING, stage_accounts, stage_edges
+from server.importer.staging import Staging, stage_accounts, stage_edges
 from server.migrations import apply_migrations
 
 # Set-based steps over millions of rows want memory for sorts, hashes and the temporary
 # staging tables (temp_buffers only counts before the first temporary table is touched).
 # JIT compiling would cost more than it saves on these plans (seconds of LLVM on a busy
-# machine); parallel workers help the index builds.
+# machine); parallel workers help the index builds. On Citus these apply to the
+# coordinator's own work; the workers keep their settings.
 _SESSION = """
 SET LOCAL work_mem = '256MB';
 SET LOCAL maintenance_work_mem = '1GB';
@@ -53,7 +56,8 @@ async def import_graph(
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(_SESSION)
             await conn.execute("LOCK TABLE follow_counts IN EXCLUSIVE MODE")
-            await conn.execute(STAGING)
+            staging = await Staging.detect(conn)
+            await staging.create(conn)
             report.lap("prepare")
             if accounts is not None:
                 await stage_accounts(conn, accounts, ids, report, options, accounts_size)
@@ -61,13 +65,13 @@ async def import_graph(
             staged = None
             if edges is not None:
                 staged = await stage_edges(conn, edges, ids, report, edges_size, options)
-            await conn.execute(DROP_SEQUENCE)
-            await write_graph(conn, report, options, staged)
+            await write_graph(conn, staging, report, options, staged)
             report.bad_rows.sort(key=lambda b: (b.source, b.line))
             if report.bad_row_count and not options.skip_bad_rows:
                 raise ImportAbortedError(
                     f"{report.bad_row_count} bad row(s); nothing was imported", report
                 )
+            await staging.drop(conn)
         report.lap("commit")
         async with pool.acquire() as conn:
             await conn.execute("ANALYZE accounts, follow_counts, following, followers")
