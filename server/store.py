@@ -125,13 +125,15 @@ SELECT 2, follower_id, false FROM followers
 WHERE user_id = $1 AND follower_id = ANY($2::text[])
 """
 
-# Before any row lock, the same locks as advisory locks, in the same id order, in one
-# statement (on Citus it runs on the coordinator alone, where every session of the service
-# is). Row locks alone let a stream of followers starve a celebrity's own call: a share
-# request is granted at once while other share locks are held, even past an exclusive
-# request already waiting. PostgreSQL's lock manager queues heavyweight locks fairly (a
-# new request waits behind a waiting one it conflicts with), so the celebrity's call waits
-# only for the followers already in. No transaction id is assigned by these.
+# Before any row lock, advisory locks in the same id order, in one statement (on Citus it
+# runs on the coordinator alone, where every session of the service is). Row locks alone let
+# a stream of followers starve a celebrity's own call: a share request is granted at once
+# while other share locks are held, even past an exclusive request already waiting.
+# PostgreSQL's lock manager queues heavyweight locks fairly (a new request waits behind a
+# waiting one it conflicts with), so a call that takes its own advisory lock exclusively
+# waits only for the followers already in. Followers always take theirs (shared, cheap);
+# the acting user takes its exclusive one only when its row lock kept it waiting (see
+# _lock_users): taking it on every call would make every busy user a queue.
 _GATE = """
 SELECT CASE WHEN s.exclusive THEN pg_advisory_xact_lock(hashtextextended(s.id, 0))
             ELSE pg_advisory_xact_lock_shared(hashtextextended(s.id, 0)) END::text
@@ -314,7 +316,9 @@ _UNCOUNT_FOLLOWING = (
 _UNCOUNT_MUTUAL = "UPDATE follow_counts SET mutual = mutual - 1 WHERE user_id = ANY($1::text[])"
 _DELETE_THEIR_FOLLOWING = "DELETE FROM following WHERE user_id = ANY($2::text[]) AND target_id = $1"
 _DELETE_OWN_FOLLOWERS = "DELETE FROM followers WHERE user_id = $1 AND follower_id = ANY($2::text[])"
-DELETION_BATCH = 500  # edges per cleanup transaction
+DELETION_BATCH = 500
+# How long a call waits for its own row lock before starting over behind the fair gate.
+OWNER_LOCK_PATIENCE = 0.5  # edges per cleanup transaction
 
 
 @functools.cache
@@ -475,7 +479,7 @@ class Store:
         """Follow distinct, valid, non-self `targets` in order; the result code of each."""
 
         async def work(conn: Conn) -> dict[str, ItemCode]:
-            owner, known = await _lock_users(conn, user_id, targets)
+            owner, known = await _lock_users(conn, user_id, targets, gated)
             own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
             followed = {r[1] for r in own if r[0] == 1}
             fans = {r[1] for r in own if r[0] == 2}
@@ -501,13 +505,18 @@ class Store:
                 results.update(dict.fromkeys(new, ItemCode.OK))
             return results
 
-        return await self._transaction(work)
+        gated = False
+        try:
+            return await self._transaction(work)
+        except OwnerLockWaitedError:
+            gated = True
+            return await self._transaction(work)
 
     async def unfollow(self, user_id: str, targets: Sequence[str]) -> None:
         """Stop following `targets` (distinct, valid); not following one is no error."""
 
         async def work(conn: Conn) -> None:
-            _, known = await _lock_users(conn, user_id, targets)
+            _, known = await _lock_users(conn, user_id, targets, gated)
             own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
             # An edge to an account being deleted is the background cleanup's to remove.
             gone = sorted(r[1] for r in own if r[0] == 1 and r[1] in known)
@@ -531,7 +540,12 @@ class Store:
             )
             await conn.execute(_ADD_OWN_COUNTS, user_id, -len(gone), -len(mutual))
 
-        await self._transaction(work)
+        gated = False
+        try:
+            await self._transaction(work)
+        except OwnerLockWaitedError:
+            gated = True
+            await self._transaction(work)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -649,6 +663,10 @@ class Store:
         return await self._transaction(work)
 
 
+class OwnerLockWaitedError(Exception):
+    """The acting user's row lock was not granted within OWNER_LOCK_PATIENCE."""
+
+
 class PendingDeletionError(Exception):
     """Accounts that cannot be imported yet: their deletion's cleanup is still running."""
 
@@ -689,19 +707,33 @@ async def _remove_followees(conn: Conn, user_id: str, followees: list[str]) -> N
 
 
 async def _lock_users(
-    conn: Conn, user_id: str, targets: Sequence[str]
+    conn: Conn, user_id: str, targets: Sequence[str], gated: bool
 ) -> tuple[asyncpg.Record, set[str]]:
     """Lock the acting user's counter row FOR UPDATE and the targets' FOR SHARE, all in id
     order (the one global lock order: no two calls wait for each other in a circle). The
-    owner's row (following count, the time now) and the targets that exist."""
+    owner's row (following count, the time now) and the targets that exist.
+
+    Each target's share lock is first taken as a shared advisory lock (_GATE). The acting
+    user normally takes no advisory lock of its own; if its row lock is not granted within
+    OWNER_LOCK_PATIENCE (followers keep the row share-locked), the call starts over `gated`:
+    with an exclusive advisory lock on itself first, which new followers queue behind."""
     ids = sorted({user_id, *targets})
-    await conn.execute(_GATE, ids, [u == user_id for u in ids])
+    if gated:
+        await conn.execute(_GATE, ids, [u == user_id for u in ids])
+    elif len(ids) > 1:
+        shared = [u for u in ids if u != user_id]
+        await conn.execute(_GATE, shared, [False] * len(shared))
     at = ids.index(user_id)
     before, after = ids[:at], ids[at + 1 :]
     known: set[str] = set()
     if before:
         known.update(r[0] for r in await conn.fetchmany(_SHARE_LOCK, [(u,) for u in before]))
-    owner = await conn.fetchrow(_LOCK_OWNER, user_id)
+    try:
+        owner = await conn.fetchrow(
+            _LOCK_OWNER, user_id, timeout=None if gated else OWNER_LOCK_PATIENCE
+        )
+    except TimeoutError:  # asyncpg cancelled the wait; the caller retries gated
+        raise OwnerLockWaitedError from None
     if owner is None:
         raise _user_not_found()
     if after:
