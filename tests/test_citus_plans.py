@@ -96,6 +96,8 @@ ROW_BUILDERS = ("_insert_following", "_insert_followers", "_insert_counters", "_
 SAMPLES: dict[str, Sample] = {
     "_LOCK_OWNER": _one(ALICE),
     "_SHARE_LOCK": _one(ALICE),
+    # Advisory locks, no table: on Citus it stays on the coordinator.
+    "_GATE": Sample(([ALICE, *FIVE], [True] + [False] * len(FIVE)), NO_TABLE),
     "_OWN_EDGES_AMONG": _one(ALICE, FIVE),
     "_SET_THEIR_MUTUAL": Sample(("bob", ALICE, AT), ("bob",)),
     "_DELETE_THEIR_FOLLOWER": Sample(("bob", ALICE), ("bob",)),
@@ -231,7 +233,8 @@ def _literal(value: object) -> str:
     if isinstance(value, datetime):
         return f"'{value.isoformat()}'::timestamptz"
     if isinstance(value, list):
-        return "ARRAY[" + ", ".join(_literal(v) for v in value) + "]::text[]"
+        kind = "bool" if value and all(isinstance(v, bool) for v in value) else "text"
+        return "ARRAY[" + ", ".join(_literal(v) for v in value) + f"]::{kind}[]"
     raise TypeError(f"no literal for {value!r}")
 
 

@@ -166,8 +166,12 @@ class CitusCluster:
         *,
         bin_dir: Path | None = None,
         settings: dict[str, str] | None = None,
+        parent: Path | None = None,
     ) -> None:
         self.bin_dir = bin_dir or pg_bin()
+        # Where the temporary folder goes (the system's temporary folder unless given; the
+        # test suite puts it in memory, /dev/shm, where a busy disk cannot slow it down).
+        self.parent = parent
         self.worker_count = workers
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.root: Path | None = None
@@ -192,7 +196,7 @@ class CitusCluster:
         return self
 
     def _start_nodes(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="follow-citus-"))
+        self.root = Path(tempfile.mkdtemp(prefix="follow-citus-", dir=self.parent))
         if os.geteuid() == 0:
             # The servers run as the unprivileged user, who must own every data folder.
             user = pwd.getpwnam(_RUN_AS)
