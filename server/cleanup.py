@@ -89,7 +89,7 @@ class DeletionCleaner:
 
     async def _drain(self) -> None:
         while not self._stopping:
-            pending = await self._store.pending_deletions()
+            pending = await self._store.pending_deletions(conn=self._lock_conn)
             if not pending:
                 return
             for user_id in pending:

@@ -629,10 +629,15 @@ class Store:
 
         await self._transaction(work)
 
-    async def pending_deletions(self, limit: int = 100) -> list[str]:
-        """Accounts deleted whose edges are still being removed, oldest first."""
-        async with self._connection() as conn:
+    async def pending_deletions(
+        self, limit: int = 100, conn: asyncpg.Connection | None = None
+    ) -> list[str]:
+        """Accounts deleted whose edges are still being removed, oldest first; on `conn`
+        when given (the cleanup runner polls on its own connection, not the calls' pool)."""
+        if conn is not None:
             return [r[0] for r in await conn.fetch(_PENDING_DELETIONS, limit)]
+        async with self._connection() as pooled:
+            return [r[0] for r in await pooled.fetch(_PENDING_DELETIONS, limit)]
 
     async def pending_among(self, user_ids: Sequence[str]) -> set[str]:
         async with self._connection() as conn:
