@@ -7,6 +7,7 @@ A request-level problem raises ServiceError before anything is written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -274,10 +275,13 @@ class FollowCore:
         deadline = call_deadline.get()
         if deadline is not None:
             give_up = min(give_up, deadline - 0.1)
-        for user_id in user_ids:
-            while loop.time() < give_up:
-                if await self._store.clean_up_deletion(user_id):
-                    break
+        # The deletion is committed: nothing here may turn the call into an error. A batch
+        # still running at give_up is cancelled (and rolled back) for the runner to redo.
+        with contextlib.suppress(TimeoutError, ServiceError):
+            async with asyncio.timeout_at(give_up):
+                for user_id in user_ids:
+                    while not await self._store.clean_up_deletion(user_id):
+                        pass
 
     async def check_accounts(self, user_ids: Sequence[str]) -> list[AccountStatus]:
         _require_batch(user_ids, rules.MAX_ACCOUNTS, "user_ids")

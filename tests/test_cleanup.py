@@ -17,7 +17,7 @@ import pytest
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from server.checker import check
+from server.checker import check, finish_pending_deletions
 from server.cleanup import DeletionCleaner
 from server.database import create_pool
 from server.importer import ImportOptions, import_graph
@@ -155,20 +155,28 @@ async def test_reimport_waits_for_the_cleanup_and_starts_empty(
     """Importing an id again right after deleting it waits for the cleanup of the old
     account, then succeeds with an account of no edges: nothing of the old one comes back,
     and its old fans' counts no longer include it."""
-    await seed(db_url, 10_000)
+    await seed(db_url, 3000)
     running = await make_service()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         accounts = pb_grpc.AccountServiceStub(channel)
         stub = pb_grpc.FollowServiceStub(channel)
         conn = await asyncpg.connect(db_url)
+        holder = await asyncpg.connect(db_url)
         try:
-            # A short deadline: the call removes edges itself only until just before it,
-            # so the cleanup is still running when the import arrives.
-            await accounts.DeleteAccounts(
-                pb.DeleteAccountsRequest(user_ids=[CELEBRITY]), timeout=0.4
+            # Hold the cleanup back: its first batch needs the first fan's lock (the
+            # advisory gate every batch takes before its row locks).
+            await holder.execute("SELECT pg_advisory_lock(hashtextextended('f000000', 0))")
+            response = await accounts.DeleteAccounts(
+                pb.DeleteAccountsRequest(user_ids=[CELEBRITY]), timeout=3
             )
+            # Committed and answered OK although its own cleanup could not start.
+            assert [r.code for r in response.results] == [pb.RESULT_CODE_OK]
             assert await conn.fetchval("SELECT count(*) FROM account_tombstones") == 1
-            await import_users(accounts, CELEBRITY)
+            importing = asyncio.create_task(import_users(accounts, CELEBRITY))
+            await asyncio.sleep(0.5)
+            assert not importing.done(), "the import did not wait for the cleanup"
+            await holder.execute("SELECT pg_advisory_unlock(hashtextextended('f000000', 0))")
+            await importing
             assert await conn.fetchval("SELECT count(*) FROM account_tombstones") == 0
             assert await edges_of(conn, CELEBRITY) == 0
             info = await stub.GetInfo(pb.GetInfoRequest(user_id=CELEBRITY, target_ids=[CELEBRITY]))
@@ -177,6 +185,7 @@ async def test_reimport_waits_for_the_cleanup_and_starts_empty(
             assert (fan.infos[0].following_count, fan.infos[0].mutual_count) == (0, 0)
             await assert_sound(conn, 5000)
         finally:
+            await holder.close()
             await conn.close()
 
 
@@ -279,3 +288,26 @@ async def test_cleanup_resumes_after_its_connections_are_killed(db_url: str) -> 
         await cleaner.stop()
         await conn.close()
         await pool.close()
+
+
+async def test_check_finishes_pending_deletions_first(db_url: str) -> None:
+    """`follow-server check` on a database with a deletion in progress (no server running
+    to finish it) finishes that work first, with the same batches, and then finds nothing:
+    a pending deletion's edges are work in progress, not violations."""
+    await seed(db_url, 700)
+    pool = await create_pool(db_url, 2)
+    try:
+        await Store(pool).delete_accounts([CELEBRITY])  # the tombstone only, no cleanup
+    finally:
+        await pool.close()
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await edges_of(conn, CELEBRITY) > 0
+        assert await finish_pending_deletions(db_url) == 1
+        assert await edges_of(conn, CELEBRITY) == 0
+        assert await conn.fetchval("SELECT count(*) FROM account_tombstones") == 0
+        report = await check(conn)
+        assert report.total == 0, report
+        await assert_sound(conn, 5000)
+    finally:
+        await conn.close()
