@@ -12,7 +12,7 @@ column naming the user its rows belong to and co-located with the live tables, s
 join between them is a join within each shard, as every live table is keyed by user_id
 (server.migrations); they are dropped before commit, and a rollback takes them away with
 everything else. Two relations hold rows keyed by the other user of an edge: import_targets
-(each staged edge's target, for the unknown-account check) and import_rev (the new edges
+(each staged edge's target, for Citus' unknown-account check) and import_rev (the new edges
 under their target, for the followers copy, mutual state and the recount). On Citus they are
 tables filled by an INSERT ... SELECT that re-partitions the rows; on one PostgreSQL they are
 views of the same rows, so every statement reads the same on both and nothing is copied
@@ -147,8 +147,9 @@ class Staging:
         await conn.execute("DROP SEQUENCE import_line CASCADE")
 
 
-# The ids the staged edges name that are not accounts: followers looked up beside their
-# rows, targets beside import_targets (each target under its own id), both by anti-join.
+# Citus: the ids the staged edges name that are not accounts (a handful, usually none),
+# followers looked up beside their rows, targets beside import_targets (each target under
+# its own id), both by anti-join within the shards.
 _UNKNOWN_ACCOUNTS = """
 INSERT INTO import_unknown (user_id)
 SELECT e.follower FROM import_edges e
@@ -159,21 +160,25 @@ WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = t.user_id)
 """
 
 # Rows that name the same user twice or an unknown account, or whose time the reader could
-# not read, in the order the checks are made for one row.
+# not read, in the order the checks are made for one row. Unknown: on one PostgreSQL one
+# pass with a hashed lookup of the accounts (_NOT_AN_ACCOUNT); on Citus that lookup would
+# send every account id to every shard, so the ids found by _UNKNOWN_ACCOUNTS instead.
 _FIND_BAD_ROWS = """
 INSERT INTO import_bad (line, problem)
 SELECT line, problem FROM (
     SELECT e.line, CASE
         WHEN e.follower = e.target THEN 'a user cannot follow themselves'
-        WHEN e.follower IN (SELECT user_id FROM import_unknown)
+        WHEN e.follower {unknown}
         THEN 'follower_id: account ' || e.follower || ' does not exist'
-        WHEN e.target IN (SELECT user_id FROM import_unknown)
+        WHEN e.target {unknown}
         THEN 'target_id: account ' || e.target || ' does not exist'
         ELSE e.problem END AS problem
     FROM import_edges e
 ) p
 WHERE problem IS NOT NULL
 """
+_NOT_AN_ACCOUNT = "NOT IN (SELECT user_id FROM accounts)"
+_FOUND_UNKNOWN = "IN (SELECT user_id FROM import_unknown)"
 
 # The first row of each edge among the good rows, in (follower, target) order: the order
 # of the following table's primary key, whose build then finds its input sorted. `at` is
@@ -300,9 +305,12 @@ async def check_edges(
     staged: int,
 ) -> None:
     """Find the bad edge rows SQL can see, and fill import_new: the edges to add."""
-    await staging.fill(conn, "import_targets")
-    await conn.execute(_UNKNOWN_ACCOUNTS)
-    per_row = rowcount(await conn.execute(_FIND_BAD_ROWS))
+    unknown = _NOT_AN_ACCOUNT
+    if staging.citus:
+        await staging.fill(conn, "import_targets")
+        await conn.execute(_UNKNOWN_ACCOUNTS)
+        unknown = _FOUND_UNKNOWN
+    per_row = rowcount(await conn.execute(_FIND_BAD_ROWS.format(unknown=unknown)))
     good = _GOOD if per_row else ""
     new_edges = _NEW_EDGES.format(good=good, stored="false" if was_empty else _STORED)
     distinct = rowcount(await conn.execute(new_edges, time.time_ns() // 1000))
