@@ -787,7 +787,11 @@ def run_scale(args: argparse.Namespace) -> None:
         "profile": "scale-quick" if quick else "scale",
         "config": asdict(profile)
         | {"rounds": rounds, "mode": mode, "sizes_millions": millions, "server_workers": 1},
-        "machine": machine(pg_version) | {"load_average_at_end": list(os.getloadavg())},
+        "machine": machine(pg_version)
+        | {
+            "load_average_at_start": load_start,  # machine() reads it now, at the end
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
         "git": git_revision(),
         "sizes": [
             {
