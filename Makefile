@@ -47,10 +47,12 @@ test: $(STAMP) node-deps
 # The storage-touching suites again, on a throwaway Citus cluster (a coordinator and two
 # workers on 127.0.0.1, started and stopped by the tests: tests/support/citus.py), each test
 # in a Citus database of its own with the tables distributed; plus every store statement's
-# plan (tests/test_citus_plans.py; `PYTEST_ARGS=-rP` prints the table).
+# plan (tests/test_citus_plans.py; `PYTEST_ARGS=-rP` prints the table). Tests marked `citus`
+# run only here: make test skips them.
 CITUS_TESTS := tests/test_servicer.py tests/test_v4_commands.py tests/test_stateful.py \
 	tests/test_v4_stateful.py tests/test_concurrency.py tests/test_importer.py \
-	tests/test_checker.py tests/test_citus_migrations.py tests/test_citus_plans.py
+	tests/test_checker.py tests/test_citus_migrations.py tests/test_citus_tools.py \
+	tests/test_citus_plans.py
 test-citus: $(STAMP)
 	@$(BIN)/python -c 'from tests.support.citus import citus_missing_reason as missing; \
 		r = missing(); raise SystemExit(r and "make test-citus: no Citus cluster can start here: " + r \
