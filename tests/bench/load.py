@@ -63,6 +63,9 @@ class Outcome:
     errors: int = 0
     error_sample: str = ""
     items: int = 0  # edges written (Follow) or removed (Unfollow), inside the window
+    # When the job ran out of calls to make (its limit or its actors used up): time.monotonic()
+    # of the last answer; None when it ran until the window closed.
+    ran_out_at: float | None = None
 
 
 class Plan:
@@ -149,6 +152,8 @@ async def _run_job(index: int, target: Target, job: Job) -> Outcome:
         if delay > 0:
             await asyncio.sleep(delay)
         await asyncio.gather(*(loop() for _ in range(job.concurrency)))
+        if remaining[0] == 0:
+            outcome.ran_out_at = time.monotonic()
         return outcome
 
 

@@ -89,6 +89,10 @@ class ScenarioResult:
     db_cpu_pct: float
     server_peak_rss_mb: float
     issued_per_worker: list[int] = field(default_factory=list)
+    # Seconds of the measured window each load process still had calls to make: the whole
+    # duration, unless a limited job (grpc:unfollow20 replays grpc:follow20's calls;
+    # follow1@celebrity's actors) ran out first. calls_per_s counts over these.
+    active_s_per_worker: list[float] = field(default_factory=list)
 
 
 SCENARIOS: list[tuple[str, str]] = [
@@ -499,11 +503,19 @@ def run_scenario(
             return float("nan")
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
 
+    begin = start + profile.warmup
+    active = [
+        profile.duration
+        if o.ran_out_at is None
+        else min(profile.duration, max(0.0, o.ran_out_at - begin))
+        for o in outcomes
+    ]
     return ScenarioResult(
         name=name,
         description=description,
-        calls_per_s=len(latencies) / profile.duration,
-        items_per_s=sum(o.items for o in outcomes) / profile.duration,
+        # Each process' calls over the time it had calls to make (see active_s_per_worker).
+        calls_per_s=sum(len(o.latencies) / a for o, a in zip(outcomes, active, strict=True) if a),
+        items_per_s=sum(o.items / a for o, a in zip(outcomes, active, strict=True) if a),
         p50_ms=pct(0.50),
         p90_ms=pct(0.90),
         p99_ms=pct(0.99),
@@ -514,6 +526,7 @@ def run_scenario(
         db_cpu_pct=db_cpu,
         server_peak_rss_mb=rss,
         issued_per_worker=[o.issued + o.errors for o in outcomes],
+        active_s_per_worker=[round(a, 3) for a in active],
     )
 
 
