@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,7 +38,7 @@ Resp = TypeVar("Resp")
 CALL_TIMEOUT = 20.0  # seconds, per call
 # seconds per load phase; a phase that takes longer fails. On Citus (three nodes sharing two
 # cores here) each call is a distributed transaction: the same phases take minutes.
-LOAD_BUDGET = 240.0 if os.environ.get("FOLLOW_TEST_CITUS") == "1" else 60.0
+LOAD_BUDGET = 240.0 if CITUS else 60.0
 DEFAULT_CAP = 5000
 LIST_TYPES = (pb.FOLLOW_TYPE_FAN, pb.FOLLOW_TYPE_FOLLOWING, pb.FOLLOW_TYPE_MUTUAL)
 
