@@ -42,9 +42,7 @@ from server.importer.options import ImportOptions
 from server.importer.report import BadRow, ImportReport, progress_bar
 
 if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
-    Conn = PoolConnectionProxy[asyncpg.Record]
+    Conn = asyncpg.Connection[asyncpg.Record]
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from server.database import create_pool
+import asyncpg
+
 from server.importer.csvread import IdChecker
 from server.importer.merge import write_accounts, write_graph
 from server.importer.options import ImportOptions
@@ -34,6 +35,7 @@ SET LOCAL jit = off;
 """
 
 _DEFAULT_OPTIONS = ImportOptions()  # frozen: one instance serves every call
+_SERVER_SETTINGS = {"application_name": "follow-server import"}
 
 
 async def import_graph(
@@ -51,9 +53,11 @@ async def import_graph(
     report = ImportReport()
     ids = IdChecker()
     await apply_migrations(database_url)
-    pool = await create_pool(database_url, 1)
+    # One connection of its own, without the service pool's per-statement timeout (30 s):
+    # a set-based statement over millions of rows may run for minutes.
+    conn = await asyncpg.connect(database_url, server_settings=_SERVER_SETTINGS)
     try:
-        async with pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             await conn.execute(_SESSION)
             await conn.execute("LOCK TABLE follow_counts IN EXCLUSIVE MODE")
             staging = await Staging.detect(conn)
@@ -73,10 +77,9 @@ async def import_graph(
                 )
             await staging.drop(conn)
         report.lap("commit")
-        async with pool.acquire() as conn:
-            await conn.execute("ANALYZE accounts, follow_counts, following, followers")
+        await conn.execute("ANALYZE accounts, follow_counts, following, followers")
         report.lap("analyze")
     finally:
-        await pool.close()
+        await conn.close()
     report.seconds = time.perf_counter() - started
     return report
