@@ -21,7 +21,7 @@ from server.store import Counts, PendingDeletionError, Store
 # How long an import waits for the cleanup of a deleted account of the same id.
 REIMPORT_WAIT_SECONDS = 5.0
 # How long DeleteAccounts removes edges itself before answering (the rest goes on behind).
-DELETE_WAIT_SECONDS = 1.0
+DELETE_WAIT_SECONDS = 3.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ if _MISSING is not None:
 pytestmark = pytest.mark.citus
 
 PER_USER = {"accounts", "follow_counts", "following", "followers", "follow_count_deltas"}
-REFERENCE = {"service_secrets"}
+REFERENCE = {"service_secrets", "account_tombstones"}
 ALL_VERSIONS = [v for v, _, _ in MIGRATIONS]
 
 
@@ -183,16 +183,20 @@ async def test_concurrent_starts_distribute_once(make_database: ScratchFactory) 
 async def test_a_later_migration_on_a_distributed_database(
     citus_db: asyncpg.Connection,
 ) -> None:
-    """A database distributed at migration 1 that then gets migration 2: its DDL on the
-    distributed follow_counts runs inside the migration's transaction, and the table it
-    adds is distributed co-located with the rest in the same run."""
+    """A database distributed at migration 1 that then gets migrations 2 and 3: migration
+    2's DDL on the distributed follow_counts runs inside the migration's transaction, and
+    the tables they add are placed (co-located with the rest, or as a reference table) in
+    the same run."""
     first = await migrate_schema(citus_db, MIGRATIONS[:1])
     assert first.applied == [1]
     assert {d.table for d in first.distributed} == set(DISTRIBUTION[1])
     await citus_db.execute("INSERT INTO follow_counts (user_id, followers) VALUES ('a', 1)")
     second = await migrate_schema(citus_db)
     assert second.applied == ALL_VERSIONS[1:]
-    assert second.distributed == [Distributed("follow_count_deltas", "user_id", "follow_counts")]
+    assert second.distributed == [
+        Distributed("follow_count_deltas", "user_id", "follow_counts"),
+        Distributed("account_tombstones", "reference", None),
+    ]
     _assert_placed_as_declared(await _placements(citus_db))
     # Migration 2 dropped the counters' check constraints on every shard, not only on the
     # coordinator's empty shell: a negative counter part is now accepted.

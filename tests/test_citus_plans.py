@@ -98,7 +98,7 @@ SAMPLES: dict[str, Sample] = {
     "_LOCK_OWNER": _one(ALICE),
     "_SHARE_LOCK": _one(ALICE),
     # Advisory locks, no table: on Citus it stays on the coordinator.
-    "_GATE": Sample(([ALICE, *FIVE], [True] + [False] * len(FIVE)), NO_TABLE),
+    "_GATE": Sample(([ALICE, *FIVE], ALICE, False), NO_TABLE),
     "_OWN_EDGES_AMONG": _one(ALICE, FIVE),
     "_SET_THEIR_MUTUAL": Sample(("bob", ALICE, AT), ("bob",)),
     "_DELETE_THEIR_FOLLOWER": Sample(("bob", ALICE), ("bob",)),
