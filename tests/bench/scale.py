@@ -39,15 +39,13 @@ import statistics
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import asyncpg
 
-from server.database import Database, create_pool, open_database
+from server.database import Database, open_database
 from server.errors import FollowType
 from server.store import (
     _CHECK,
@@ -173,8 +171,7 @@ async def seed_sizes(database: Database, sizes: list[Size], out: Path, reseed: b
             f" {size.params.users:,} users ...",
             file=sys.stderr,
         )
-        with importer_without_command_timeout():
-            size.seed, size.meta = await ensure_seed(database, size.params, out)
+        size.seed, size.meta = await ensure_seed(database, size.params, out)
         # The CSV files are only the importer's input: made again by the generator if needed.
         shutil.rmtree(out / "cache" / seed_key(size.params), ignore_errors=True)
         imp = size.meta["import"]
@@ -185,28 +182,6 @@ async def seed_sizes(database: Database, sizes: list[Size], out: Path, reseed: b
             file=sys.stderr,
         )
         size.storage = await storage(database, size.seed, size.meta["edges"])
-
-
-@contextlib.contextmanager
-def importer_without_command_timeout() -> Iterator[None]:
-    """The bulk importer's pool (server.database.create_pool) gives every statement 30 s
-    (asyncpg's command_timeout); the importer's set-based statements over 5 million staged
-    edges take longer on a loaded machine (seen: the unknown-accounts check timed out), so
-    while seeding here its pool's connections have none. Reported in the JSON/table."""
-    import server.importer.transaction as transaction
-
-    real = asyncpg.create_pool
-
-    def without(*args: Any, **kwargs: Any) -> Any:
-        kwargs["command_timeout"] = None
-        return real(*args, **kwargs)
-
-    async def pool(url: str, size: int, **kwargs: Any) -> asyncpg.Pool:
-        with mock.patch.object(asyncpg, "create_pool", without):
-            return await create_pool(url, size, **kwargs)
-
-    with mock.patch.object(transaction, "create_pool", pool):
-        yield
 
 
 async def storage(database: Database, name: str, edges: int) -> dict[str, Any]:
@@ -818,8 +793,6 @@ def run_scale(args: argparse.Namespace) -> None:
             "pgdata": str(pgdata),
         },
         "seeding_seconds": round(seeding_s, 1),
-        "seeding_note": "templates imported with server.importer.import_graph, its pool's"
-        " 30 s asyncpg command_timeout lifted (see importer_without_command_timeout)",
         "seconds": round(time.monotonic() - started, 1),
     }
     stem = "bench-scale-quick" if quick else "bench-scale"
