@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 # writes lock counter rows first), so plain UPDATE and INSERT do what ON CONFLICT would, at
 # a fraction of its cost per row. Counter rows are made (with exact counts) by the recount.
 _PROFILES = """
-INSERT INTO import_profiles (user_id, nick, face_url)
 SELECT DISTINCT ON (user_id) user_id, nick, face_url FROM import_accounts
 ORDER BY user_id, line DESC
 """
@@ -82,19 +81,16 @@ WHERE f.user_id = n.target AND f.target_id = n.follower AND f.mutual_since IS NU
 # Whom to recount: everyone the import touched; every account when the edge tables were
 # empty before it (the same counts, found without collecting the touched set).
 _TOUCHED = """
-INSERT INTO import_touched (user_id)
-SELECT follower FROM import_new
+SELECT follower AS user_id FROM import_new
 UNION SELECT target FROM import_rev
 UNION SELECT user_id FROM import_accounts
 """
-_ALL_ACCOUNTS = "INSERT INTO import_touched (user_id) SELECT user_id FROM accounts"
+_ALL_ACCOUNTS = "SELECT user_id FROM accounts"
 
 # Counts from the lists (server.graph_invariants.true_counts, the checker's definition of a
 # true count), for the touched users that have an account; the edge scans are limited to the
 # touched users unless those are every account.
-_COUNT = """
-INSERT INTO import_counts (user_id, following, followers, mutual){counts}ORDER BY u.user_id
-"""
+_COUNT = "{counts}ORDER BY u.user_id\n"
 _TOUCHED_ACCOUNTS = "import_touched u\nJOIN accounts a ON a.user_id = u.user_id"
 _ONLY_TOUCHED = "SELECT user_id FROM import_touched"
 
@@ -137,9 +133,9 @@ ORDER BY con.conname NULLS LAST, 1
 """
 
 
-async def write_accounts(conn: Conn, report: ImportReport) -> None:
+async def write_accounts(conn: Conn, staging: Staging, report: ImportReport) -> None:
     """The staged accounts into `accounts`: new ones added, known ones' profiles updated."""
-    report.accounts_written = rowcount(await conn.execute(_PROFILES))
+    report.accounts_written = await staging.make(conn, "import_profiles", _PROFILES)
     for statement in _WRITE_ACCOUNTS:
         await conn.execute(statement)
     report.lap("write accounts")
@@ -176,7 +172,7 @@ async def write_graph(
         if staged is not None and not was_empty:
             await conn.execute(_OLD_BECOME_MUTUAL)
         step("mutual state")
-        await _recount(conn, report, was_empty)
+        await _recount(conn, staging, report, was_empty)
         step("counters")
 
 
@@ -204,17 +200,17 @@ async def _write_edges(
         report.lap("rebuild indexes")
 
 
-async def _recount(conn: Conn, report: ImportReport, was_empty: bool) -> None:
+async def _recount(conn: Conn, staging: Staging, report: ImportReport, was_empty: bool) -> None:
     """Exact counter rows, from the lists, for every user the import touched."""
     if was_empty:
-        await conn.execute(_ALL_ACCOUNTS)
+        await staging.make(conn, "import_touched", _ALL_ACCOUNTS)
         only = None
     else:
-        await conn.execute(_TOUCHED)
+        await staging.make(conn, "import_touched", _TOUCHED)
         only = _ONLY_TOUCHED
         await conn.execute("ANALYZE import_touched")
     count = _COUNT.format(counts=true_counts(_TOUCHED_ACCOUNTS, only))
-    report.users_recounted = rowcount(await conn.execute(count))
+    report.users_recounted = await staging.make(conn, "import_counts", count)
     for statement in _WRITE_COUNTS:
         await conn.execute(statement)
 

@@ -51,12 +51,14 @@ class StagingTable:
     (the distribution column on Citus; None for the small tables only the coordinator
     reads, which stay temporary everywhere). `rekeys`, for a relation holding other rows
     under another owner, is the query of those rows: a view of it on one PostgreSQL, a
-    table filled from it on Citus (Staging.fill)."""
+    table filled from it on Citus (Staging.fill). `made` tables are filled once, from one
+    query (Staging.make): on one PostgreSQL they are made by it."""
 
     name: str
     columns: str
     owner: str | None
     rekeys: str | None = None
+    made: bool = False
 
 
 _ID = 'text COLLATE "C" NOT NULL'
@@ -79,15 +81,18 @@ TABLES: tuple[StagingTable, ...] = (
     ),
     StagingTable("import_unknown", f"user_id {_ID}", None),
     StagingTable("import_bad", "line int NOT NULL, problem text NOT NULL", None),
-    StagingTable("import_profiles", f"user_id {_ID}, nick text, face_url text", "user_id"),
+    StagingTable(
+        "import_profiles", f"user_id {_ID}, nick text, face_url text", "user_id", made=True
+    ),
     StagingTable("import_new", _NEW, "follower"),
     StagingTable("import_rev", _NEW, "target", "SELECT * FROM import_new"),
-    StagingTable("import_touched", f"user_id {_ID}", "user_id"),
+    StagingTable("import_touched", f"user_id {_ID}", "user_id", made=True),
     StagingTable(
         "import_counts",
         f"user_id {_ID}, following bigint NOT NULL, followers bigint NOT NULL,"
         " mutual bigint NOT NULL",
         "user_id",
+        made=True,
     ),
 )
 _BY_NAME = {t.name: t for t in TABLES}
@@ -109,10 +114,10 @@ class Staging:
         if not self.citus:
             await conn.execute("CREATE TEMP SEQUENCE import_line")
             for t in TABLES:
-                if t.rekeys is None:
-                    await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}) ON COMMIT DROP")
-                else:
+                if t.rekeys is not None:
                     await conn.execute(f"CREATE TEMP VIEW {t.name} AS {t.rekeys}")
+                elif not t.made:
+                    await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}) ON COMMIT DROP")
             return
         # Citus: a sequence the coordinator's COPY draws line numbers from (a temporary
         # one cannot be a distributed table's default); owned rows in distributed tables.
@@ -134,6 +139,14 @@ class Staging:
         query = _BY_NAME[name].rekeys
         if self.citus and query is not None:
             await conn.execute(f"INSERT INTO {name} {query}")
+
+    async def make(self, conn: Conn, name: str, query: str) -> int:
+        """Fill the `made` table `name` with the rows of `query`; how many. On one
+        PostgreSQL CREATE TABLE AS makes it (written in bulk, as a new table is); on Citus
+        the distributed table made at the start takes them, each row on its owner's shard."""
+        if self.citus:
+            return rowcount(await conn.execute(f"INSERT INTO {name} {query}"))
+        return rowcount(await conn.execute(f"CREATE TEMP TABLE {name} ON COMMIT DROP AS {query}"))
 
     async def drop(self, conn: Conn) -> None:
         """Drop what would outlive the commit: the sequence (a temporary one too), the

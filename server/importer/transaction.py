@@ -65,7 +65,7 @@ async def import_graph(
             report.lap("prepare")
             if accounts is not None:
                 await stage_accounts(conn, accounts, ids, report, options, accounts_size)
-                await write_accounts(conn, report)
+                await write_accounts(conn, staging, report)
             staged = None
             if edges is not None:
                 staged = await stage_edges(conn, edges, ids, report, edges_size, options)
