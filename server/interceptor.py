@@ -27,6 +27,7 @@ from server import deadline, logs
 from server.admission import InFlightLimit, exempt
 from server.errors import Reason, ServiceError
 from server.metrics import Metrics
+from server.origin import call_origin, from_grpc_peer
 from server.status import error_detail, to_status
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class CallObserver:
             reason: str | None = None
             admitted = False
             deadline_token = None
+            origin_token = call_origin.set(from_grpc_peer(context.peer()))
             try:
                 await context.send_initial_metadata(((header, rid),))
                 if isinstance(request, Malformed):
@@ -158,6 +160,7 @@ class CallObserver:
                 reason = reason_of(context)
                 raise
             finally:
+                call_origin.reset(origin_token)
                 if deadline_token is not None:
                     call_deadline.reset(deadline_token)
                 if admitted:

@@ -105,6 +105,33 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        4,
+        "change events: an outbox row per acknowledged change, in the change's transaction",
+        """
+        -- One row per call that changed something (server.store): kind 1 a follow (others:
+        -- the targets really followed; mutual: those the pair became mutual with), 2 an
+        -- unfollow (the edges that existed; mutual: those no longer mutual), 3 an account
+        -- deleted (user_id: the account; others empty). txid is the writing transaction's
+        -- id: rows whose txid is below the xmin of a later snapshot are final, which is the
+        -- visibility horizon readers of the outbox advance by (see the README, "Change
+        -- events"); (txid, id) is the order they read in.
+        CREATE TABLE follow_events (
+            user_id   text COLLATE "C" NOT NULL,
+            id        bigserial,
+            txid      xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            kind      smallint NOT NULL CHECK (kind BETWEEN 1 AND 3),
+            others    text[] COLLATE "C" NOT NULL DEFAULT '{}',
+            mutual    text[] COLLATE "C" NOT NULL DEFAULT '{}',
+            at        timestamptz NOT NULL,
+            client_ip text NOT NULL DEFAULT '',
+            platform  text NOT NULL DEFAULT '',
+            PRIMARY KEY (user_id, id)
+        );
+        CREATE INDEX follow_events_by_position ON follow_events (txid, id);
+        CREATE INDEX follow_events_by_time ON follow_events (at);
+        """,
+    ),
 ]
 
 
@@ -127,6 +154,9 @@ DISTRIBUTION: dict[int, dict[str, Placement]] = {
     # Few rows (pending deletions only), read beside any user's rows (Check, import): a
     # copy on every node joins with every shard.
     3: {"account_tombstones": "reference"},
+    # Keyed by the acting user like every per-user table: a call's event row goes to the
+    # shard its other rows are on.
+    4: {"follow_events": "user_id"},
 }
 
 

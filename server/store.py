@@ -43,6 +43,7 @@ import asyncpg
 
 from server.deadline import call_deadline, remaining
 from server.errors import FollowType, ItemCode, Reason, ServiceError
+from server.origin import call_origin
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -131,9 +132,8 @@ WHERE user_id = $1 AND follower_id = ANY($2::text[])
 # while other share locks are held, even past an exclusive request already waiting.
 # PostgreSQL's lock manager queues heavyweight locks fairly (a new request waits behind a
 # waiting one it conflicts with), so a call that takes its own advisory lock exclusively
-# waits only for the followers already in. Followers always take theirs (shared, cheap);
-# the acting user takes its exclusive one only when its row lock kept it waiting (see
-# _lock_users): taking it on every call would make every busy user a queue.
+# waits only for the followers already in. Followers take theirs shared; the acting user
+# takes its own exclusively, and that also orders its events (see _lock_users).
 _GATE = """
 SELECT CASE WHEN $3 OR s.id = $2 THEN pg_advisory_xact_lock(hashtextextended(s.id, 0))
             ELSE pg_advisory_xact_lock_shared(hashtextextended(s.id, 0)) END::text
@@ -179,6 +179,9 @@ WITH new_following AS (
     FROM unnest($2::text[]) AS t(id) ORDER BY t.id
     ON CONFLICT (user_id, shard) DO UPDATE
     SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
+), event AS (
+    INSERT INTO follow_events (user_id, kind, others, mutual, at, client_ip, platform)
+    VALUES ($1, 1, $2, $4, $3, $6, $7)
 )
 UPDATE follow_counts
 SET following = following + cardinality($2::text[]), mutual = mutual + cardinality($4::text[])
@@ -198,6 +201,9 @@ WITH gone_following AS (
     FROM unnest($2::text[]) AS t(id) ORDER BY t.id
     ON CONFLICT (user_id, shard) DO UPDATE
     SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
+), event AS (
+    INSERT INTO follow_events (user_id, kind, others, mutual, at, client_ip, platform)
+    VALUES ($1, 2, $2, $3, $5, $6, $7)
 )
 UPDATE follow_counts
 SET following = following - cardinality($2::text[]), mutual = mutual - cardinality($3::text[])
@@ -215,6 +221,18 @@ VALUES ($1, $2, $3, $4)
 ON CONFLICT (user_id, shard) DO UPDATE
 SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
 """
+
+# A call's change event (the outbox, see server.migrations, version 4): one row, on the acting
+# user's shard, in the call's transaction.
+_WRITE_EVENT = """
+INSERT INTO follow_events (user_id, kind, others, mutual, at, client_ip, platform)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+"""
+_WRITE_DELETION_EVENT = """
+INSERT INTO follow_events (user_id, kind, at, client_ip, platform)
+VALUES ($1, 3, clock_timestamp(), $2, $3)
+"""
+FOLLOWED, UNFOLLOWED, ACCOUNT_DELETED = 1, 2, 3
 
 _ADD_OWN_COUNTS = """
 UPDATE follow_counts SET following = following + $2, mutual = mutual + $3 WHERE user_id = $1
@@ -318,9 +336,7 @@ _UNCOUNT_FOLLOWING = (
 _UNCOUNT_MUTUAL = "UPDATE follow_counts SET mutual = mutual - 1 WHERE user_id = ANY($1::text[])"
 _DELETE_THEIR_FOLLOWING = "DELETE FROM following WHERE user_id = ANY($2::text[]) AND target_id = $1"
 _DELETE_OWN_FOLLOWERS = "DELETE FROM followers WHERE user_id = $1 AND follower_id = ANY($2::text[])"
-DELETION_BATCH = 500
-# How long a call waits for its own row lock before starting over behind the fair gate.
-OWNER_LOCK_PATIENCE = 0.5  # edges per cleanup transaction
+DELETION_BATCH = 500  # edges per cleanup transaction
 
 
 @functools.cache
@@ -481,7 +497,7 @@ class Store:
         """Follow distinct, valid, non-self `targets` in order; the result code of each."""
 
         async def work(conn: Conn) -> dict[str, ItemCode]:
-            owner, known = await _lock_users(conn, user_id, targets, gated)
+            owner, known = await _lock_users(conn, user_id, targets)
             own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
             followed = {r[1] for r in own if r[0] == 1}
             fans = {r[1] for r in own if r[0] == 2}
@@ -499,35 +515,41 @@ class Store:
                     results[target] = ItemCode.FOLLOWING_LIMIT_REACHED
             if new:
                 mutual = [t for t in new if t in fans]
+                now = owner["now"]
+                ip, platform = origin.client_ip, origin.platform
                 if await self._distributed(conn):
-                    await _write_follows_per_owner(conn, user_id, new, owner["now"], fans)
+                    await _write_follows_per_owner(conn, user_id, new, now, fans)
+                    await conn.execute(
+                        _WRITE_EVENT, user_id, FOLLOWED, new, mutual, now, ip, platform
+                    )
                 else:
                     shard = delta_shard(user_id)
-                    await conn.execute(_WRITE_FOLLOWS, user_id, new, owner["now"], mutual, shard)
+                    await conn.execute(
+                        _WRITE_FOLLOWS, user_id, new, now, mutual, shard, ip, platform
+                    )
                 results.update(dict.fromkeys(new, ItemCode.OK))
             return results
 
-        gated = False
-        try:
-            return await self._transaction(work)
-        except OwnerLockWaitedError:
-            gated = True
-            return await self._transaction(work)
+        origin = call_origin.get()
+        return await self._transaction(work)
 
     async def unfollow(self, user_id: str, targets: Sequence[str]) -> None:
         """Stop following `targets` (distinct, valid); not following one is no error."""
 
         async def work(conn: Conn) -> None:
-            _, known = await _lock_users(conn, user_id, targets, gated)
+            owner, known = await _lock_users(conn, user_id, targets)
             own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
             # An edge to an account being deleted is the background cleanup's to remove.
             gone = sorted(r[1] for r in own if r[0] == 1 and r[1] in known)
             if not gone:
                 return
             mutual = [r[1] for r in own if r[0] == 1 and r[2] and r[1] in known]
+            now, ip, platform = owner["now"], origin.client_ip, origin.platform
             if not await self._distributed(conn):
                 shard = delta_shard(user_id)
-                await conn.execute(_WRITE_UNFOLLOWS, user_id, gone, mutual, shard)
+                await conn.execute(
+                    _WRITE_UNFOLLOWS, user_id, gone, mutual, shard, now, ip, platform
+                )
                 return
             await conn.execute(_DELETE_FOLLOWING, user_id, gone)
             await conn.executemany(_DELETE_THEIR_FOLLOWER, [(t, user_id) for t in gone])
@@ -541,13 +563,10 @@ class Store:
                 _ADD_DELTA, [(t, shard, -1, -int(t in mutual_set)) for t in gone]
             )
             await conn.execute(_ADD_OWN_COUNTS, user_id, -len(gone), -len(mutual))
+            await conn.execute(_WRITE_EVENT, user_id, UNFOLLOWED, gone, mutual, now, ip, platform)
 
-        gated = False
-        try:
-            await self._transaction(work)
-        except OwnerLockWaitedError:
-            gated = True
-            await self._transaction(work)
+        origin = call_origin.get()
+        await self._transaction(work)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -628,6 +647,11 @@ class Store:
                 await conn.execute(_TOMBSTONE, user_id)
                 for statement in _DELETE_OWN:
                     await conn.execute(statement, user_id)
+                await conn.execute(
+                    _WRITE_DELETION_EVENT, user_id, origin.client_ip, origin.platform
+                )
+
+        origin = call_origin.get()
 
         await self._transaction(work)
 
@@ -670,10 +694,6 @@ class Store:
         return await self._transaction(work)
 
 
-class OwnerLockWaitedError(Exception):
-    """The acting user's row lock was not granted within OWNER_LOCK_PATIENCE."""
-
-
 class PendingDeletionError(Exception):
     """Accounts that cannot be imported yet: their deletion's cleanup is still running."""
 
@@ -714,33 +734,27 @@ async def _remove_followees(conn: Conn, user_id: str, followees: list[str]) -> N
 
 
 async def _lock_users(
-    conn: Conn, user_id: str, targets: Sequence[str], gated: bool
+    conn: Conn, user_id: str, targets: Sequence[str]
 ) -> tuple[asyncpg.Record, set[str]]:
     """Lock the acting user's counter row FOR UPDATE and the targets' FOR SHARE, all in id
     order (the one global lock order: no two calls wait for each other in a circle). The
     owner's row (following count, the time now) and the targets that exist.
 
-    Each target's share lock is first taken as a shared advisory lock (_GATE). The acting
-    user normally takes no advisory lock of its own; if its row lock is not granted within
-    OWNER_LOCK_PATIENCE (followers keep the row share-locked), the call starts over `gated`:
-    with an exclusive advisory lock on itself first, which new followers queue behind."""
+    First, in the same order and in one statement (_GATE), advisory locks: exclusive on the
+    acting user, shared on each target. Two things rest on it. Fairness: a celebrity's own
+    call queues behind the followers already in and ahead of those still coming, instead of
+    waiting for a moment with no share lock on its row. Event order: the gate takes no
+    transaction id, and every call that writes an event for a user (its follows, unfollows,
+    its deletion) holds that user's exclusive gate until commit, so the transaction ids of
+    one user's events grow in commit order (readers of follow_events rely on it)."""
     ids = sorted({user_id, *targets})
-    if gated:
-        await conn.execute(_GATE, ids, user_id, False)
-    elif len(ids) > 1:
-        shared = [u for u in ids if u != user_id]
-        await conn.execute(_GATE, shared, None, False)
+    await conn.execute(_GATE, ids, user_id, False)
     at = ids.index(user_id)
     before, after = ids[:at], ids[at + 1 :]
     known: set[str] = set()
     if before:
         known.update(r[0] for r in await conn.fetchmany(_SHARE_LOCK, [(u,) for u in before]))
-    try:
-        owner = await conn.fetchrow(
-            _LOCK_OWNER, user_id, timeout=None if gated else OWNER_LOCK_PATIENCE
-        )
-    except TimeoutError:  # asyncpg cancelled the wait; the caller retries gated
-        raise OwnerLockWaitedError from None
+    owner = await conn.fetchrow(_LOCK_OWNER, user_id)
     if owner is None:
         raise _user_not_found()
     if after:

@@ -28,7 +28,14 @@ if _MISSING is not None:
 
 pytestmark = pytest.mark.citus
 
-PER_USER = {"accounts", "follow_counts", "following", "followers", "follow_count_deltas"}
+PER_USER = {
+    "accounts",
+    "follow_counts",
+    "following",
+    "followers",
+    "follow_count_deltas",
+    "follow_events",
+}
 REFERENCE = {"service_secrets", "account_tombstones"}
 ALL_VERSIONS = [v for v, _, _ in MIGRATIONS]
 
@@ -196,6 +203,7 @@ async def test_a_later_migration_on_a_distributed_database(
     assert second.distributed == [
         Distributed("follow_count_deltas", "user_id", "follow_counts"),
         Distributed("account_tombstones", "reference", None),
+        Distributed("follow_events", "user_id", "follow_counts"),
     ]
     _assert_placed_as_declared(await _placements(citus_db))
     # Migration 2 dropped the counters' check constraints on every shard, not only on the

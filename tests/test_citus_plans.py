@@ -103,8 +103,11 @@ SAMPLES: dict[str, Sample] = {
     "_SET_THEIR_MUTUAL": Sample(("bob", ALICE, AT), ("bob",)),
     "_DELETE_THEIR_FOLLOWER": Sample(("bob", ALICE), ("bob",)),
     # Single-node only (store.SINGLE_NODE_ONLY): EXPLAINed and shown, not judged.
-    "_WRITE_FOLLOWS": Sample((ALICE, FIVE, AT, FIVE[:2], 3), (ALICE, *FIVE)),
-    "_WRITE_UNFOLLOWS": Sample((ALICE, FIVE, FIVE[:2], 3), (ALICE, *FIVE)),
+    "_WRITE_FOLLOWS": Sample((ALICE, FIVE, AT, FIVE[:2], 3, "::1", "gRPC"), (ALICE, *FIVE)),
+    "_WRITE_UNFOLLOWS": Sample((ALICE, FIVE, FIVE[:2], 3, AT, "::1", "gRPC"), (ALICE, *FIVE)),
+    # The change event: one row on the acting user's shard.
+    "_WRITE_EVENT": _one(ALICE, 1, FIVE, FIVE[:2], AT, "127.0.0.1", "RESTAPI"),
+    "_WRITE_DELETION_EVENT": _one(ALICE, "127.0.0.1", "RESTAPI"),
     "_DELETE_FOLLOWING": _one(ALICE, FIVE),
     "_DELETE_THEIR_FOLLOWERS": _theirs(ALICE, FIVE),
     "_ADD_DELTA": _one(ALICE, 3, 1, 0),

@@ -24,6 +24,7 @@ from server.admission import InFlightLimit
 from server.core import FollowCore
 from server.errors import StartupError
 from server.metrics import Metrics
+from server.origin import RESTAPI, Origin, call_origin
 from server.v4 import backend as backends
 from server.v4.commands import COMMANDS
 from server.v4.envelope import (
@@ -128,7 +129,11 @@ class Shim:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._too_large(None)
-            payload = ok(await command(self._backend, parse_body(raw)))
+            origin = call_origin.set(Origin(request.remote or "", RESTAPI))
+            try:
+                payload = ok(await command(self._backend, parse_body(raw)))
+            finally:
+                call_origin.reset(origin)
         except V4Error as exc:
             payload = fail(exc.code, exc.info)
         except Exception:

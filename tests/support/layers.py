@@ -54,6 +54,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server",
             "server.errors",
             "server.deadline",
+            "server.origin",
             "server.logs",
             "server.metrics",
             "server.tls",
