@@ -129,7 +129,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             PRIMARY KEY (user_id, id)
         );
         CREATE INDEX follow_events_by_position ON follow_events (txid, id);
-        CREATE INDEX follow_events_by_time ON follow_events (at);
+        -- The position below which events have been deleted (retention; server.outbox): a
+        -- reader asking to resume from before it has lost events and is told so.
+        CREATE TABLE follow_events_floor (
+            one  boolean PRIMARY KEY DEFAULT true CHECK (one),
+            txid xid8 NOT NULL,
+            id   bigint NOT NULL
+        );
+        INSERT INTO follow_events_floor (txid, id) VALUES ('0', 0);
         """,
     ),
 ]
@@ -156,7 +163,7 @@ DISTRIBUTION: dict[int, dict[str, Placement]] = {
     3: {"account_tombstones": "reference"},
     # Keyed by the acting user like every per-user table: a call's event row goes to the
     # shard its other rows are on.
-    4: {"follow_events": "user_id"},
+    4: {"follow_events": "user_id", "follow_events_floor": "reference"},
 }
 
 

@@ -44,6 +44,7 @@ import asyncpg
 from server.deadline import call_deadline, remaining
 from server.errors import FollowType, ItemCode, Reason, ServiceError
 from server.origin import call_origin
+from server.outbox import FOLLOWED, UNFOLLOWED
 
 T = TypeVar("T")
 if TYPE_CHECKING:
@@ -232,7 +233,6 @@ _WRITE_DELETION_EVENT = """
 INSERT INTO follow_events (user_id, kind, at, client_ip, platform)
 VALUES ($1, 3, clock_timestamp(), $2, $3)
 """
-FOLLOWED, UNFOLLOWED, ACCOUNT_DELETED = 1, 2, 3
 
 _ADD_OWN_COUNTS = """
 UPDATE follow_counts SET following = following + $2, mutual = mutual + $3 WHERE user_id = $1

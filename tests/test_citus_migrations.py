@@ -36,7 +36,7 @@ PER_USER = {
     "follow_count_deltas",
     "follow_events",
 }
-REFERENCE = {"service_secrets", "account_tombstones"}
+REFERENCE = {"service_secrets", "account_tombstones", "follow_events_floor"}
 ALL_VERSIONS = [v for v, _, _ in MIGRATIONS]
 
 
@@ -204,6 +204,7 @@ async def test_a_later_migration_on_a_distributed_database(
         Distributed("follow_count_deltas", "user_id", "follow_counts"),
         Distributed("account_tombstones", "reference", None),
         Distributed("follow_events", "user_id", "follow_counts"),
+        Distributed("follow_events_floor", "reference", None),
     ]
     _assert_placed_as_declared(await _placements(citus_db))
     # Migration 2 dropped the counters' check constraints on every shard, not only on the

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("core", ("server.core", "server.rules", "server.cursor")),
-    ("store", ("server.store", "server.migrations", "server.graph_invariants")),
+    ("store", ("server.store", "server.outbox", "server.migrations", "server.graph_invariants")),
     ("database", ("server.database",)),
     # Vocabulary and plumbing every layer may use; they import nothing of the layers above.
     (

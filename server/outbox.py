@@ -1,0 +1,210 @@
+"""Reading the change-event outbox (follow_events) in a stable order, with no gap.
+
+server.store writes one follow_events row per acknowledged change, in the change's own
+transaction, stamped with that transaction's id (`txid`, a default of the column). Event ids
+come from a sequence, and neither ids nor transaction ids are handed out in commit order: a
+reader that advanced past an id still uncommitted would never see it. So readers advance by
+a visibility horizon instead: every transaction whose id is below the xmin of a snapshot
+has finished, so the rows with `txid` below it are final (present for good, or never). A
+reader takes the horizon first, then reads rows past its last position (txid, id) and below
+the horizon, in (txid, id) order, and resumes from the last row it saw. A row that commits
+later has a txid at or above the horizon it was skipped under, so it comes in a later read.
+
+Per acting user the order is commit order: every call that writes an event for a user holds
+that user's exclusive gate lock (server.store._lock_users) from before its transaction has an
+id until it commits, so one user's transaction ids grow in commit order.
+
+On Citus the service's transactions are the coordinator's, and the txid default is evaluated
+there (Citus computes column defaults before routing an INSERT). A transaction spanning two
+workers commits on the coordinator first and on the workers just after (two-phase commit:
+COMMIT PREPARED), so the coordinator's xmin alone could pass a row a worker does not show yet.
+The coordinator records each such transaction in pg_dist_transaction, with its id
+(outer_xid), in the committing transaction itself, and the record stays until Citus has
+confirmed the worker's commit (its recovery, every citus.recover_2pc_interval, or
+recover_prepared_transactions()). So there the horizon is the lesser of the snapshot's xmin
+and the oldest recorded outer_xid, read in one statement (one snapshot).
+
+The cost: a long-running transaction anywhere in the cluster (PostgreSQL's xids are
+cluster-wide) holds the horizon, and so delivery, back until it ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+FOLLOWED, UNFOLLOWED, ACCOUNT_DELETED = 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """Where a reader stands: the (txid, id) of the last row it has seen."""
+
+    txid: int
+    id: int
+
+
+START = Position(0, 0)  # before every event
+MAX_ID = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One change event: one call's change, as server.store wrote it."""
+
+    user_id: str  # the acting user (or the deleted account)
+    id: int
+    txid: int
+    kind: int  # FOLLOWED, UNFOLLOWED or ACCOUNT_DELETED
+    others: tuple[str, ...]  # the users followed or unfollowed, in the call's order
+    mutual: frozenset[str]  # those that became (follow) or stopped being (unfollow) mutual
+    at_us: int  # when, Unix microseconds
+    client_ip: str
+    platform: str
+
+    @property
+    def position(self) -> Position:
+        return Position(self.txid, self.id)
+
+
+_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_HORIZON_CITUS = """
+SELECT least(pg_snapshot_xmin(pg_current_snapshot()),
+             (SELECT min(outer_xid) FROM pg_dist_transaction))::text::bigint
+"""
+
+_HORIZON_CITUS_PARTS = """
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+       (SELECT min(outer_xid) FROM pg_dist_transaction)::text::bigint
+"""
+
+_COLUMNS = "user_id, id, txid::text::bigint, kind, others, mutual, at, client_ip, platform"
+_READ = f"""
+SELECT {_COLUMNS} FROM follow_events
+WHERE (txid, id) > ($1::text::xid8, $2) AND txid < $3::text::xid8
+ORDER BY txid, id LIMIT $4
+"""  # noqa: S608 - constant column list
+_READ_USERS = f"""
+SELECT {_COLUMNS} FROM follow_events
+WHERE (txid, id) > ($1::text::xid8, $2) AND txid < $3::text::xid8 AND user_id = ANY($5::text[])
+ORDER BY txid, id LIMIT $4
+"""  # noqa: S608 - constant column list
+_FLOOR = "SELECT txid::text::bigint, id FROM follow_events_floor"
+_LAST = "SELECT txid::text::bigint, id FROM follow_events ORDER BY txid DESC, id DESC LIMIT 1"
+
+# Retention, oldest first: the prefix (in reading order) of final rows older than the cutoff.
+_OLDEST = """
+SELECT txid::text::bigint, id, at FROM follow_events
+WHERE txid < $1::text::xid8 AND (txid, id) <= ($2::text::xid8, $3)
+ORDER BY txid, id LIMIT $4
+"""
+_DELETE_THROUGH = "DELETE FROM follow_events WHERE (txid, id) <= ($1::text::xid8, $2)"
+_RAISE_FLOOR = """
+UPDATE follow_events_floor SET txid = $1::text::xid8, id = $2
+WHERE (txid, id) < ($1::text::xid8, $2)
+"""
+
+
+async def is_distributed(conn: Any) -> bool:
+    """Whether the database is a Citus cluster (the horizon then also waits for 2PC)."""
+    return bool(await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'citus'"))
+
+
+async def horizon(conn: Any, distributed: bool) -> int:
+    """The lowest transaction id that may still add rows: rows below it are final.
+
+    On Citus a finished two-phase commit keeps the horizon back until Citus has confirmed
+    it on the workers and dropped its record, which its maintenance daemon does only every
+    citus.recover_2pc_interval (a minute by default): so when a record holds the horizon
+    below the snapshot's xmin, this confirms them now (recover_prepared_transactions(): one
+    query per worker) and reads the horizon again."""
+    if not distributed:
+        value: int = await conn.fetchval(_HORIZON)
+        return value
+    row = await conn.fetchrow(_HORIZON_CITUS_PARTS)
+    if row[1] is None or row[1] >= row[0]:
+        return int(row[0])
+    await conn.execute("SELECT recover_prepared_transactions()")
+    value = await conn.fetchval(_HORIZON_CITUS)
+    return value
+
+
+def _micros(at: datetime | int) -> int:
+    """Unix microseconds (the service's pool already reads timestamps as such)."""
+    return at if isinstance(at, int) else (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _row(r: asyncpg.Record) -> OutboxRow:
+    at_us = _micros(r[6])
+    return OutboxRow(
+        user_id=r[0],
+        id=r[1],
+        txid=r[2],
+        kind=r[3],
+        others=tuple(r[4]),
+        mutual=frozenset(r[5]),
+        at_us=at_us,
+        client_ip=r[7],
+        platform=r[8],
+    )
+
+
+async def read_after(
+    conn: Any,
+    after: Position,
+    below: int,
+    limit: int,
+    users: Sequence[str] | None = None,
+) -> list[OutboxRow]:
+    """Up to `limit` final rows after `after` and with txid below the horizon `below`, in
+    (txid, id) order; only those acted by `users` when given."""
+    if users:
+        rows = await conn.fetch(_READ_USERS, str(after.txid), after.id, str(below), limit, users)
+    else:
+        rows = await conn.fetch(_READ, str(after.txid), after.id, str(below), limit)
+    return [_row(r) for r in rows]
+
+
+async def floor(conn: Any) -> Position:
+    """The position through which events have been deleted: resuming from before it would
+    miss events."""
+    r = await conn.fetchrow(_FLOOR)
+    return Position(r[0], r[1])
+
+
+async def now_position(conn: Any, distributed: bool) -> Position:
+    """A position before every event not final yet and after every final one: a reader
+    that wants "only new events" starts here and misses none that commit later."""
+    return Position(await horizon(conn, distributed) - 1, MAX_ID)
+
+
+async def delete_expired(
+    conn: Any,
+    older_than: datetime,
+    through: Position,
+    below: int,
+    batch: int,
+) -> int:
+    """Delete up to `batch` of the oldest final rows (txid below `below`) written before
+    `older_than` and not after `through` (what every consumer still needing rows has
+    passed), in reading order, and raise the floor to the last one deleted; in one
+    transaction. The number deleted (0: nothing to do now)."""
+    async with conn.transaction():
+        rows = await conn.fetch(_OLDEST, str(below), str(through.txid), through.id, batch)
+        cutoff = _micros(older_than)
+        last: Position | None = None
+        for r in rows:
+            if _micros(r[2]) >= cutoff:
+                break
+            last = Position(r[0], r[1])
+        if last is None:
+            return 0
+        status: str = await conn.execute(_DELETE_THROUGH, str(last.txid), last.id)
+        await conn.execute(_RAISE_FLOOR, str(last.txid), last.id)
+        return int(status.rsplit(" ", 1)[1])
