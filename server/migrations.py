@@ -139,6 +139,49 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         INSERT INTO follow_events_floor (txid, id) VALUES ('0', 0);
         """,
     ),
+    (
+        5,
+        "webhooks: each callback URL's place in the outbox and its deliveries still to do",
+        """
+        -- One row per callback URL ever configured (server.webhooks): the outbox position
+        -- (txid, id) through which its feeder has queued events. Written by the one feeder
+        -- of the database, in the same transaction as the deliveries it queues.
+        CREATE TABLE webhook_positions (
+            url  text PRIMARY KEY,
+            txid bigint NOT NULL,
+            id   bigint NOT NULL
+        );
+        -- One row per (URL, event) not delivered yet, or parked: keyed by the acting user
+        -- like the outbox, so a user's deliveries are on its shard. The request (command,
+        -- body, the caller's address) is made when queued, so outbox retention never has to
+        -- wait for a delivery. A sender claims a user's oldest row for a lease
+        -- (claimed_until, claim); a 2xx deletes it; a failure sets next_at (backoff); past
+        -- the retry budget parked_at is set and the row is kept until retention.
+        CREATE TABLE webhook_deliveries (
+            user_id       text COLLATE "C" NOT NULL,
+            url           text NOT NULL,
+            txid          bigint NOT NULL,
+            event_id      bigint NOT NULL,
+            command       text NOT NULL,
+            body          text NOT NULL,
+            client_ip     text NOT NULL,
+            platform      text NOT NULL,
+            event_at      timestamptz NOT NULL,
+            queued_at     timestamptz NOT NULL DEFAULT now(),
+            attempts      integer NOT NULL DEFAULT 0,
+            next_at       timestamptz NOT NULL DEFAULT now(),
+            claimed_until timestamptz,
+            claim         bigint,
+            last_error    text,
+            parked_at     timestamptz,
+            PRIMARY KEY (user_id, url, txid, event_id)
+        );
+        CREATE INDEX webhook_deliveries_pending
+            ON webhook_deliveries (url, user_id, txid, event_id) WHERE parked_at IS NULL;
+        CREATE INDEX webhook_deliveries_parked
+            ON webhook_deliveries (parked_at) WHERE parked_at IS NOT NULL;
+        """,
+    ),
 ]
 
 
@@ -164,6 +207,8 @@ DISTRIBUTION: dict[int, dict[str, Placement]] = {
     # Keyed by the acting user like every per-user table: a call's event row goes to the
     # shard its other rows are on.
     4: {"follow_events": "user_id", "follow_events_floor": "reference"},
+    # A user's deliveries beside its events; one small row per configured URL.
+    5: {"webhook_deliveries": "user_id", "webhook_positions": "reference"},
 }
 
 

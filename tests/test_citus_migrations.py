@@ -35,8 +35,9 @@ PER_USER = {
     "followers",
     "follow_count_deltas",
     "follow_events",
+    "webhook_deliveries",
 }
-REFERENCE = {"service_secrets", "account_tombstones", "follow_events_floor"}
+REFERENCE = {"service_secrets", "account_tombstones", "follow_events_floor", "webhook_positions"}
 ALL_VERSIONS = [v for v, _, _ in MIGRATIONS]
 
 
@@ -205,6 +206,8 @@ async def test_a_later_migration_on_a_distributed_database(
         Distributed("account_tombstones", "reference", None),
         Distributed("follow_events", "user_id", "follow_counts"),
         Distributed("follow_events_floor", "reference", None),
+        Distributed("webhook_deliveries", "user_id", "follow_counts"),
+        Distributed("webhook_positions", "reference", None),
     ]
     _assert_placed_as_declared(await _placements(citus_db))
     # Migration 2 dropped the counters' check constraints on every shard, not only on the
