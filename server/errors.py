@@ -56,6 +56,11 @@ class Reason(enum.StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     OVERLOADED = "OVERLOADED"
     INTERNAL = "INTERNAL"
+    # follow.v1.EventService/Watch (proto/follow/v1/events.proto)
+    INVALID_POSITION = "INVALID_POSITION"
+    POSITION_EXPIRED = "POSITION_EXPIRED"
+    TOO_MANY_WATCHERS = "TOO_MANY_WATCHERS"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,11 @@ REASONS: dict[Reason, ReasonMapping] = {
     Reason.DEADLINE_EXCEEDED: ReasonMapping(grpc.StatusCode.DEADLINE_EXCEEDED, 30007),
     Reason.OVERLOADED: ReasonMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 30006),
     Reason.INTERNAL: ReasonMapping(grpc.StatusCode.INTERNAL, 30006),
+    # Watch is gRPC only; the v4 numbers say what a v4 caller would read if it ever met one.
+    Reason.INVALID_POSITION: ReasonMapping(grpc.StatusCode.INVALID_ARGUMENT, 30001),
+    Reason.POSITION_EXPIRED: ReasonMapping(grpc.StatusCode.OUT_OF_RANGE, 30001),
+    Reason.TOO_MANY_WATCHERS: ReasonMapping(grpc.StatusCode.RESOURCE_EXHAUSTED, 30006),
+    Reason.SHUTTING_DOWN: ReasonMapping(grpc.StatusCode.UNAVAILABLE, 30006),
 }
 
 # A failed gRPC call that carries no follow.v1 ErrorInfo (a remote server that cannot be

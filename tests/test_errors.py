@@ -90,6 +90,10 @@ def test_every_reason_has_a_mapping() -> None:
         (Reason.DEADLINE_EXCEEDED, grpc.StatusCode.DEADLINE_EXCEEDED, 30007),
         (Reason.OVERLOADED, grpc.StatusCode.RESOURCE_EXHAUSTED, 30006),
         (Reason.INTERNAL, grpc.StatusCode.INTERNAL, 30006),
+        (Reason.INVALID_POSITION, grpc.StatusCode.INVALID_ARGUMENT, 30001),
+        (Reason.POSITION_EXPIRED, grpc.StatusCode.OUT_OF_RANGE, 30001),
+        (Reason.TOO_MANY_WATCHERS, grpc.StatusCode.RESOURCE_EXHAUSTED, 30006),
+        (Reason.SHUTTING_DOWN, grpc.StatusCode.UNAVAILABLE, 30006),
     ],
 )
 def test_reason_mapping(reason: Reason, code: grpc.StatusCode, v4: int) -> None:
