@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from server import logs
-from server.config import add_database_flags
+from server.config import Parser, add_database_flags
 from server.database import open_database, redact
 from server.migrations import apply_migrations
 
@@ -34,7 +34,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="follow-server migrate",
         description="Apply pending schema migrations (and, on Citus, distribute the tables).",
     )

@@ -45,3 +45,28 @@ async def test_migrate_applies_then_finds_nothing_to_do(db_url: str) -> None:
     code, out = await run_migrate(db_url)
     assert code == 0, out
     assert "migrations applied now: none (up to date)" in out
+
+
+async def test_a_bad_flag_is_one_line_and_exit_2(db_url: str) -> None:
+    """A mistyped flag gets the one-line error every follow-server command gives (not an
+    argparse usage block), exit status 2, and nothing is migrated."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FOLLOW_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "migrate",
+        "--databse-url",
+        db_url,
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "--databse-url" in lines[0]
+    assert "follow-server migrate --help" in lines[0]
+    assert out == b""
