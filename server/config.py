@@ -60,6 +60,9 @@ class Settings:
     http_tls_key: Path | None = None
     # Server processes sharing the gRPC and v4 ports (SO_REUSEPORT); see server.workers.
     workers: int = 1
+    # The Watch stream (server.watch_hub): streams per process, and the idle heartbeat.
+    max_watchers: int = 1000
+    watch_heartbeat_seconds: float = 15.0
 
 
 PROGRAM = "follow-server"
@@ -307,6 +310,19 @@ SERVE_OPTIONS = (
     Option(
         "--db-acquire-timeout",
         "how long a call waits for a free database connection before RESOURCE_EXHAUSTED",
+        positive_float,
+        "SECONDS",
+    ),
+    Option(
+        "--max-watchers",
+        "Watch streams served at once per process (not counted in --max-in-flight); past"
+        " it Watch gets RESOURCE_EXHAUSTED",
+        positive_int,
+        "N",
+    ),
+    Option(
+        "--watch-heartbeat-seconds",
+        "a Watch stream with nothing to send for this long gets a heartbeat event",
         positive_float,
         "SECONDS",
     ),
