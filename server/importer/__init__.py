@@ -43,13 +43,15 @@ from __future__ import annotations
 from server.importer.cli import MAX_REPORTED_ROWS, build_parser, main
 from server.importer.csvread import account_records, edge_records, parse_time_us
 from server.importer.options import ImportOptions
-from server.importer.report import BadRow, ImportAbortedError, ImportReport
-from server.importer.transaction import import_graph
+from server.importer.report import BadRow, ImportAbortedError, ImportIncompleteError, ImportReport
+from server.importer.transaction import ImportBusyError, import_graph
 
 __all__ = [
     "MAX_REPORTED_ROWS",
     "BadRow",
     "ImportAbortedError",
+    "ImportBusyError",
+    "ImportIncompleteError",
     "ImportOptions",
     "ImportReport",
     "account_records",

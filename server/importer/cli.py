@@ -1,4 +1,5 @@
-"""`follow-server import`: the command line over server.importer.transaction.import_graph."""
+"""`follow-server import`: the command line over server.importer.transaction.import_graph
+(exit 1 on bad rows, on rows the merge refused, or when another import is running)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from server.config import (
 )
 from server.database import Database, open_database, redact
 from server.importer.options import ImportOptions
-from server.importer.report import ImportAbortedError, ImportReport
-from server.importer.transaction import import_graph
+from server.importer.report import ImportAbortedError, ImportIncompleteError, ImportReport
+from server.importer.transaction import ImportBusyError, import_graph
 
 # The package's name, as before the split: the log lines keep naming "server.importer".
 log = logging.getLogger("server.importer")
@@ -35,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="follow-server import",
         description=(
-            "Bulk-load accounts and follow edges from CSV into the database, in one "
-            "transaction. Safe to re-run: edges already present are skipped, and the counts "
-            "of every user touched are recomputed."
+            "Bulk-load accounts and follow edges from CSV into the database while the "
+            "service runs: everything is checked first (any bad row aborts, changing "
+            "nothing, unless --skip-bad-rows), then written in short batches. Safe to "
+            "re-run, and an interrupted import is completed by running it again: edges "
+            "already present are skipped."
         ),
     )
     parser.add_argument(
@@ -68,14 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many users one user may follow; edges beyond it are bad rows "
         "(FOLLOW_MAX_FOLLOWING, default %(default)s)",
     )
-    parser.add_argument(
-        "--rebuild-indexes",
-        choices=["auto", "always", "never"],
-        default="auto",
-        help="drop the edge tables' indexes during the load and build them again after; "
-        "auto: when the load at least doubles the edges (readers of the edge tables wait "
-        "meanwhile); default %(default)s",
-    )
     add_progress_flags(parser)
     return parser
 
@@ -102,9 +97,7 @@ async def _run(args: argparse.Namespace) -> int:
             redact(database.url),
             time.perf_counter() - started,
         )
-        options = ImportOptions(
-            args.skip_bad_rows, args.max_following, args.progress, args.rebuild_indexes
-        )
+        options = ImportOptions(args.skip_bad_rows, args.max_following, args.progress)
         try:
             report = await import_graph(
                 database.url,
@@ -114,9 +107,17 @@ async def _run(args: argparse.Namespace) -> int:
                 accounts_size=accounts_size,
                 edges_size=edges_size,
             )
+        except ImportIncompleteError as exc:
+            _print_bad_rows(exc.report)
+            _print_summary(exc.report)
+            print(f"import incomplete: {exc}", file=sys.stderr)
+            return 1
         except ImportAbortedError as exc:
             _print_bad_rows(exc.report)
             print(f"import aborted: {exc}; use --skip-bad-rows to import the rest", file=sys.stderr)
+            return 1
+        except ImportBusyError as exc:
+            print(f"follow-server import: error: {exc}; wait for it to finish", file=sys.stderr)
             return 1
     finally:
         for stream in (accounts, edges):
@@ -124,15 +125,19 @@ async def _run(args: argparse.Namespace) -> int:
                 stream.close()
         await asyncio.to_thread(database.close)
     _print_bad_rows(report)
+    _print_summary(report)
+    return 0
+
+
+def _print_summary(report: ImportReport) -> None:
     log.info("phases: %s", ", ".join(f"{k} {v:.2f}s" for k, v in report.phases.items()))
     print(
         f"imported {report.accounts_written} account(s) and {report.edges_added} new edge(s)"
         f" ({report.edges_already_present} already present,"
-        f" {report.bad_row_count} bad row(s) skipped); recounted {report.users_recounted}"
-        f" user(s) in {report.seconds:.1f}s ({report.edges_per_second:,.0f} edges/s)",
+        f" {report.bad_row_count} bad row(s) skipped) in {report.batches} batch(es),"
+        f" {report.seconds:.1f}s ({report.edges_per_second:,.0f} edges/s)",
         file=sys.stderr,
     )
-    return 0
 
 
 def _print_bad_rows(report: ImportReport) -> None:

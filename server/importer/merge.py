@@ -1,242 +1,326 @@
-"""From the staging tables into the live ones: accounts, both copies of each edge, mutual
-state and the counters, each built once by a set-based statement rather than row by row.
+"""From the staging tables into the live ones, in bounded batches, each its own short
+transaction, while the service keeps serving: accounts first (ACCOUNT_BATCH ids at a time),
+then the new edges a range of followers at a time (about EDGE_BATCH edges).
 
-Mutual state comes from one hash join of the new edges with themselves keyed by target
-(import_rev: `mutual_since` is the later of the two follow times) and, for edges already
-stored, with the followers copy of the reverse edge, which lives under this edge's follower;
-the counters of every user the import touched are recomputed from the lists, so they are
-exact afterwards even if they were not before. Every join pairs rows of one owner, so on
-Citus each runs within the shards (server.importer.staging). A load that at least doubles
-the edge tables may drop their indexes and build them again after.
+Each batch takes its locks the way a service call does (server.store's lock discipline: a
+transaction touches rows owned by user U only while it holds a lock on U's follow_counts
+row), and in the same orders, so it cannot deadlock with the calls:
+1. the advisory gate (server.store's _GATE, the same keys and order), exclusive on each of
+   the batch's followers (the users whose following lists it extends), as the acting user
+   of a Follow takes its own; so, as for that call, a stream of other users' follows of
+   one of them cannot starve the batch, and no call acting for one of them runs meanwhile;
+2. the counter rows, in id order: FOR UPDATE for the followers (their following count and
+   cap), FOR SHARE for the other users the batch follows (like the targets of a Follow:
+   many followers may hold it at once, so a celebrity's fans keep following it while a
+   batch adds more); a row that is gone means an account deleted meanwhile;
+3. what the batch writes to the targets' counts goes to their follow_count_deltas rows (a
+   shard per batch), upserted in id order, as a Follow's do.
+Then, under those locks, what the service may have changed since the checks is checked
+again: edges it added meanwhile are skipped (already present), a follower's cap is
+counted from its locked counter row, and an edge naming an account deleted meanwhile is
+refused. Counts change by exactly what the batch did (the service's increments, made
+set-based), so they stay exact while calls change the same users.
+
+Mutual state, per batch: an inserted edge a->b is mutual when b->a exists now (old, or
+added by this batch); then both rows get the later follow time. The counts go up once per
+following row whose mutual_since was set: in the counter row of a batch follower's own
+rows, in the delta rows for rows of the users it follows.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import itertools
+import random
+from collections import Counter
+from typing import TYPE_CHECKING, TypeVar
 
-from server.graph_invariants import true_counts
+import asyncpg
+
 from server.importer.options import ImportOptions
-from server.importer.report import ImportReport, progress_bar
-from server.importer.staging import Staging, check_edges, rowcount
+from server.importer.report import BadRow, ImportReport, progress_bar
+from server.importer.staging import BEING_DELETED, Batch, Staging
+from server.store import _GATE, DELTA_SHARDS
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from server.importer.staging import Conn
 
-# Later rows win, as if the rows had been imported one after the other. Under the lock on
-# follow_counts no other transaction creates or deletes an account (the service's account
-# writes lock counter rows first), so plain UPDATE and INSERT do what ON CONFLICT would, at
-# a fraction of its cost per row. Counter rows are made (with exact counts) by the recount.
-_PROFILES = """
-SELECT DISTINCT ON (user_id) user_id, nick, face_url FROM import_accounts
-ORDER BY user_id, line DESC
-"""
+T = TypeVar("T")
+MAX_ATTEMPTS = 8
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+# -- accounts ------------------------------------------------------------------------------
+
+_PROFILE_IDS = "SELECT user_id, line FROM import_profiles WHERE batch = $1 ORDER BY user_id"
+_TOMBSTONED_AMONG = "SELECT user_id FROM account_tombstones WHERE user_id = ANY($1::text[])"
+# A counter row for each new account (the service makes one with the account, too), then
+# the accounts: new ones added, known ones' profiles updated where the file gives a field
+# (profile_sequence counts real changes, as the service's ImportAccounts does).
 _WRITE_ACCOUNTS = (
     """
-UPDATE accounts a SET
-    nick = COALESCE(p.nick, a.nick),
-    face_url = COALESCE(p.face_url, a.face_url),
+INSERT INTO follow_counts (user_id)
+SELECT user_id FROM import_profiles WHERE batch = $1 AND user_id <> ALL($2::text[])
+ORDER BY user_id
+ON CONFLICT DO NOTHING
+""",
+    """
+INSERT INTO accounts AS a (user_id, nick, face_url)
+SELECT user_id, nick, face_url FROM import_profiles
+WHERE batch = $1 AND user_id <> ALL($2::text[])
+ORDER BY user_id
+ON CONFLICT (user_id) DO UPDATE SET
+    nick = COALESCE(EXCLUDED.nick, a.nick),
+    face_url = COALESCE(EXCLUDED.face_url, a.face_url),
     profile_sequence = a.profile_sequence + 1
-FROM import_profiles p
-WHERE a.user_id = p.user_id
-  AND (COALESCE(p.nick, a.nick), COALESCE(p.face_url, a.face_url))
+WHERE (COALESCE(EXCLUDED.nick, a.nick), COALESCE(EXCLUDED.face_url, a.face_url))
       IS DISTINCT FROM (a.nick, a.face_url)
 """,
-    """
-INSERT INTO accounts (user_id, nick, face_url)
-SELECT p.user_id, p.nick, p.face_url FROM import_profiles p
-WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = p.user_id)
-""",
 )
 
-# Mutual pairs by one hash join of the new edges with their copy keyed by target (on one
-# PostgreSQL the same rows); the rows go in import_new's order. An edge already stored in
-# the other direction shows as the followers row under this edge's follower (the two copies
-# of an edge carry one follow time: server.graph_invariants).
-_FOLLOWING = """
-INSERT INTO following (user_id, target_id, followed_at, mutual_since)
-SELECT n.follower, n.target, n.at,
-       CASE WHEN back.at IS NOT NULL THEN greatest(n.at, back.at)
-            {old_mutual} END
-FROM import_new n
-LEFT JOIN import_rev back ON back.target = n.follower AND back.follower = n.target
-{old_join}
-"""
-_OLD_MUTUAL = "WHEN old.followed_at IS NOT NULL THEN greatest(n.at, old.followed_at)"
-_OLD_JOIN = "LEFT JOIN followers old ON old.user_id = n.follower AND old.follower_id = n.target"
+# -- edges ---------------------------------------------------------------------------------
 
-# Each new edge's followers copy, from the copy of the new edges keyed by target.
-_FOLLOWERS = """
+# The users a batch locks: its followers (acts) and the users they follow.
+_BATCH_USERS = """
+SELECT follower AS id, true AS acts FROM import_new WHERE follower BETWEEN $1 AND $2
+GROUP BY follower
+UNION ALL
+SELECT target, false FROM import_new WHERE follower BETWEEN $1 AND $2 GROUP BY target
+"""
+
+# One PostgreSQL: every counter row of the batch in one statement, in the given order (the
+# outer rows of a nested loop, each locking its row in its own mode before the next); the
+# ids whose row is gone (deleted accounts).
+_LOCK_ROWS = """
+SELECT u.id FROM unnest($1::text[], $2::bool[]) WITH ORDINALITY AS u(id, acts, n)
+LEFT JOIN LATERAL (SELECT c.user_id FROM follow_counts c
+                   WHERE c.user_id = u.id AND u.acts FOR UPDATE) x ON true
+LEFT JOIN LATERAL (SELECT c.user_id FROM follow_counts c
+                   WHERE c.user_id = u.id AND NOT u.acts FOR SHARE) s ON true
+WHERE x.user_id IS NULL AND s.user_id IS NULL
+"""
+# Citus: one owner per statement (locks are taken shard by shard), sent in runs of one mode.
+_LOCK_ONE = {
+    True: "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR UPDATE",
+    False: "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR SHARE",
+}
+
+# What becomes of each of the batch's edges, decided under the locks: 0 added, 1 already
+# present (the service or an earlier run added it), 2 over the follower's cap (its
+# earliest new follows are kept), 3 the follower or 4 the target deleted meanwhile.
+PRESENT, OVER_CAP, FOLLOWER_GONE, TARGET_GONE = 1, 2, 3, 4
+_VERDICTS = """
+INSERT INTO import_batch (line, follower, target, at, verdict)
+SELECT line, follower, target, at,
+       CASE WHEN v = 0 AND row_number() OVER (PARTITION BY follower, v ORDER BY at, line) > room
+            THEN 2 ELSE v END
+FROM (
+    SELECT n.line, n.follower, n.target, n.at, $3::bigint - COALESCE(c.following, 0) AS room,
+           CASE WHEN n.follower = ANY($4::text[]) THEN 3
+                WHEN n.target = ANY($4::text[]) THEN 4
+                WHEN EXISTS (SELECT 1 FROM following f
+                             WHERE f.user_id = n.follower AND f.target_id = n.target) THEN 1
+                ELSE 0 END AS v
+    FROM import_new n LEFT JOIN follow_counts c ON c.user_id = n.follower
+    WHERE n.follower BETWEEN $1 AND $2
+) b
+"""
+_INSERT_FOLLOWING = """
+INSERT INTO following (user_id, target_id, followed_at)
+SELECT follower, target, at FROM import_batch WHERE verdict = 0 ORDER BY follower, target
+"""
+_INSERT_FOLLOWERS = """
 INSERT INTO followers (user_id, follower_id, followed_at)
-SELECT n.target, n.follower, n.at FROM import_rev n
+SELECT target, follower, at FROM import_batch_rev ORDER BY target, follower
 """
-
-# Old edges that the import made mutual (the reverse edge is new): each old edge's row is
-# under its follower, the target of the new edge, so the new edges are read by target.
-_OLD_BECOME_MUTUAL = """
-UPDATE following f SET mutual_since = greatest(f.followed_at, n.at)
-FROM import_rev n
-WHERE f.user_id = n.target AND f.target_id = n.follower AND f.mutual_since IS NULL
+# New edges whose reverse exists now (its followers copy is under this edge's follower):
+# this edge's row, owned by a batch follower.
+_OWN_MUTUAL = """
+UPDATE following f SET mutual_since = greatest(f.followed_at, r.followed_at)
+FROM import_batch b JOIN followers r ON r.user_id = b.follower AND r.follower_id = b.target
+WHERE b.verdict = 0 AND f.user_id = b.follower AND f.target_id = b.target
+RETURNING f.user_id
 """
-
-# Whom to recount: everyone the import touched; every account when the edge tables were
-# empty before it (the same counts, found without collecting the touched set).
-_TOUCHED = """
-SELECT follower AS user_id FROM import_new
-UNION SELECT target FROM import_rev
-UNION SELECT user_id FROM import_accounts
+# Edges stored before this batch that a new edge made mutual: rows of the users followed.
+_THEIR_MUTUAL = """
+UPDATE following g SET mutual_since = greatest(g.followed_at, b.at)
+FROM import_batch_rev b
+WHERE g.user_id = b.target AND g.target_id = b.follower AND g.mutual_since IS NULL
+RETURNING g.user_id
 """
-_ALL_ACCOUNTS = "SELECT user_id FROM accounts"
+_PER_FOLLOWER = """
+SELECT follower, count(*) FILTER (WHERE verdict = 0) AS added,
+       count(*) FILTER (WHERE verdict = 1) AS present
+FROM import_batch GROUP BY follower
+"""
+_PER_TARGET = "SELECT target, count(*) FROM import_batch_rev GROUP BY target"
+_REFUSED = "SELECT line, follower, target, verdict FROM import_batch WHERE verdict >= 2"
 
-# Counts from the lists (server.graph_invariants.true_counts, the checker's definition of a
-# true count), for the touched users that have an account; the edge scans are limited to the
-# touched users unless those are every account.
-_COUNT = "{counts}ORDER BY u.user_id\n"
-_TOUCHED_ACCOUNTS = "import_touched u\nJOIN accounts a ON a.user_id = u.user_id"
-_ONLY_TOUCHED = "SELECT user_id FROM import_touched"
-
-# The counter row holds the whole count: the recounted users' delta rows (see server.store)
-# go. The EXCLUSIVE lock on follow_counts keeps every writer out, so no counter row appears
-# between the UPDATE and the INSERT.
-_WRITE_COUNTS = (
-    """
-UPDATE follow_counts c
-SET following = n.following, followers = n.followers, mutual = n.mutual
-FROM import_counts n
-WHERE c.user_id = n.user_id
-  AND (c.following, c.followers, c.mutual) IS DISTINCT FROM (n.following, n.followers, n.mutual)
-""",
-    """
-INSERT INTO follow_counts (user_id, following, followers, mutual)
-SELECT n.user_id, n.following, n.followers, n.mutual FROM import_counts n
-WHERE NOT EXISTS (SELECT 1 FROM follow_counts c WHERE c.user_id = n.user_id)
-ORDER BY n.user_id
-""",
-    """
-DELETE FROM follow_count_deltas d USING import_counts n WHERE d.user_id = n.user_id
-""",
-)
-
-# Bulk mode: the indexes (and primary keys) of the edge tables, to drop before a load that
-# at least doubles them and to build again afterwards, which is several times faster than
-# maintaining them row by row. Definitions are read from the catalog, so what is built
-# again is exactly what the migrations made (on Citus: the distributed tables' definitions,
-# which Citus applies to every shard).
-_EDGE_INDEXES = """
-SELECT i.indexrelid::regclass::text AS name, t.relname AS table_name,
-       pg_get_indexdef(i.indexrelid) AS index_def,
-       con.conname AS constraint_name, pg_get_constraintdef(con.oid) AS constraint_def
-FROM pg_index i
-JOIN pg_class t ON t.oid = i.indrelid
-LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u')
-WHERE t.relname IN ('following', 'followers') AND t.relnamespace = 'public'::regnamespace
-ORDER BY con.conname NULLS LAST, 1
+# Counts: the followers' own rows (held FOR UPDATE), the targets' delta rows in id order.
+_ADD_OWN = """
+UPDATE follow_counts c SET following = c.following + x.added, mutual = c.mutual + x.mutual
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(id, added, mutual)
+WHERE c.user_id = x.id
+"""
+_ADD_DELTAS = """
+INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
+SELECT x.id, $4, x.followers, x.mutual
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(id, followers, mutual) ORDER BY x.id
+ON CONFLICT (user_id, shard) DO UPDATE
+SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
+"""
+# Citus: one owner per statement.
+_ADD_OWN_ONE = """
+UPDATE follow_counts SET following = following + $2, mutual = mutual + $3 WHERE user_id = $1
+"""
+_ADD_DELTA_ONE = """
+INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
+VALUES ($1, $4, $2, $3)
+ON CONFLICT (user_id, shard) DO UPDATE
+SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
 """
 
 
-async def write_accounts(conn: Conn, staging: Staging, report: ImportReport) -> None:
-    """The staged accounts into `accounts`: new ones added, known ones' profiles updated."""
-    report.accounts_written = await staging.make(conn, "import_profiles", _PROFILES)
-    for statement in _WRITE_ACCOUNTS:
-        await conn.execute(statement)
+def _refusal(verdict: int, follower: str, target: str, cap: int) -> str:
+    if verdict == OVER_CAP:
+        return (
+            f"following limit reached: {follower} would follow more than {cap} users"
+            " (the service added follows while the import ran)"
+        )
+    gone = follower if verdict == FOLLOWER_GONE else target
+    field = "follower_id" if verdict == FOLLOWER_GONE else "target_id"
+    return f"{field}: account {gone} was deleted while the import ran"
+
+
+async def _in_transaction(conn: Conn, report: ImportReport, work: Callable[[], Awaitable[T]]) -> T:
+    """Run one batch in its own transaction, again after a deadlock or serialisation
+    failure (none is expected: the locks are taken in the service's orders; a distributed
+    deadlock on Citus is the one to expect, found late)."""
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            async with conn.transaction():
+                return await work()
+        except _RETRYABLE:
+            report.retries += 1
+            if attempt == MAX_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter
+    raise AssertionError("unreachable")
+
+
+async def write_accounts(
+    conn: Conn, batches: int, report: ImportReport, options: ImportOptions
+) -> None:
+    """import_profiles into `accounts` (and a counter row each), ACCOUNT_BATCH at a time."""
+    with progress_bar(options, "accounts", batches, "batch") as bar:
+        for batch in range(batches):
+            rows = await conn.fetch(_PROFILE_IDS, batch)
+            lines = {r[0]: r[1] for r in rows}
+            ids = list(lines)
+
+            async def work(batch: int = batch, ids: list[str] = ids) -> list[str]:
+                await conn.execute(_GATE, ids, None, True)
+                # Under the gate no deletion of these ids can commit; one committed before
+                # shows its tombstone.
+                refused = [r[0] for r in await conn.fetch(_TOMBSTONED_AMONG, ids)]
+                for statement in _WRITE_ACCOUNTS:
+                    await conn.execute(statement, batch, refused)
+                return refused
+
+            refused = await _in_transaction(conn, report, work)
+            for user_id in refused:
+                problem = f"account {user_id} {BEING_DELETED}"
+                report.add_bad(BadRow("accounts", lines[user_id], problem))
+                report.refused_while_merging += 1
+            report.accounts_written += len(ids) - len(refused)
+            bar.update(1)
     report.lap("write accounts")
 
 
-async def write_graph(
-    conn: Conn, staging: Staging, report: ImportReport, options: ImportOptions, staged: int | None
+async def write_edges(
+    conn: Conn, staging: Staging, batches: list[Batch], report: ImportReport, options: ImportOptions
 ) -> None:
-    """From the staging tables to the real ones: check, edges, mutual state, counters.
-    `staged` is how many edge rows are staged, None without an edges file."""
-    steps = ["checking", "edges", "mutual state", "counters"]
-    # Under the lock nobody adds edges: an empty table stays empty until the load, and
-    # then holds exactly the import's edges.
-    was_empty = not await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM following) OR EXISTS (SELECT 1 FROM followers)"
-    )
-    with progress_bar(options, "building", len(steps), "step") as bar:
-
-        def step(done: str) -> None:
-            report.lap(done)
-            bar.update(1)
-            if bar.n < len(steps):
-                bar.set_postfix_str(steps[int(bar.n)])
-
-        bar.set_postfix_str(steps[0])
-        if staged is not None:
-            await check_edges(conn, staging, report, options, was_empty, staged)
-        if report.bad_row_count and not options.skip_bad_rows:
-            return  # the caller aborts; don't spend time writing what will be rolled back
-        step("check")
-        if staged is not None:
-            await _write_edges(conn, staging, report, options, was_empty)
-        step("edges")
-        if staged is not None and not was_empty:
-            await conn.execute(_OLD_BECOME_MUTUAL)
-        step("mutual state")
-        await _recount(conn, staging, report, was_empty)
-        step("counters")
+    """import_new into both edge tables, with mutual state and counts, batch by batch."""
+    total = sum(b.edges for b in batches)
+    with progress_bar(options, "merging", total, "edge") as bar:
+        for number, batch in enumerate(batches):
+            await _write_batch(conn, staging, number, batch, report, options)
+            bar.update(batch.edges)
+    report.lap("write edges")
 
 
-async def _write_edges(
-    conn: Conn, staging: Staging, report: ImportReport, options: ImportOptions, was_empty: bool
+async def _write_batch(
+    conn: Conn,
+    staging: Staging,
+    number: int,
+    batch: Batch,
+    report: ImportReport,
+    options: ImportOptions,
 ) -> None:
-    """Both copies of each new edge, with the mutual state the new edges give each other."""
-    new = await conn.fetchval("SELECT count(*) FROM import_new")
-    rebuild = await _should_rebuild(conn, options.rebuild_indexes, new)
-    indexes = await _drop_edge_indexes(conn) if rebuild else []
-    await staging.fill(conn, "import_rev")
-    following = _FOLLOWING.format(
-        old_mutual="" if was_empty else _OLD_MUTUAL,
-        old_join="" if was_empty else _OLD_JOIN,
-    )
-    # A hash join keeps import_new's order; a merge join would sort it away.
-    await conn.execute("SET LOCAL enable_mergejoin = off")
-    report.edges_added = rowcount(await conn.execute(following))
-    await conn.execute("SET LOCAL enable_mergejoin = on")
-    await conn.execute(_FOLLOWERS + ("" if indexes else " ORDER BY n.target, n.follower"))
-    report.lap("insert edges")
-    for statement in indexes:
-        await conn.execute(statement)
-    if indexes:
-        report.lap("rebuild indexes")
+    acts: dict[str, bool] = {}
+    for user_id, is_follower in await conn.fetch(_BATCH_USERS, batch.lo, batch.hi):
+        acts[user_id] = acts.get(user_id, False) or is_follower
+    ordered = sorted(acts)
+    followers = [u for u in ordered if acts[u]]
+    shard = number % DELTA_SHARDS
+
+    async def work() -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+        await staging.clear(conn)
+        await conn.execute(_GATE, followers, None, True)
+        gone = await _lock_rows(conn, staging, ordered, acts)
+        await conn.execute(_VERDICTS, batch.lo, batch.hi, options.max_following, gone)
+        await conn.execute(_INSERT_FOLLOWING)
+        await staging.fill(conn, "import_batch_rev")
+        await conn.execute(_INSERT_FOLLOWERS)
+        own_mutual = Counter(r[0] for r in await conn.fetch(_OWN_MUTUAL))
+        their_mutual = Counter(r[0] for r in await conn.fetch(_THEIR_MUTUAL))
+        per_follower = await conn.fetch(_PER_FOLLOWER)
+        per_target = await conn.fetch(_PER_TARGET)
+        own = [(r[0], r[1], own_mutual[r[0]]) for r in per_follower if r[1]]
+        theirs = sorted((r[0], r[1], their_mutual[r[0]]) for r in per_target)
+        await _add_counts(conn, staging, own, theirs, shard)
+        return per_follower, await conn.fetch(_REFUSED)
+
+    per_follower, refused = await _in_transaction(conn, report, work)
+    report.edges_added += sum(r[1] for r in per_follower)
+    report.edges_already_present += sum(r[2] for r in per_follower)
+    for line, follower, target, verdict in refused:
+        problem = _refusal(verdict, follower, target, options.max_following)
+        report.add_bad(BadRow("edges", line, problem))
+        report.refused_while_merging += 1
+    report.batches += 1
 
 
-async def _recount(conn: Conn, staging: Staging, report: ImportReport, was_empty: bool) -> None:
-    """Exact counter rows, from the lists, for every user the import touched."""
-    if was_empty:
-        await staging.make(conn, "import_touched", _ALL_ACCOUNTS)
-        only = None
-    else:
-        await staging.make(conn, "import_touched", _TOUCHED)
-        only = _ONLY_TOUCHED
-        await conn.execute("ANALYZE import_touched")
-    count = _COUNT.format(counts=true_counts(_TOUCHED_ACCOUNTS, only))
-    report.users_recounted = await staging.make(conn, "import_counts", count)
-    for statement in _WRITE_COUNTS:
-        await conn.execute(statement)
+async def _lock_rows(
+    conn: Conn, staging: Staging, ordered: list[str], acts: dict[str, bool]
+) -> list[str]:
+    """Lock the batch's counter rows in id order; the ids whose row is gone."""
+    if not staging.citus:
+        rows = await conn.fetch(_LOCK_ROWS, ordered, [acts[u] for u in ordered])
+        return [r[0] for r in rows]
+    found: set[str] = set()
+    for mode, run in itertools.groupby(ordered, key=acts.__getitem__):
+        ids = list(run)
+        found.update(r[0] for r in await conn.fetchmany(_LOCK_ONE[mode], [(u,) for u in ids]))
+    return [u for u in ordered if u not in found]
 
 
-async def _should_rebuild(conn: Conn, mode: str, new_edges: int) -> bool:
-    if mode in ("always", "never"):
-        return mode == "always"
-    if new_edges < 100_000:
-        return False
-    present: int = await conn.fetchval(
-        "SELECT count(*) FROM (SELECT 1 FROM following LIMIT $1) s", new_edges
-    )
-    return present < new_edges
-
-
-async def _drop_edge_indexes(conn: Conn) -> list[str]:
-    """Drop every index of the edge tables; the statements that build them again."""
-    rebuild: list[str] = []
-    for r in await conn.fetch(_EDGE_INDEXES):
-        table = r["table_name"]
-        if r["constraint_name"] is not None:
-            await conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{r["constraint_name"]}"')
-            rebuild.append(
-                f'ALTER TABLE {table} ADD CONSTRAINT "{r["constraint_name"]}" {r["constraint_def"]}'
-            )
-        else:
-            await conn.execute(f"DROP INDEX {r['name']}")
-            rebuild.append(r["index_def"])
-    return rebuild
+async def _add_counts(
+    conn: Conn,
+    staging: Staging,
+    own: list[tuple[str, int, int]],
+    theirs: list[tuple[str, int, int]],
+    shard: int,
+) -> None:
+    """The batch's increments: followers' own rows, then the targets' delta rows."""
+    if staging.citus:
+        if own:
+            await conn.executemany(_ADD_OWN_ONE, own)
+        if theirs:
+            await conn.executemany(_ADD_DELTA_ONE, [(*t, shard) for t in theirs])
+        return
+    if own:
+        await conn.execute(_ADD_OWN, *(list(c) for c in zip(*own, strict=True)))
+    if theirs:
+        await conn.execute(_ADD_DELTAS, *(list(c) for c in zip(*theirs, strict=True)), shard)

@@ -15,6 +15,3 @@ class ImportOptions:
     skip_bad_rows: bool = False
     max_following: int = rules.DEFAULT_MAX_FOLLOWING
     progress: bool = True
-    # Drop and rebuild the edge tables' indexes around the load: "auto" does it when the
-    # load at least doubles the edges; it blocks readers of the edge tables meanwhile.
-    rebuild_indexes: str = "auto"

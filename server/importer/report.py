@@ -21,6 +21,12 @@ class ImportAbortedError(Exception):
         self.report = report
 
 
+class ImportIncompleteError(ImportAbortedError):
+    """Rows the checks had passed were refused by the merge, under its locks, because the
+    service changed their users meanwhile (a follower reached the cap, an account was
+    deleted); everything else was imported. Raised at the end unless --skip-bad-rows."""
+
+
 @dataclass(frozen=True, slots=True)
 class BadRow:
     """One refused input row, with its file and line, so the operator can find and fix it."""
@@ -43,7 +49,9 @@ class ImportReport:
     accounts_written: int = 0
     edges_added: int = 0
     edges_already_present: int = 0
-    users_recounted: int = 0
+    batches: int = 0  # merge transactions of edges committed
+    refused_while_merging: int = 0  # bad rows found under the merge's locks (see merge)
+    retries: int = 0  # merge transactions run again after a deadlock (none expected)
     bad_rows: list[BadRow] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds spent in each step

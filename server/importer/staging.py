@@ -1,22 +1,30 @@
-"""From CSV into the staging tables, and the checks only SQL can make there.
+"""From CSV into the staging tables, the checks only SQL can make there, and the plan of
+the merge's batches. Nothing here locks a row or a table that the service's calls wait on:
+the live tables are only read (an ACCESS SHARE lock, which only DDL waits for), each
+statement in its own transaction.
 
 Rows are COPYed into staging tables (import_accounts, import_edges; bad rows found so far
-in import_bad). The edge checks (self-follows, unknown accounts, duplicate edges in the
-file, followers the import would take over the cap) are set-based statements over the
-staged rows, and leave import_new: the edges server.importer.merge writes.
+in import_bad). The checks (accounts being deleted, self-follows, unknown accounts,
+duplicate edges in the file, followers the import would take over the cap) are set-based
+statements over the staged rows, made against the live tables as they are at that moment,
+and leave import_profiles (the accounts to write) and import_new (the edges to add, numbered
+`seq` in (follower, target) order); server.importer.merge writes them in batches and checks
+again, under the locks, what the service may have changed since (the cap, deletions, edges
+it added).
 
-Where the staging tables live (Staging): on one PostgreSQL they are temporary tables that
-drop at commit. On Citus a temporary table cannot be joined with a distributed one, so each
-staging table that meets the live tables is an ordinary (unlogged) table distributed on the
-column naming the user its rows belong to and co-located with the live tables, so that a
-join between them is a join within each shard, as every live table is keyed by user_id
-(server.migrations); they are dropped before commit, and a rollback takes them away with
-everything else. Two relations hold rows keyed by the other user of an edge: import_targets
-(each staged edge's target, for Citus' unknown-account check) and import_rev (the new edges
-under their target, for the followers copy, mutual state and the recount). On Citus they are
-tables filled by an INSERT ... SELECT that re-partitions the rows; on one PostgreSQL they are
-views of the same rows, so every statement reads the same on both and nothing is copied
-where nothing has to move.
+Where the staging tables live (Staging): on one PostgreSQL they are temporary tables of the
+import's session (gone with it, so a killed import leaves nothing). On Citus a temporary
+table cannot be joined with a distributed one, so each staging table that meets the live
+tables is an unlogged table distributed on the column naming the user its rows belong to and
+co-located with the live tables, so that a join between them is a join within each shard, as
+every live table is keyed by user_id (server.migrations); they are dropped at the end, and
+an import killed before that leaves them for the next import to drop (only one import runs
+per database at a time: server.importer.transaction). Two relations hold rows keyed by the
+other user of an edge: import_targets (each staged edge's target, for Citus' unknown-account
+check) and import_batch_rev (a batch's new edges under their target, for the followers copy
+and mutual state). On Citus they are tables filled by an INSERT ... SELECT that
+re-partitions the rows; on one PostgreSQL they are views of the same rows, so every
+statement reads the same on both and nothing is copied where nothing has to move.
 """
 
 from __future__ import annotations
@@ -52,21 +60,24 @@ class StagingTable:
     reads, which stay temporary everywhere). `rekeys`, for a relation holding other rows
     under another owner, is the query of those rows: a view of it on one PostgreSQL, a
     table filled from it on Citus (Staging.fill). `made` tables are filled once, from one
-    query (Staging.make): on one PostgreSQL they are made by it."""
+    query (Staging.make): on one PostgreSQL they are made by it. `per_batch` tables hold
+    one merge batch's rows: emptied at each commit on one PostgreSQL (ON COMMIT DELETE
+    ROWS), emptied at the start of each batch on Citus (Staging.clear)."""
 
     name: str
     columns: str
     owner: str | None
     rekeys: str | None = None
     made: bool = False
+    per_batch: bool = False
 
 
 _ID = 'text COLLATE "C" NOT NULL'
 # `line` comes from the file (slow path) or from the sequence (fast path: one row a line).
 _LINE = "line int NOT NULL DEFAULT nextval('import_line')"
-_NEW = (
+_BATCH = (
     f"line int NOT NULL, follower {_ID}, target {_ID}, at timestamptz NOT NULL,"
-    " stored bool NOT NULL"
+    " verdict smallint NOT NULL"
 )
 
 TABLES: tuple[StagingTable, ...] = (
@@ -82,17 +93,24 @@ TABLES: tuple[StagingTable, ...] = (
     StagingTable("import_unknown", f"user_id {_ID}", None),
     StagingTable("import_bad", "line int NOT NULL, problem text NOT NULL", None),
     StagingTable(
-        "import_profiles", f"user_id {_ID}, nick text, face_url text", "user_id", made=True
-    ),
-    StagingTable("import_new", _NEW, "follower"),
-    StagingTable("import_rev", _NEW, "target", "SELECT * FROM import_new"),
-    StagingTable("import_touched", f"user_id {_ID}", "user_id", made=True),
-    StagingTable(
-        "import_counts",
-        f"user_id {_ID}, following bigint NOT NULL, followers bigint NOT NULL,"
-        " mutual bigint NOT NULL",
+        "import_profiles",
+        f"user_id {_ID}, nick text, face_url text, line int NOT NULL, batch int NOT NULL",
         "user_id",
         made=True,
+    ),
+    StagingTable(
+        "import_new",
+        f"line int NOT NULL, follower {_ID}, target {_ID}, at timestamptz NOT NULL,"
+        " stored bool NOT NULL",
+        "follower",
+    ),
+    StagingTable("import_batch", _BATCH, "follower", per_batch=True),
+    StagingTable(
+        "import_batch_rev",
+        _BATCH,
+        "target",
+        "SELECT line, follower, target, at, verdict FROM import_batch WHERE verdict = 0",
+        per_batch=True,
     ),
 )
 _BY_NAME = {t.name: t for t in TABLES}
@@ -110,21 +128,25 @@ class Staging:
         return cls(await graph_is_distributed(conn))
 
     async def create(self, conn: Conn) -> None:
-        """Make every staging relation (inside the import's transaction)."""
+        """Make every staging relation (each statement committing on its own)."""
         if not self.citus:
             await conn.execute("CREATE TEMP SEQUENCE import_line")
             for t in TABLES:
                 if t.rekeys is not None:
                     await conn.execute(f"CREATE TEMP VIEW {t.name} AS {t.rekeys}")
                 elif not t.made:
-                    await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}) ON COMMIT DROP")
+                    on_commit = " ON COMMIT DELETE ROWS" if t.per_batch else ""
+                    await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}){on_commit}")
             return
-        # Citus: a sequence the coordinator's COPY draws line numbers from (a temporary
-        # one cannot be a distributed table's default); owned rows in distributed tables.
+        # Citus: what an import killed earlier left behind goes first (one import at a time
+        # runs per database, so nobody else is using it). A sequence the coordinator's COPY
+        # draws line numbers from (a temporary one cannot be a distributed table's
+        # default); owned rows in distributed tables.
+        await self.drop(conn)
         await conn.execute("CREATE SEQUENCE import_line")
         for t in TABLES:
             if t.owner is None:
-                await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}) ON COMMIT DROP")
+                await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns})")
                 continue
             await conn.execute(f"CREATE UNLOGGED TABLE {t.name} ({t.columns})")
             await conn.execute(
@@ -140,62 +162,97 @@ class Staging:
         if self.citus and query is not None:
             await conn.execute(f"INSERT INTO {name} {query}")
 
+    async def clear(self, conn: Conn) -> None:
+        """Empty the per-batch tables (Citus; on one PostgreSQL each commit empties them)."""
+        if self.citus:
+            for t in TABLES:
+                if t.per_batch:
+                    await conn.execute(f"DELETE FROM {t.name}")  # noqa: S608 - constant names
+
     async def make(self, conn: Conn, name: str, query: str) -> int:
         """Fill the `made` table `name` with the rows of `query`; how many. On one
         PostgreSQL CREATE TABLE AS makes it (written in bulk, as a new table is); on Citus
         the distributed table made at the start takes them, each row on its owner's shard."""
         if self.citus:
             return rowcount(await conn.execute(f"INSERT INTO {name} {query}"))
-        return rowcount(await conn.execute(f"CREATE TEMP TABLE {name} ON COMMIT DROP AS {query}"))
+        return rowcount(await conn.execute(f"CREATE TEMP TABLE {name} AS {query}"))
 
     async def drop(self, conn: Conn) -> None:
-        """Drop what would outlive the commit: the sequence (a temporary one too), the
-        views, and on Citus the distributed tables (temporary tables drop at commit)."""
+        """Drop what would outlive the session: on Citus the distributed tables and the
+        sequence (on one PostgreSQL everything is temporary and goes with the session)."""
         if self.citus:
-            await conn.execute("DROP TABLE " + ", ".join(t.name for t in TABLES if t.owner))
-        else:
-            await conn.execute("DROP VIEW " + ", ".join(t.name for t in TABLES if t.rekeys))
-        await conn.execute("DROP SEQUENCE import_line CASCADE")
+            await conn.execute(
+                "DROP TABLE IF EXISTS " + ", ".join(t.name for t in TABLES if t.owner)
+            )
+            await conn.execute("DROP SEQUENCE IF EXISTS import_line CASCADE")
 
 
-# Citus: the ids the staged edges name that are not accounts (a handful, usually none),
-# followers looked up beside their rows, targets beside import_targets (each target under
-# its own id), both by anti-join within the shards.
+# Accounts whose deletion is still being cleaned up (server.cleanup) cannot be imported
+# again yet: a new account of the id must not meet the old one's edges. Refused as bad rows.
+_PENDING_DELETION = """
+DELETE FROM import_accounts i USING account_tombstones t WHERE i.user_id = t.user_id
+RETURNING i.line, i.user_id
+"""
+BEING_DELETED = "is being deleted (its edges are still being removed); import it again later"
+
+# One row per account (later rows win, as if imported one after the other), numbered into
+# the merge's batches in id order.
+ACCOUNT_BATCH = 2000  # accounts per merge transaction
+_PROFILES = f"""
+SELECT user_id, nick, face_url, line,
+       ((row_number() OVER (ORDER BY user_id) - 1) / {ACCOUNT_BATCH})::int AS batch
+FROM (SELECT DISTINCT ON (user_id) user_id, nick, face_url, line FROM import_accounts
+      ORDER BY user_id, line DESC) p
+"""  # noqa: S608 - constant text
+
+# Citus: the ids the staged edges name that are neither accounts nor in the accounts file
+# (a handful, usually none), followers looked up beside their rows, targets beside
+# import_targets (each target under its own id), both by anti-join within the shards.
 _UNKNOWN_ACCOUNTS = """
 INSERT INTO import_unknown (user_id)
 SELECT e.follower FROM import_edges e
 WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = e.follower)
+  AND NOT EXISTS (SELECT 1 FROM import_accounts i WHERE i.user_id = e.follower)
 UNION
 SELECT t.user_id FROM import_targets t
 WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = t.user_id)
+  AND NOT EXISTS (SELECT 1 FROM import_accounts i WHERE i.user_id = t.user_id)
 """
 
-# Rows that name the same user twice or an unknown account, or whose time the reader could
-# not read, in the order the checks are made for one row. Unknown: on one PostgreSQL one
-# pass with a hashed lookup of the accounts (_NOT_AN_ACCOUNT); on Citus that lookup would
-# send every account id to every shard, so the ids found by _UNKNOWN_ACCOUNTS instead.
-_FIND_BAD_ROWS = """
+# Rows that name the same user twice, an account being deleted or an unknown account, or
+# whose time the reader could not read, in the order the checks are made for one row.
+# Unknown: on one PostgreSQL one pass with a hashed lookup of the accounts and the accounts
+# file (_NOT_AN_ACCOUNT); on Citus that lookup would send every account id to every shard,
+# so the ids found by _UNKNOWN_ACCOUNTS instead. account_tombstones is small (a Citus
+# reference table).
+_FIND_BAD_ROWS = f"""
 INSERT INTO import_bad (line, problem)
 SELECT line, problem FROM (
     SELECT e.line, CASE
         WHEN e.follower = e.target THEN 'a user cannot follow themselves'
-        WHEN e.follower {unknown}
+        WHEN e.follower IN (SELECT user_id FROM account_tombstones)
+        THEN 'follower_id: account ' || e.follower || ' {BEING_DELETED}'
+        WHEN e.target IN (SELECT user_id FROM account_tombstones)
+        THEN 'target_id: account ' || e.target || ' {BEING_DELETED}'
+        WHEN e.follower {{unknown}}
         THEN 'follower_id: account ' || e.follower || ' does not exist'
-        WHEN e.target {unknown}
+        WHEN e.target {{unknown}}
         THEN 'target_id: account ' || e.target || ' does not exist'
         ELSE e.problem END AS problem
     FROM import_edges e
 ) p
 WHERE problem IS NOT NULL
-"""
-_NOT_AN_ACCOUNT = "NOT IN (SELECT user_id FROM accounts)"
+"""  # noqa: S608 - constant text
+_NOT_AN_ACCOUNT = (
+    "NOT IN (SELECT user_id FROM accounts UNION ALL SELECT user_id FROM import_accounts)"
+)
 _FOUND_UNKNOWN = "IN (SELECT user_id FROM import_unknown)"
 
 # The first row of each edge among the good rows, in (follower, target) order: the order
-# of the following table's primary key, whose build then finds its input sorted. `at` is
-# the follow time ($1, the import's start in µs, when the row gives none). `stored` marks
-# edges already present (their first follow time is kept); it is false without a look
-# when the edge tables were empty.
+# of the following table's primary key, and of the merge's batches (ranges of followers).
+# `at` is the follow time ($1, the import's start in µs, when the row gives none).
+# `stored` marks edges already present as the check runs (their first follow time is
+# kept); it is false without a look when the edge tables were empty.
 _NEW_EDGES = """
 INSERT INTO import_new (line, follower, target, at, stored)
 SELECT d.line, d.follower, d.target, d.at, {stored} FROM (
@@ -228,6 +285,7 @@ SELECT (SELECT COALESCE(max(n), 0)
 """
 
 # Followers whom the import would take over the cap keep their earliest new follows.
+# The merge checks again under the follower's lock (server.importer.merge).
 _OVER_CAP = """
 WITH per_follower AS (
     SELECT follower, count(*) AS n FROM import_new GROUP BY follower
@@ -245,6 +303,28 @@ WHERE r.nth > r.room
 """
 
 _DROP_LINES = "DELETE FROM import_new WHERE line = ANY($1::int[])"
+
+# The merge's batches: ranges of followers (each follower's new edges in one batch, so its
+# cap is checked once, under its lock), cut where the running total of edges plus a weight
+# per follower (each is one more lock to take) passes a multiple of EDGE_BATCH.
+_PLAN = """
+SELECT min(follower) AS lo, max(follower) AS hi, sum(n)::bigint AS edges FROM (
+    SELECT follower, n, (sum(n + $2) OVER (ORDER BY follower) - 1) / $1 AS batch
+    FROM (SELECT follower, count(*) AS n FROM import_new GROUP BY follower) p
+) q
+GROUP BY batch ORDER BY batch
+"""
+EDGE_BATCH = 10_000  # edges per merge transaction (their weight: see _PLAN)
+FOLLOWER_WEIGHT = 10  # so a batch of one-edge followers takes ~900 exclusive locks, not 10,000
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One merge transaction's share of the new edges: the followers from lo to hi."""
+
+    lo: str
+    hi: str
+    edges: int
 
 
 async def _copy_fast(conn: Conn, table: str, fast: FastReader) -> None:
@@ -283,6 +363,15 @@ async def stage_accounts(
     report.lap("read accounts")
 
 
+async def check_accounts(conn: Conn, staging: Staging, report: ImportReport) -> int:
+    """Refuse the accounts being deleted; make import_profiles; how many batches."""
+    for line, user_id in await conn.fetch(_PENDING_DELETION):
+        report.add_bad(BadRow("accounts", line, f"account {user_id} {BEING_DELETED}"))
+    profiles = await staging.make(conn, "import_profiles", _PROFILES)
+    report.lap("check accounts")
+    return -(-profiles // ACCOUNT_BATCH)
+
+
 async def stage_edges(
     conn: Conn,
     stream: TextIO,
@@ -312,10 +401,11 @@ async def check_edges(
     staging: Staging,
     report: ImportReport,
     options: ImportOptions,
-    was_empty: bool,
     staged: int,
-) -> None:
-    """Find the bad edge rows SQL can see, and fill import_new: the edges to add."""
+) -> list[Batch]:
+    """Find the bad edge rows SQL can see, fill import_new (the edges to add) and cut it
+    into the merge's batches."""
+    was_empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM following)")
     unknown = _NOT_AN_ACCOUNT
     if staging.citus:
         await staging.fill(conn, "import_targets")
@@ -340,6 +430,16 @@ async def check_edges(
             )
     for row in await conn.fetch("SELECT line, problem FROM import_bad"):
         report.add_bad(BadRow("edges", row["line"], row["problem"]))
+    report.lap("check edges")
+    # Each batch reads its range of followers: a BRIN index suits rows written in that
+    # order (small, built in one pass).
+    await conn.execute(
+        "CREATE INDEX ON import_new USING brin (follower) WITH (pages_per_range = 8)"
+    )
+    await conn.execute("ANALYZE import_new")
+    rows = await conn.fetch(_PLAN, EDGE_BATCH, FOLLOWER_WEIGHT)
+    report.lap("plan batches")
+    return [Batch(r["lo"], r["hi"], r["edges"]) for r in rows]
 
 
 def rowcount(status: str) -> int:

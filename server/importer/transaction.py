@@ -1,41 +1,65 @@
-"""import_graph: one import as one transaction, from CSV streams to the live tables.
+"""import_graph: one import, from CSV streams to the live tables, while the service serves.
 
-It holds `follow_counts` in EXCLUSIVE mode while it runs: the live service keeps answering
-reads, and its writes wait for the import to commit (every write path locks a counter row
-first, see server.store), which keeps the lock discipline's invariants. An interrupted or
-aborted import leaves nothing behind: on Citus too, where the staging tables are distributed
-tables made inside the transaction (server.importer.staging) and every worker's part of it
-commits or rolls back with the coordinator's (two-phase commit).
+Two stages on one connection of its own. Staging (server.importer.staging) reads, parses
+and checks everything into staging tables, locking nothing the service's calls wait on. If
+it found bad rows and --skip-bad-rows was not given, the import stops there having changed
+nothing (ImportAbortedError). Otherwise the merge (server.importer.merge) writes the
+accounts, then the edges, in bounded batches, each its own short transaction holding only
+its users' locks, taken the way the service's calls take theirs.
+
+So an import is all-or-nothing as far as bad rows go, and resumable beyond that: an import
+interrupted during the merge (killed, connection lost) has committed whole batches, each
+leaving the graph sound with exact counts, and running the same import again completes it
+(edges already present are skipped, accounts are written again unchanged). Rows the merge
+finds bad under its locks because the service changed their users since the checks (a
+follower that reached the cap meanwhile, an account deleted meanwhile) are skipped and
+reported; the import then ends with ImportIncompleteError unless --skip-bad-rows.
+
+One import runs per database at a time (a session advisory lock): on Citus the staging
+tables are ordinary distributed tables, and an import killed earlier leaves them for the
+next one to drop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TextIO
 
 import asyncpg
 
 from server.importer.csvread import IdChecker
-from server.importer.merge import write_accounts, write_graph
+from server.importer.merge import write_accounts, write_edges
 from server.importer.options import ImportOptions
-from server.importer.report import ImportAbortedError, ImportReport
-from server.importer.staging import Staging, stage_accounts, stage_edges
+from server.importer.report import ImportAbortedError, ImportIncompleteError, ImportReport
+from server.importer.staging import (
+    Batch,
+    Staging,
+    check_accounts,
+    check_edges,
+    stage_accounts,
+    stage_edges,
+)
 from server.migrations import apply_migrations
 
 # Set-based steps over millions of rows want memory for sorts, hashes and the temporary
 # staging tables (temp_buffers only counts before the first temporary table is touched).
 # JIT compiling would cost more than it saves on these plans (seconds of LLVM on a busy
-# machine); parallel workers help the index builds. On Citus these apply to the
-# coordinator's own work; the workers keep their settings.
+# machine). On Citus these apply to the coordinator's own work; the workers keep theirs.
 _SESSION = """
-SET LOCAL work_mem = '256MB';
-SET LOCAL maintenance_work_mem = '1GB';
-SET LOCAL temp_buffers = '1GB';
-SET LOCAL jit = off;
+SET work_mem = '256MB';
+SET maintenance_work_mem = '1GB';
+SET temp_buffers = '1GB';
+SET jit = off;
 """
 
 _DEFAULT_OPTIONS = ImportOptions()  # frozen: one instance serves every call
 _SERVER_SETTINGS = {"application_name": "follow-server import"}
+_IMPORT_LOCK = 0x696D706F7274  # "import": one import per database at a time
+
+
+class ImportBusyError(Exception):
+    """Another `follow-server import` is running on this database."""
 
 
 async def import_graph(
@@ -47,39 +71,73 @@ async def import_graph(
     accounts_size: int | None = None,
     edges_size: int | None = None,
 ) -> ImportReport:
-    """Import accounts, then edges, in one transaction; raise ImportAbortedError (having
-    changed nothing) when there are bad rows and `options.skip_bad_rows` is false."""
+    """Import accounts, then edges. Raise ImportAbortedError, having changed nothing, when
+    the checks find bad rows and `options.skip_bad_rows` is false; ImportIncompleteError,
+    with everything else imported, when the merge refused rows (see the module's doc)."""
     started = time.perf_counter()
     report = ImportReport()
-    ids = IdChecker()
     await apply_migrations(database_url)
     # One connection of its own, without the service pool's per-statement timeout (30 s):
     # a set-based statement over millions of rows may run for minutes.
     conn = await asyncpg.connect(database_url, server_settings=_SERVER_SETTINGS)
+    staging: Staging | None = None
     try:
-        async with conn.transaction():
-            await conn.execute(_SESSION)
-            await conn.execute("LOCK TABLE follow_counts IN EXCLUSIVE MODE")
-            staging = await Staging.detect(conn)
-            await staging.create(conn)
-            report.lap("prepare")
-            if accounts is not None:
-                await stage_accounts(conn, accounts, ids, report, options, accounts_size)
-                await write_accounts(conn, staging, report)
-            staged = None
-            if edges is not None:
-                staged = await stage_edges(conn, edges, ids, report, edges_size, options)
-            await write_graph(conn, staging, report, options, staged)
-            report.bad_rows.sort(key=lambda b: (b.source, b.line))
-            if report.bad_row_count and not options.skip_bad_rows:
-                raise ImportAbortedError(
-                    f"{report.bad_row_count} bad row(s); nothing was imported", report
-                )
-            await staging.drop(conn)
-        report.lap("commit")
-        await conn.execute("ANALYZE accounts, follow_counts, following, followers")
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _IMPORT_LOCK):
+            raise ImportBusyError("another follow-server import is running on this database")
+        await conn.execute(_SESSION)
+        staging = await Staging.detect(conn)
+        await staging.create(conn)
+        report.lap("prepare")
+        account_batches, edge_batches = await _stage(
+            conn, staging, report, options, accounts, edges, accounts_size, edges_size
+        )
+        report.bad_rows.sort(key=lambda b: (b.source, b.line))
+        if report.bad_row_count and not options.skip_bad_rows:
+            raise ImportAbortedError(
+                f"{report.bad_row_count} bad row(s); nothing was imported", report
+            )
+        await write_accounts(conn, account_batches, report, options)
+        await write_edges(conn, staging, edge_batches, report, options)
+        report.bad_rows.sort(key=lambda b: (b.source, b.line))
+        await staging.drop(conn)
+        staging = None
+        if report.edges_added or report.accounts_written:
+            await conn.execute("ANALYZE accounts, follow_counts, following, followers")
         report.lap("analyze")
     finally:
+        if staging is not None and not conn.is_closed():
+            # Best effort: what an interrupted import leaves on Citus the next one drops.
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await staging.drop(conn)
         await conn.close()
     report.seconds = time.perf_counter() - started
+    if report.refused_while_merging and not options.skip_bad_rows:
+        raise ImportIncompleteError(
+            f"{report.refused_while_merging} row(s) refused while merging, because the"
+            " service changed their users meanwhile; every other row was imported",
+            report,
+        )
     return report
+
+
+async def _stage(
+    conn: asyncpg.Connection[asyncpg.Record],
+    staging: Staging,
+    report: ImportReport,
+    options: ImportOptions,
+    accounts: TextIO | None,
+    edges: TextIO | None,
+    accounts_size: int | None,
+    edges_size: int | None,
+) -> tuple[int, list[Batch]]:
+    """Read and check both files; the merge's account batches and edge batches."""
+    ids = IdChecker()
+    account_batches = 0
+    if accounts is not None:
+        await stage_accounts(conn, accounts, ids, report, options, accounts_size)
+        account_batches = await check_accounts(conn, staging, report)
+    edge_batches: list[Batch] = []
+    if edges is not None:
+        staged = await stage_edges(conn, edges, ids, report, edges_size, options)
+        edge_batches = await check_edges(conn, staging, report, options, staged)
+    return account_batches, edge_batches
