@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from server import logs, rules, tls
 
@@ -63,6 +64,15 @@ class Settings:
     # The Watch stream (server.watch_hub): streams per process, and the idle heartbeat.
     max_watchers: int = 1000
     watch_heartbeat_seconds: float = 15.0
+    # Webhooks (server.webhooks) and event retention (server.retention); durations in seconds.
+    callback_urls: tuple[str, ...] = ()
+    callback_token: str | None = field(default=None, repr=False)
+    callback_retry_budget: float = 24 * 3600.0
+    callback_timeout: float = 2.0
+    callback_concurrency: int = 8
+    callback_backoff_min: float = 1.0
+    callback_backoff_max: float = 600.0
+    event_retention: float = 7 * 24 * 3600.0
 
 
 PROGRAM = "follow-server"
@@ -215,6 +225,39 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """A positive duration in seconds: a number, optionally with a unit (s, m, h, d):
+    '90', '1.5s', '15m', '24h', '7d'."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in ("s", "m", "h", "d") else ""
+    try:
+        number = float(value.removesuffix(unit)) if value else -1.0
+    except ValueError:
+        number = -1.0
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive duration: give seconds, or a number with s, m, h or d"
+            " (e.g. 30s, 15m, 24h, 7d)"
+        )
+    return number * _UNITS[unit]
+
+
+def callback_url(text: str) -> str:
+    """An http:// or https:// URL with a host, to POST webhooks to."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// or https:// URL with a host"
+            " (e.g. https://hooks.example.com/follow)"
+        )
+    if parts.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r}: a callback URL has no #fragment")
+    return text
 
 
 def one_of(*choices: str, fold: Callable[[str], str] = str.lower) -> Callable[[str], str]:
@@ -401,14 +444,60 @@ SERVE_OPTIONS = (
         switch=True,
     ),
     Option("--max-body-bytes", "largest v4 request body accepted", positive_int, "N"),
+    # Webhooks, as the hosted service sends them (server.webhooks), and event retention.
+    Option(
+        "--callback-url",
+        "POST Follow.CallbackAfterFollowAdd / CallbackAfterFollowDelete webhooks here (needs"
+        " --sdkappid); repeatable, each URL gets every webhook",
+        callback_url,
+        "URL",
+        repeat=True,
+    ),
+    Option(
+        "--callback-token",
+        "sign webhooks: RequestTime and Sign=sha256(token + RequestTime) in their URL"
+        " (prefer --callback-token-file)",
+        _text_or_none,
+        "TOKEN",
+    ),
+    Option(
+        "--callback-token-file", "read the callback token from this file", _path_or_none, "PATH"
+    ),
+    Option(
+        "--callback-retry-budget",
+        "how long a webhook is retried before it is parked (kept, logged, not sent again)",
+        duration,
+        "DURATION",
+    ),
+    Option("--callback-timeout", "how long one webhook request may take", duration, "DURATION"),
+    Option(
+        "--callback-concurrency",
+        "webhook requests on the wire at once per URL, per server process",
+        positive_int,
+        "N",
+    ),
+    Option(
+        "--callback-backoff-min",
+        "the first retry's wait (it doubles each time)",
+        duration,
+        "DURATION",
+    ),
+    Option("--callback-backoff-max", "the longest wait between retries", duration, "DURATION"),
+    Option(
+        "--event-retention",
+        "how long change events are kept (for Watch to resume from) before deletion",
+        duration,
+        "DURATION",
+    ),
 )
 
 _FIELDS = {f.name for f in fields(Settings)}
+_SECRETS = ("secret_key", "callback_token")  # read with their files; never shown
 
 
 def _setting_name(option: Option) -> str:
     """The Settings field an option fills ('admin' fills 'admins')."""
-    return "admins" if option.dest == "admin" else option.dest
+    return {"admin": "admins", "callback_url": "callback_urls"}.get(option.dest, option.dest)
 
 
 def _default(option: Option) -> Any:
@@ -450,7 +539,7 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         given, value = _env_value(parser, option)
         default = value if given else _default(option)
         help_text = f"{option.help} ({option.env}; default {_shown(_default(option))})"
-        if option.dest == "secret_key":
+        if option.dest in _SECRETS:
             help_text = f"{option.help} ({option.env})"  # a default key is never shown
         if option.switch:
             parser.add_argument(
@@ -523,19 +612,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _secret_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
-    """The secret key from --secret-key or --secret-key-file; the key is never echoed."""
-    if args.secret_key_file is None:
-        return str(args.secret_key) if args.secret_key else None
-    if args.secret_key:
-        parser.error("give --secret-key or --secret-key-file, not both")
+def _secret_key(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str = "secret_key"
+) -> str | None:
+    """A secret from --<dest> or --<dest>-file (the secret key, the callback token); the
+    secret is never echoed."""
+    flag = "--" + dest.replace("_", "-")
+    given, path = getattr(args, dest), getattr(args, dest + "_file")
+    if path is None:
+        return str(given) if given else None
+    if given:
+        parser.error(f"give {flag} or {flag}-file, not both")
     try:
-        key = Path(args.secret_key_file).read_text(encoding="utf-8").strip()
+        key = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        parser.error(f"cannot read --secret-key-file {args.secret_key_file}: {exc.strerror}")
+        parser.error(f"cannot read {flag}-file {path}: {exc.strerror}")
     if not key:
-        parser.error(f"--secret-key-file {args.secret_key_file} is empty")
+        parser.error(f"{flag}-file {path} is empty")
     return key
+
+
+def _check_callbacks(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    """Webhook settings that cannot work together, said before anything starts."""
+    if not settings.callback_urls:
+        if settings.callback_token:
+            parser.error("--callback-token signs webhooks, but no --callback-url is given")
+        return
+    if settings.grpc_target:
+        parser.error(
+            "--callback-url is served from the database; it does not apply to --grpc-target"
+            " (give it to the gRPC server)"
+        )
+    if settings.sdkappid is None:
+        parser.error("--callback-url needs --sdkappid: every webhook's URL carries SdkAppid")
+    if len(set(settings.callback_urls)) != len(settings.callback_urls):
+        parser.error("--callback-url: the same URL is given twice")
+    if settings.callback_backoff_min > settings.callback_backoff_max:
+        parser.error(
+            f"--callback-backoff-min ({settings.callback_backoff_min:g}s) is longer than"
+            f" --callback-backoff-max ({settings.callback_backoff_max:g}s)"
+        )
 
 
 def _check_tls(parser: argparse.ArgumentParser, settings: Settings) -> None:
@@ -582,10 +698,20 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     values = {
         _setting_name(o): getattr(args, o.dest)
         for o in SERVE_OPTIONS
-        if _setting_name(o) in _FIELDS and o.dest not in ("secret_key", "admin")
+        if _setting_name(o) in _FIELDS and o.dest not in _SECRETS and not o.repeat
     }
-    admins = tuple(args.admin_given) if args.admin_given else args.admin
-    settings = Settings(**values, secret_key=_secret_key(parser, args), admins=admins)
+    repeated: dict[str, Any] = {
+        _setting_name(o): tuple(given) if (given := getattr(args, f"{o.dest}_given")) else value
+        for o in SERVE_OPTIONS
+        if o.repeat and (value := getattr(args, o.dest)) is not None
+    }
+    settings = Settings(
+        **values,
+        **repeated,
+        secret_key=_secret_key(parser, args),
+        callback_token=_secret_key(parser, args, "callback_token"),
+    )
     _check_tls(parser, settings)
     _check_v4(parser, settings)
+    _check_callbacks(parser, settings)
     return settings

@@ -228,3 +228,120 @@ def test_subcommand_flags_progress_and_create(monkeypatch: pytest.MonkeyPatch) -
     parser = argparse.ArgumentParser()
     add_progress_flags(parser)
     assert parser.parse_args([]).progress is True
+
+
+WEBHOOK = ["--sdkappid", "1400000000", *NO_SHIM]
+
+
+def test_callback_options_from_flags_and_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--callback-url repeats (FOLLOW_CALLBACK_URL is comma-separated); durations take
+    units; the token comes from its flag, its variable or its file, and is never in the
+    Settings' repr."""
+    s = parse_settings(
+        [
+            *WEBHOOK,
+            "--callback-url",
+            "http://127.0.0.1:9/a",
+            "--callback-url",
+            "https://hooks.example.com/b?x=1",
+            "--callback-token",
+            "tok",
+            "--callback-retry-budget",
+            "90m",
+            "--callback-timeout",
+            "1.5",
+            "--callback-backoff-min",
+            "250s",
+            "--callback-backoff-max",
+            "1h",
+            "--event-retention",
+            "2d",
+        ]
+    )
+    assert s.callback_urls == ("http://127.0.0.1:9/a", "https://hooks.example.com/b?x=1")
+    assert (s.callback_retry_budget, s.callback_timeout) == (5400.0, 1.5)
+    assert (s.callback_backoff_min, s.callback_backoff_max) == (250.0, 3600.0)
+    assert s.event_retention == 2 * 86400.0
+    assert s.callback_token == "tok" and "tok" not in repr(s)
+    monkeypatch.setenv("FOLLOW_CALLBACK_URL", "http://127.0.0.1:1/x,http://127.0.0.1:2/y")
+    monkeypatch.setenv("FOLLOW_CALLBACK_TOKEN", "from-env")
+    s = parse_settings(WEBHOOK)
+    assert s.callback_urls == ("http://127.0.0.1:1/x", "http://127.0.0.1:2/y")
+    assert s.callback_token == "from-env"
+    monkeypatch.delenv("FOLLOW_CALLBACK_TOKEN")
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert parse_settings([*WEBHOOK, "--callback-token-file", str(token_file)]).callback_token == (
+        "from-file"
+    )
+
+
+def test_callback_defaults() -> None:
+    """Defaults from the issue: retry budget 24 h, request timeout 2 s, retention 7 days;
+    no URL means no webhooks."""
+    s = Settings()
+    assert s.callback_urls == () and s.callback_token is None
+    assert (s.callback_retry_budget, s.callback_timeout) == (86400.0, 2.0)
+    assert s.event_retention == 7 * 86400.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--callback-url", "ftp://x/y", *WEBHOOK], "is not an http:// or https:// URL"),
+        (["--callback-url", "http:///nohost", *WEBHOOK], "is not an http:// or https:// URL"),
+        (["--callback-url", "http://h/p#f", *WEBHOOK], "has no #fragment"),
+        (["--callback-url", "http://h/p", *NO_SHIM], "--callback-url needs --sdkappid"),
+        (["--callback-token", "t", *WEBHOOK], "but no --callback-url is given"),
+        (
+            ["--callback-url", "http://h/p", "--callback-url", "http://h/p", *WEBHOOK],
+            "the same URL is given twice",
+        ),
+        (["--callback-timeout", "0", *WEBHOOK], "'0' is not a positive duration"),
+        (["--event-retention", "7w", *WEBHOOK], "'7w' is not a positive duration"),
+        (["--callback-retry-budget=-1h", *WEBHOOK], "is not a positive duration"),
+        (
+            ["--callback-url", "http://h/p", "--callback-backoff-min", "20m", *WEBHOOK],
+            "--callback-backoff-min (1200s) is longer than --callback-backoff-max",
+        ),
+        (
+            ["--callback-url", "http://h/p", "--callback-backoff-max", "0.5", *WEBHOOK],
+            "is longer than --callback-backoff-max (0.5s)",
+        ),
+        (
+            [
+                "--callback-url",
+                "http://h/p",
+                "--grpc-target",
+                "127.0.0.1:1",
+                "--sdkappid",
+                "1",
+                "--insecure-no-auth",
+                "--http-listen",
+                "127.0.0.1:0",
+            ],
+            "it does not apply to --grpc-target",
+        ),
+    ],
+)
+def test_bad_callback_settings_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    """Each webhook mistake is refused at start with one line naming the flag."""
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(argv)
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert said in line
+
+
+def test_bad_callback_variable_names_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad FOLLOW_CALLBACK_URL is named in the error, like every other variable."""
+    monkeypatch.setenv("FOLLOW_CALLBACK_URL", "http://ok/a,not-a-url")
+    with pytest.raises(SystemExit):
+        parse_settings(WEBHOOK)
+    assert "FOLLOW_CALLBACK_URL: 'not-a-url' is not an http" in capsys.readouterr().err

@@ -28,6 +28,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.app",
             "server.workers",
             "server.cleanup",
+            "server.leader",
+            "server.webhooks",
+            "server.retention",
             "server.migrate",
             "server.runner",
             "server.checker",
@@ -44,8 +47,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.v4.",
         ),
     ),
-    ("core", ("server.core", "server.rules", "server.cursor")),
-    ("store", ("server.store", "server.outbox", "server.migrations", "server.graph_invariants")),
+    ("core", ("server.core", "server.rules", "server.cursor", "server.webhook_request")),
+    (
+        "store",
+        (
+            "server.store",
+            "server.outbox",
+            "server.migrations",
+            "server.graph_invariants",
+            "server.webhook_queue",
+        ),
+    ),
     ("database", ("server.database",)),
     # Vocabulary and plumbing every layer may use; they import nothing of the layers above.
     (
@@ -57,6 +69,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.origin",
             "server.logs",
             "server.metrics",
+            "server.webhook_metrics",
             "server.tls",
         ),
     ),

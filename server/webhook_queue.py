@@ -1,0 +1,227 @@
+"""The webhook delivery queue's SQL (migration 5): each callback URL's place in the outbox
+(webhook_positions) and its deliveries still to do (webhook_deliveries).
+
+Every statement here is short and autocommits, or is one small transaction: none is open
+while a request is on the wire, so delivery never holds the outbox's visibility horizon back
+and never holds a lock a user's call waits on (the queue's rows are its own; the outbox is
+only read).
+
+The claim protocol. A user's deliveries to one URL go out one at a time, oldest (txid, id)
+first: only the user's oldest row not parked (its head) may be claimed, and only when it is
+due (next_at) and not claimed by a live lease (claimed_until). A claim is one UPDATE of that
+row with the user's id in its WHERE (a single-shard router query on Citus) that sets a new
+lease and a random claim token; two senders racing for the same head serialise on its row
+lock, and the second finds the lease set and claims nothing (the equivalent of FOR UPDATE
+SKIP LOCKED, without a transaction around it). Marking the outcome (delete on a 2xx; a
+backoff, or parked past the budget, otherwise) checks the token, so a sender whose lease ran
+out cannot overwrite the work of the one that took over. A sender that dies mid-request
+leaves its lease to run out: the row is claimed and sent again (at least once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.outbox import Position
+
+_ENSURE = """
+INSERT INTO webhook_positions (url, txid, id) VALUES ($1, $2, $3) ON CONFLICT (url) DO NOTHING
+"""
+_POSITIONS = "SELECT url, txid, id FROM webhook_positions WHERE url = ANY($1::text[])"
+_ADVANCE = """
+UPDATE webhook_positions SET txid = $2, id = $3 WHERE url = $1 AND txid = $4 AND id = $5
+"""
+_INSERT = """
+INSERT INTO webhook_deliveries
+    (user_id, url, txid, event_id, command, body, client_ip, platform, event_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT DO NOTHING
+"""
+# Users whose head (oldest row not parked) is due and not under a live lease.
+_HEADS = """
+SELECT user_id FROM (
+    SELECT DISTINCT ON (user_id) user_id, next_at, claimed_until
+    FROM webhook_deliveries
+    WHERE url = $1 AND parked_at IS NULL
+    ORDER BY user_id, txid, event_id
+) head
+WHERE next_at <= now() AND (claimed_until IS NULL OR claimed_until < now())
+LIMIT $2
+"""
+_CLAIM = """
+UPDATE webhook_deliveries d
+SET claimed_until = now() + $3 * interval '1 second', claim = $4
+WHERE d.user_id = $1 AND d.url = $2 AND d.parked_at IS NULL
+  AND (d.txid, d.event_id) = (
+      SELECT txid, event_id FROM webhook_deliveries
+      WHERE user_id = $1 AND url = $2 AND parked_at IS NULL
+      ORDER BY txid, event_id LIMIT 1)
+  AND d.next_at <= now() AND (d.claimed_until IS NULL OR d.claimed_until < now())
+RETURNING d.txid, d.event_id, d.command, d.body, d.client_ip, d.platform, d.event_at,
+          d.attempts
+"""
+_DELIVERED = """
+DELETE FROM webhook_deliveries
+WHERE user_id = $1 AND url = $2 AND txid = $3 AND event_id = $4 AND claim = $5
+"""
+# A failure: back off, or park once the retry budget (from when the row was queued) is spent.
+# The last retry is due when the budget ends, so every event gets one try at its end.
+_FAILED = """
+UPDATE webhook_deliveries
+SET attempts = attempts + 1, claimed_until = NULL, claim = NULL, last_error = $6,
+    parked_at = CASE WHEN now() >= queued_at + $8 * interval '1 second' THEN now() END,
+    next_at = least(now() + $7 * interval '1 second', queued_at + $8 * interval '1 second')
+WHERE user_id = $1 AND url = $2 AND txid = $3 AND event_id = $4 AND claim = $5
+RETURNING parked_at IS NOT NULL, attempts
+"""
+_BACKLOG = """
+SELECT count(*) FILTER (WHERE parked_at IS NULL), count(*) FILTER (WHERE parked_at IS NOT NULL)
+FROM webhook_deliveries WHERE url = $1
+"""
+_PARKED_USERS = """
+SELECT DISTINCT user_id FROM webhook_deliveries WHERE parked_at < now() - $1 * interval '1 second'
+LIMIT $2
+"""
+_DELETE_PARKED = """
+DELETE FROM webhook_deliveries
+WHERE user_id = ANY($1::text[]) AND parked_at < now() - $2 * interval '1 second'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One claimed delivery: the webhook to send for one event to one URL."""
+
+    user_id: str
+    url: str
+    txid: int
+    event_id: int
+    command: str
+    body: str
+    client_ip: str
+    platform: str
+    event_at_us: int
+    attempts: int  # failed tries before this one
+    claim: int  # this sender's claim token
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """One outbox event's webhook, ready to queue for a URL."""
+
+    user_id: str
+    txid: int
+    event_id: int
+    command: str
+    body: str
+    client_ip: str
+    platform: str
+    event_at_us: int
+
+
+async def ensure_positions(conn: Any, urls: Sequence[str], start: Position) -> None:
+    """Give each URL without a position one at `start` (a URL seen for the first time gets
+    the events that commit from now on, not the whole retained history)."""
+    await conn.executemany(_ENSURE, [(url, start.txid, start.id) for url in urls])
+
+
+async def positions(conn: Any, urls: Sequence[str]) -> dict[str, Position]:
+    rows = await conn.fetch(_POSITIONS, list(urls))
+    return {r[0]: Position(r[1], r[2]) for r in rows}
+
+
+class _MovedError(Exception):
+    """The position moved under this feeder: its transaction is rolled back."""
+
+
+async def queue(
+    conn: Any, url: str, after: Position, through: Position, items: Sequence[Queued]
+) -> bool:
+    """Queue `items` for `url` and move its position from `after` to `through`, in one
+    transaction; False (nothing done) when the position was no longer `after` (another
+    feeder moved it)."""
+    rows = [
+        (
+            q.user_id,
+            url,
+            q.txid,
+            q.event_id,
+            q.command,
+            q.body,
+            q.client_ip,
+            q.platform,
+            q.event_at_us,
+        )
+        for q in items
+    ]
+    try:
+        async with conn.transaction():
+            status: str = await conn.execute(
+                _ADVANCE, url, through.txid, through.id, after.txid, after.id
+            )
+            if status != "UPDATE 1":
+                raise _MovedError
+            if rows:
+                await conn.executemany(_INSERT, rows)
+    except _MovedError:
+        return False
+    return True
+
+
+async def heads(conn: Any, url: str, limit: int) -> list[str]:
+    """Up to `limit` users with a delivery to `url` that may be claimed now."""
+    rows = await conn.fetch(_HEADS, url, limit)
+    return [r[0] for r in rows]
+
+
+async def claim(
+    conn: Any, user_id: str, url: str, lease_seconds: float, token: int
+) -> Delivery | None:
+    """Claim `user_id`'s oldest delivery to `url` for `lease_seconds`, if it is due and free."""
+    r = await conn.fetchrow(_CLAIM, user_id, url, lease_seconds, token)
+    if r is None:
+        return None
+    return Delivery(user_id, url, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], token)
+
+
+async def delivered(conn: Any, d: Delivery) -> bool:
+    """Done (a 2xx): the row goes. False when the claim had been lost meanwhile."""
+    status: str = await conn.execute(_DELIVERED, d.user_id, d.url, d.txid, d.event_id, d.claim)
+    return status == "DELETE 1"
+
+
+async def failed(
+    conn: Any, d: Delivery, error: str, backoff_seconds: float, budget_seconds: float
+) -> tuple[bool, int] | None:
+    """Not done: retry after `backoff_seconds`, or park it once `budget_seconds` have passed
+    since it was queued. (parked, attempts so far), or None when the claim had been lost."""
+    r = await conn.fetchrow(
+        _FAILED,
+        d.user_id,
+        d.url,
+        d.txid,
+        d.event_id,
+        d.claim,
+        error[:500],
+        backoff_seconds,
+        budget_seconds,
+    )
+    return None if r is None else (bool(r[0]), int(r[1]))
+
+
+async def backlog(conn: Any, url: str) -> tuple[int, int]:
+    """(deliveries pending, deliveries parked) for `url`."""
+    r = await conn.fetchrow(_BACKLOG, url)
+    return int(r[0]), int(r[1])
+
+
+async def delete_parked(conn: Any, older_than_seconds: float, users: int = 500) -> int:
+    """Delete parked deliveries parked over `older_than_seconds` ago, for up to `users`
+    users at a time (one statement pruned to their shards). The number deleted."""
+    rows = await conn.fetch(_PARKED_USERS, older_than_seconds, users)
+    if not rows:
+        return 0
+    status: str = await conn.execute(_DELETE_PARKED, [r[0] for r in rows], older_than_seconds)
+    return int(status.rsplit(" ", 1)[1])

@@ -1,0 +1,407 @@
+"""Webhooks as the hosted service sends them (Follow.CallbackAfterFollowAdd and
+Follow.CallbackAfterFollowDelete), from the outbox, at least once, in commit order per user.
+
+Two parts, started with the service (server.app) when --callback-url is given:
+
+- The feeder, one per database (server.leader: every process runs it, the one holding the
+  advisory lock works): for each URL it reads the outbox past the URL's position
+  (server.outbox.read_after, under the visibility horizon, so no event is skipped) and, in
+  one short transaction, queues a delivery row per event (the request body made now) and
+  moves the position past them (server.webhook_queue.queue). Exactly once per (URL, event),
+  across crashes: the position and the rows commit together.
+- Senders, in every process, one loop per URL: find users whose oldest queued delivery is
+  due (server.webhook_queue.heads), claim it with a lease, POST it, mark the outcome; then
+  claim that user's next one at once. At most --callback-concurrency requests per URL per
+  process are on the wire. No transaction is open during a request.
+
+A 2xx deletes the row. Anything else (another status, a timeout, no connection) retries
+after an exponential backoff with jitter (between --callback-backoff-min and -max), until
+the retry budget (--callback-retry-budget, counted from when the event was queued) is spent:
+then the row is parked (kept with parked_at set, logged, counted) and the user's next event
+goes. A crash (kill -9) mid-request leaves a lease (LEASE_MARGIN_SECONDS + twice the
+request timeout) that runs out, and the webhook is sent again: the one duplicate window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+
+from server import outbox, webhook_queue
+from server.config import Settings
+from server.database import create_pool, use_int_timestamps
+from server.leader import Leader
+from server.outbox import ACCOUNT_DELETED, FOLLOWED, UNFOLLOWED, OutboxRow
+from server.webhook_metrics import WebhookMetrics, url_label
+from server.webhook_queue import Delivery, Queued
+from server.webhook_request import command_and_body, query
+
+log = logging.getLogger(__name__)
+
+_FEEDER_LOCK = 0x666F6C6C6F79  # one webhook feeder per database
+POLL_SECONDS = 0.25
+FEED_BATCH = 500
+LEASE_MARGIN_SECONDS = 10.0
+BACKLOG_EVERY_SECONDS = 5.0
+_KINDS = {FOLLOWED: "follow", UNFOLLOWED: "unfollow", ACCOUNT_DELETED: "account_deleted"}
+_WARN_EVERY_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """The webhook settings (server.config checks them when the flags are read)."""
+
+    urls: tuple[str, ...]
+    sdkappid: int
+    token: str | None = None
+    retry_budget: float = 86400.0
+    timeout: float = 2.0
+    concurrency: int = 8
+    backoff_min: float = 1.0
+    backoff_max: float = 600.0
+
+    @property
+    def lease(self) -> float:
+        """How long a claim lasts: the request and marking its outcome fit in it with room
+        to spare, so only a sender that died lets it run out."""
+        return LEASE_MARGIN_SECONDS + 2 * self.timeout
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookConfig | None:
+        if not settings.callback_urls:
+            return None
+        return cls(
+            urls=settings.callback_urls,
+            sdkappid=settings.sdkappid or 0,
+            token=settings.callback_token,
+            retry_budget=settings.callback_retry_budget,
+            timeout=settings.callback_timeout,
+            concurrency=settings.callback_concurrency,
+            backoff_min=settings.callback_backoff_min,
+            backoff_max=settings.callback_backoff_max,
+        )
+
+
+def backoff(config: WebhookConfig, failures: int) -> float:
+    """The wait before try number `failures` + 1: doubling from backoff_min up to
+    backoff_max, times a random factor in [0.5, 1) so a receiver coming back is not hit by
+    every sender at once."""
+    base = min(config.backoff_max, config.backoff_min * 2.0 ** min(failures - 1, 60))
+    return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+
+
+def queued_item(row: OutboxRow) -> Queued | None:
+    """The delivery to queue for an outbox event (None: it sends no webhook)."""
+    made = command_and_body(row)
+    if made is None:
+        return None
+    return Queued(
+        row.user_id, row.txid, row.id, made[0], made[1], row.client_ip, row.platform, row.at_us
+    )
+
+
+class _Wakeable:
+    """A loop that sleeps POLL_SECONDS between rounds unless woken."""
+
+    def __init__(self) -> None:
+        self._wake = asyncio.Event()
+        self.stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def pause(self, seconds: float = POLL_SECONDS) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+
+class Feeder(_Wakeable):
+    """Copies new outbox events into each URL's deliveries; works only in the process that
+    holds the feeder lock."""
+
+    def __init__(
+        self,
+        database_url: str,
+        urls: Sequence[str],
+        metrics: WebhookMetrics,
+        senders: Sequence[_Wakeable] = (),
+    ) -> None:
+        super().__init__()
+        self._leader = Leader(
+            database_url, _FEEDER_LOCK, "follow-server webhooks", use_int_timestamps
+        )
+        self._urls = tuple(urls)
+        self._metrics = metrics
+        self._senders = tuple(senders)
+        self._distributed: bool | None = None
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                conn = await self._leader.connection()
+                if conn is not None:
+                    await self._feed(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be restarting: try again later
+                log.warning("webhook feeder paused: %s: %s", type(exc).__name__, exc)
+                await self._leader.release()
+                await self.pause(1.0)
+            await self.pause()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await self._leader.release()
+
+    async def _feed(self, conn: asyncpg.Connection) -> None:
+        if self._distributed is None:
+            self._distributed = await outbox.is_distributed(conn)
+        where = await webhook_queue.positions(conn, self._urls)
+        for url in self._urls:
+            after = where.get(url)
+            if after is None:  # configured by a process that started after this one
+                start = await outbox.now_position(conn, self._distributed)
+                await webhook_queue.ensure_positions(conn, [url], start)
+                continue
+            while not self.stopping:
+                below = await outbox.horizon(conn, self._distributed)
+                rows = await outbox.read_after(conn, after, below, FEED_BATCH)
+                if not rows:
+                    break
+                items = [q for q in map(queued_item, rows) if q is not None]
+                if not await webhook_queue.queue(conn, url, after, rows[-1].position, items):
+                    log.warning("webhook feeder: %s's position moved under it", url_label(url))
+                    break
+                after = rows[-1].position
+                for row in rows:
+                    kind = _KINDS.get(row.kind, "other")
+                    self._metrics.events.labels(url_label(url), kind).inc()
+                for sender in self._senders:
+                    sender.wake()
+                if len(rows) < FEED_BATCH:
+                    break
+
+
+class Sender(_Wakeable):
+    """Delivers one URL's queued webhooks from this process: up to config.concurrency
+    requests at once, one per user, each user's in order."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        session: aiohttp.ClientSession,
+        url: str,
+        config: WebhookConfig,
+        metrics: WebhookMetrics,
+    ) -> None:
+        super().__init__()
+        self._pool = pool
+        self._session = session
+        self._url = url
+        self._label = url_label(url)
+        self._config = config
+        self._metrics = metrics
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._last_backlog = 0.0
+        self._last_warning = 0.0
+        self._failures_unsaid = 0
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "webhook sender for %s paused: %s: %s", self._label, type(exc).__name__, exc
+                )
+                with contextlib.suppress(Exception):
+                    await self._pool.expire_connections()
+                await self.pause(1.0)
+            await self.pause()
+
+    async def stop(self) -> None:
+        """Stop claiming; let requests on the wire finish (within the request timeout) and
+        mark them, so a clean stop sends nothing twice."""
+        self.stopping = True
+        active = set(self._active.values())
+        if active:
+            _, late = await asyncio.wait(active, timeout=self._config.timeout + 2.0)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=2.0)
+
+    async def _round(self) -> None:
+        now = time.monotonic()
+        if now - self._last_backlog >= BACKLOG_EVERY_SECONDS:
+            self._last_backlog = now
+            pending, parked = await webhook_queue.backlog(self._pool, self._url)
+            self._metrics.backlog.labels(self._label).set(pending)
+            self._metrics.parked_now.labels(self._label).set(parked)
+        free = self._config.concurrency - len(self._active)
+        if free <= 0:
+            return
+        users = await webhook_queue.heads(self._pool, self._url, free + len(self._active))
+        random.shuffle(users)  # several processes race for the same heads: spread them
+        for user in users:
+            if free <= 0 or self.stopping:
+                break
+            if user in self._active:
+                continue
+            self._active[user] = asyncio.create_task(self._chain(user))
+            free -= 1
+
+    async def _chain(self, user: str) -> None:
+        """Deliver `user`'s due webhooks one after another, until none is due."""
+        try:
+            while not self.stopping:
+                token = secrets.randbits(63)
+                delivery = await webhook_queue.claim(
+                    self._pool, user, self._url, self._config.lease, token
+                )
+                if delivery is None:
+                    return
+                error = await self._post(delivery)
+                await self._mark(delivery, error)
+                if error:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # its lease runs out and it is tried again
+            log.warning("webhook to %s for %s: %s: %s", self._label, user, type(exc).__name__, exc)
+        finally:
+            self._active.pop(user, None)
+            self.wake()
+
+    async def _post(self, d: Delivery) -> str:
+        """Send one webhook; '' on a 2xx, else what went wrong."""
+        c = self._config
+        params = query(c.sdkappid, d.command, d.client_ip, d.platform, c.token, int(time.time()))
+        try:
+            async with self._session.post(
+                self._url,
+                params=params,
+                data=d.body.encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=c.timeout),
+                allow_redirects=False,
+            ) as response:
+                if 200 <= response.status < 300:
+                    return ""
+                return f"HTTP {response.status}"
+        except TimeoutError:
+            return f"no answer within {c.timeout:g}s"
+        except aiohttp.ClientError as exc:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    async def _mark(self, d: Delivery, error: str) -> None:
+        if not error:
+            if await webhook_queue.delivered(self._pool, d):
+                self._metrics.delivered.labels(self._label).inc()
+                lag = max(0.0, time.time() - d.event_at_us / 1e6)
+                self._metrics.lag.labels(self._label).observe(lag)
+            else:
+                log.warning("webhook to %s: a claim ran out during its request", self._label)
+            return
+        wait = backoff(self._config, d.attempts + 1)
+        outcome = await webhook_queue.failed(self._pool, d, error, wait, self._config.retry_budget)
+        if outcome is None:
+            return
+        parked, attempts = outcome
+        if parked:
+            self._metrics.parked.labels(self._label).inc()
+            log.error(
+                "webhook %s to %s for user %s (event %d) parked after %d attempts over the"
+                " retry budget of %gs; last: %s",
+                d.command,
+                self._label,
+                d.user_id,
+                d.event_id,
+                attempts,
+                self._config.retry_budget,
+                error,
+            )
+            return
+        self._metrics.retried.labels(self._label).inc()
+        self._failures_unsaid += 1
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_SECONDS:
+            log.warning(
+                "webhook to %s failed: %s (%d failures since the last report; retrying with"
+                " backoff)",
+                self._label,
+                error,
+                self._failures_unsaid,
+            )
+            self._last_warning, self._failures_unsaid = now, 0
+
+
+class Webhooks:
+    """The feeder and this process's senders, started and stopped with the service."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        session: aiohttp.ClientSession,
+        feeder: Feeder,
+        senders: list[Sender],
+    ) -> None:
+        self._pool = pool
+        self._session = session
+        self.feeder = feeder
+        self.senders = senders
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def start(
+        cls, config: WebhookConfig, database_url: str, metrics: WebhookMetrics
+    ) -> Webhooks:
+        """Give every URL a position (a new one starts at the events committing from now on)
+        before the service takes calls, so none of its first events is missed; then run."""
+        pool = await create_pool(database_url, 4, int_timestamps=True, min_size=1)
+        try:
+            async with pool.acquire() as conn:
+                distributed = await outbox.is_distributed(conn)
+                start = await outbox.now_position(conn, distributed)
+                await webhook_queue.ensure_positions(conn, config.urls, start)
+        except BaseException:
+            await pool.close()
+            raise
+        connector = aiohttp.TCPConnector(limit=config.concurrency * len(config.urls))
+        session = aiohttp.ClientSession(connector=connector)
+        senders = [Sender(pool, session, url, config, metrics) for url in config.urls]
+        feeder = Feeder(database_url, config.urls, metrics, senders)
+        running = cls(pool, session, feeder, senders)
+        running._tasks = [
+            asyncio.create_task(feeder.run(), name="webhook-feeder"),
+            *(asyncio.create_task(s.run(), name="webhook-sender") for s in senders),
+        ]
+        return running
+
+    async def stop(self) -> None:
+        for sender in self.senders:
+            sender.stopping = True
+        self.feeder.stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.wait(self._tasks, timeout=5)
+        await asyncio.gather(*(s.stop() for s in self.senders), self.feeder.stop())
+        await self._session.close()
+        try:
+            async with asyncio.timeout(5):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()
