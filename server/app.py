@@ -30,10 +30,13 @@ from server.errors import StartupError
 from server.interceptor import CallObserver
 from server.metrics import Metrics, MetricsServer, start_metrics_server
 from server.migrations import apply_migrations
+from server.retention import EventRetention
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
 from server.store import Store
 from server.v4.http import RunningShim, start_shim
+from server.webhook_metrics import WebhookMetrics
+from server.webhooks import WebhookConfig, Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,8 @@ class RunningService:
     metrics_server: MetricsServer | None = field(default=None, repr=False)
     admission: InFlightLimit = field(default_factory=InFlightLimit, repr=False)
     cleaner: DeletionCleaner | None = field(default=None, repr=False)
+    webhooks: Webhooks | None = field(default=None, repr=False)
+    retention: EventRetention | None = field(default=None, repr=False)
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -139,6 +144,11 @@ class RunningService:
         await self.server.stop(grace)
         if self.cleaner is not None:
             await self.cleaner.stop()
+        if self.webhooks is not None:
+            # Requests on the wire finish (within --callback-timeout) and are marked.
+            await self.webhooks.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         try:
@@ -229,6 +239,10 @@ async def start_service(
             f"--grpc-listen {settings.grpc_listen}: cannot listen there (the port is in use"
             " by another process, or the host is not this machine's)"
         )
+    # Webhooks (server.webhooks): every URL gets its outbox position before the first call
+    # can commit, so none of this run's events is missed.
+    webhook_metrics = WebhookMetrics(metrics.registry)
+    webhooks = await _start_webhooks(settings, database_url, webhook_metrics, pool)
     await server.start()
     running = RunningService(server, port, pool, health, store, core, metrics, admission=admission)
     if settings.metrics_listen:
@@ -240,10 +254,32 @@ async def start_service(
     # Deleted accounts' edges go in the background, one runner per database (server.cleanup).
     running.cleaner = DeletionCleaner(store, database_url)
     running.cleaner.start()
+    running.webhooks = webhooks
+    # Outbox events and parked webhooks past --event-retention go (server.retention).
+    running.retention = EventRetention(
+        database_url, settings.event_retention, settings.callback_urls, webhook_metrics
+    )
+    running.retention.start()
     running._monitor = asyncio.create_task(
         _watch_database(store, health, running._stopping, metrics)
     )
     return running
+
+
+async def _start_webhooks(
+    settings: Settings, database_url: str, metrics: WebhookMetrics, pool: asyncpg.Pool
+) -> Webhooks | None:
+    config = WebhookConfig.from_settings(settings)
+    if config is None:
+        return None
+    try:
+        return await Webhooks.start(config, database_url, metrics)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        await pool.close()
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StartupError(
+            f"the database at {redact(database_url)} failed while webhooks were starting: {reason}"
+        ) from None
 
 
 async def _start_metrics(metrics: Metrics, listen: str) -> MetricsServer:
