@@ -16,10 +16,14 @@ SKIP LOCKED, without a transaction around it). Marking the outcome (delete on a 
 backoff, or parked past the budget, otherwise) checks the token, so a sender whose lease ran
 out cannot overwrite the work of the one that took over. A sender that dies mid-request
 leaves its lease to run out: the row is claimed and sent again (at least once).
+
+Timestamps are int Unix microseconds (the connections use server.database's
+use_int_timestamps).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,21 +64,20 @@ WHERE d.user_id = $1 AND d.url = $2 AND d.parked_at IS NULL
       ORDER BY txid, event_id LIMIT 1)
   AND d.next_at <= now() AND (d.claimed_until IS NULL OR d.claimed_until < now())
 RETURNING d.txid, d.event_id, d.command, d.body, d.client_ip, d.platform, d.event_at,
-          d.attempts
+          d.attempts, d.queued_at
 """
 _DELIVERED = """
 DELETE FROM webhook_deliveries
 WHERE user_id = $1 AND url = $2 AND txid = $3 AND event_id = $4 AND claim = $5
 """
-# A failure: back off, or park once the retry budget (from when the row was queued) is spent.
-# The last retry is due when the budget ends, so every event gets one try at its end.
+# A failure: the next try's time, or parked (the times are computed by the caller: Citus
+# refuses now() beside a column in an UPDATE's SET).
 _FAILED = """
 UPDATE webhook_deliveries
 SET attempts = attempts + 1, claimed_until = NULL, claim = NULL, last_error = $6,
-    parked_at = CASE WHEN now() >= queued_at + $8 * interval '1 second' THEN now() END,
-    next_at = least(now() + $7 * interval '1 second', queued_at + $8 * interval '1 second')
+    parked_at = $7, next_at = $8
 WHERE user_id = $1 AND url = $2 AND txid = $3 AND event_id = $4 AND claim = $5
-RETURNING parked_at IS NOT NULL, attempts
+RETURNING attempts
 """
 _BACKLOG = """
 SELECT count(*) FILTER (WHERE parked_at IS NULL), count(*) FILTER (WHERE parked_at IS NOT NULL)
@@ -104,6 +107,7 @@ class Delivery:
     platform: str
     event_at_us: int
     attempts: int  # failed tries before this one
+    queued_at_us: int  # when the feeder queued it: the retry budget counts from here
     claim: int  # this sender's claim token
 
 
@@ -183,7 +187,7 @@ async def claim(
     r = await conn.fetchrow(_CLAIM, user_id, url, lease_seconds, token)
     if r is None:
         return None
-    return Delivery(user_id, url, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], token)
+    return Delivery(user_id, url, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], token)
 
 
 async def delivered(conn: Any, d: Delivery) -> bool:
@@ -196,8 +200,13 @@ async def failed(
     conn: Any, d: Delivery, error: str, backoff_seconds: float, budget_seconds: float
 ) -> tuple[bool, int] | None:
     """Not done: retry after `backoff_seconds`, or park it once `budget_seconds` have passed
-    since it was queued. (parked, attempts so far), or None when the claim had been lost."""
-    r = await conn.fetchrow(
+    since it was queued; the last retry is due when the budget ends, so every webhook gets a
+    try at its end. (parked, attempts so far), or None when the claim had been lost."""
+    now_us = int(time.time() * 1_000_000)
+    budget_end = d.queued_at_us + int(budget_seconds * 1_000_000)
+    parked = now_us >= budget_end
+    next_at = min(now_us + int(backoff_seconds * 1_000_000), budget_end)
+    attempts = await conn.fetchval(
         _FAILED,
         d.user_id,
         d.url,
@@ -205,10 +214,10 @@ async def failed(
         d.event_id,
         d.claim,
         error[:500],
-        backoff_seconds,
-        budget_seconds,
+        now_us if parked else None,
+        next_at,
     )
-    return None if r is None else (bool(r[0]), int(r[1]))
+    return None if attempts is None else (parked, int(attempts))
 
 
 async def backlog(conn: Any, url: str) -> tuple[int, int]:
