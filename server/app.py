@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from follow.v1 import follow_pb2, follow_pb2_grpc
+from follow.v1 import events_pb2, follow_pb2, follow_pb2_grpc
 from server import rules, runner, tls
 from server.admission import InFlightLimit
 from server.cleanup import DeletionCleaner
@@ -30,11 +30,15 @@ from server.errors import StartupError
 from server.interceptor import CallObserver
 from server.metrics import Metrics, MetricsServer, start_metrics_server
 from server.migrations import apply_migrations
+from server.outbox import OutboxSource
 from server.retention import EventRetention
 from server.rules import Limits
 from server.servicer import AccountServicer, FollowServicer
 from server.store import Store
 from server.v4.http import RunningShim, start_shim
+from server.watch_hub import WatchHub
+from server.watch_servicer import EventServicer, add_to_server
+from server.watch_token import WatchTokens
 from server.webhook_metrics import WebhookMetrics
 from server.webhooks import WebhookConfig, Webhooks
 
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     follow_pb2.DESCRIPTOR.services_by_name["FollowService"].full_name,
     follow_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 HEALTH_INTERVAL_SECONDS = 1.0
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -63,6 +68,19 @@ def largest_valid_request_bytes() -> int:
 # request fits with room to spare, while a caller cannot make the server buffer megabytes
 # for a call that can only fail. Larger requests get RESOURCE_EXHAUSTED from gRPC itself.
 MAX_RECEIVE_BYTES = 256 * 1024
+
+# HTTP/2 keepalive, for the long-lived Watch streams: the server pings an idle connection
+# every 30 s and drops it when no answer comes within 10 s (a vanished client's stream ends,
+# freeing its --max-watchers slot); clients may ping as often as every 10 s, also with no
+# call open. Heartbeat events (--watch-heartbeat-seconds) keep proxies from closing a quiet
+# stream.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 def _reflection_v1_descriptor() -> None:
@@ -128,6 +146,7 @@ class RunningService:
     cleaner: DeletionCleaner | None = field(default=None, repr=False)
     webhooks: Webhooks | None = field(default=None, repr=False)
     retention: EventRetention | None = field(default=None, repr=False)
+    watch_hub: WatchHub | None = field(default=None, repr=False)
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -141,6 +160,10 @@ class RunningService:
             self._stopping.set()
             self._monitor.cancel()
             await asyncio.wait({self._monitor}, timeout=HEALTH_INTERVAL_SECONDS * 3)
+        if self.watch_hub is not None:
+            # Streams never finish on their own: end them (UNAVAILABLE / SHUTTING_DOWN, the
+            # client resumes elsewhere) rather than let them hold the grace period.
+            await self.watch_hub.stop(max(min(grace, 5.0), 1.0))
         await self.server.stop(grace)
         if self.cleaner is not None:
             await self.cleaner.stop()
@@ -208,7 +231,8 @@ async def start_service(
             f"the database at {redact(database_url)} failed while the server was starting: {reason}"
         ) from None
     store = Store(pool, settings.db_acquire_timeout)
-    core = FollowCore(store, CursorCodec(await store.cursor_key()), Limits(settings.max_following))
+    key = await store.cursor_key()
+    core = FollowCore(store, CursorCodec(key), Limits(settings.max_following))
     metrics = Metrics()
     metrics.watch_pool(pool)
     # Every unary method (health's too) is wrapped once, as it is registered, for request
@@ -222,11 +246,19 @@ async def start_service(
             # Several worker processes (--workers) share the port; one alone keeps the
             # default refusal of a second server on the same port.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *KEEPALIVE_OPTIONS,
         ],
     )
     observed: Any = observer.server_for(server)  # registers like a grpc.aio.Server
     follow_pb2_grpc.add_FollowServiceServicer_to_server(FollowServicer(core), observed)
     follow_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(core), observed)
+    # Watch: a stream, outside the unary wrapper and its in-flight bound (server.watch_servicer).
+    watch_hub = WatchHub(
+        OutboxSource(pool),
+        max_watchers=settings.max_watchers,
+        heartbeat_seconds=settings.watch_heartbeat_seconds,
+    )
+    add_to_server(EventServicer(watch_hub, WatchTokens(key)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, observed)
     enable_reflection(
@@ -244,7 +276,9 @@ async def start_service(
     webhook_metrics = WebhookMetrics(metrics.registry)
     webhooks = await _start_webhooks(settings, database_url, webhook_metrics, pool)
     await server.start()
-    running = RunningService(server, port, pool, health, store, core, metrics, admission=admission)
+    running = RunningService(
+        server, port, pool, health, store, core, metrics, admission=admission, watch_hub=watch_hub
+    )
     if settings.metrics_listen:
         try:
             running.metrics_server = await _start_metrics(metrics, settings.metrics_listen)

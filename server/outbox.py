@@ -30,6 +30,7 @@ cluster-wide) holds the horizon, and so delivery, back until it ends.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -208,3 +209,40 @@ async def delete_expired(
         status: str = await conn.execute(_DELETE_THROUGH, str(last.txid), last.id)
         await conn.execute(_RAISE_FLOOR, str(last.txid), last.id)
         return int(status.rsplit(" ", 1)[1])
+
+
+class OutboxSource:
+    """The outbox reads of the Watch stream (server.watch_hub) over the service's pool: each
+    read is one short use of one pooled connection (horizon, rows, and the floor after them),
+    bounded in time, so a stream never holds a connection while it waits or sends."""
+
+    def __init__(self, pool: Any, timeout: float = 10.0) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._distributed: bool | None = None
+
+    async def _is_distributed(self, conn: Any) -> bool:
+        if self._distributed is None:
+            self._distributed = await is_distributed(conn)
+        return self._distributed
+
+    async def read(
+        self, after: Position, limit: int, users: Sequence[str] | None = None
+    ) -> tuple[list[OutboxRow], int, Position]:
+        """(rows after `after` in reading order, at most `limit`; the horizon they were read
+        below; the floor read after them). When the floor is past `after`, rows the reader
+        needed may have been deleted before it read them."""
+        async with asyncio.timeout(self._timeout), self._pool.acquire() as conn:
+            below = await horizon(conn, await self._is_distributed(conn))
+            rows = await read_after(conn, after, below, limit, users)
+            return rows, below, await floor(conn)
+
+    async def now(self) -> Position:
+        """now_position, on a pooled connection."""
+        async with asyncio.timeout(self._timeout), self._pool.acquire() as conn:
+            return await now_position(conn, await self._is_distributed(conn))
+
+    async def floor(self) -> Position:
+        """floor, on a pooled connection."""
+        async with asyncio.timeout(self._timeout), self._pool.acquire() as conn:
+            return await floor(conn)

@@ -30,6 +30,10 @@ Every reason the server sends, its gRPC status, its v4 ErrorCode, and when:
   DEADLINE_EXCEEDED     DEADLINE_EXCEEDED    30007  the call's deadline passed before the database answered
   OVERLOADED            RESOURCE_EXHAUSTED   30006  the server is at its bound of in-flight calls, or no database connection came free in time; retry with backoff
   INTERNAL              INTERNAL             30006  anything else; never carries SQL text or a stack trace
+  INVALID_POSITION      INVALID_ARGUMENT     30001  Watch: a start_after that is malformed or altered, or given with only_new (field start_after)
+  POSITION_EXPIRED      OUT_OF_RANGE         30001  Watch: events after start_after were deleted by retention; start again (empty start_after) and reconcile
+  TOO_MANY_WATCHERS     RESOURCE_EXHAUSTED   30006  Watch: the server process serves its maximum of streams (--max-watchers); retry with backoff, perhaps elsewhere
+  SHUTTING_DOWN         UNAVAILABLE          30006  Watch: the server process is stopping; resume from the last position (another process or after the restart)
 
 A status without a follow.v1 ErrorInfo comes from gRPC itself: RESOURCE_EXHAUSTED for a
 request over the server's receive limit of 256 KiB (the largest valid request, 100
