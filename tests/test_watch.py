@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -23,7 +25,8 @@ from server import outbox
 from server.app import RunningService
 from server.outbox import Position
 from server.watch_token import Cursor, WatchTokens
-from tests.helpers import error_info, import_users
+from tests.conftest import ServiceFactory
+from tests.helpers import error_info, follow_server, import_users
 
 WAIT = 60.0  # generous: a loaded 2-core box, or Citus
 
@@ -415,3 +418,198 @@ async def test_a_position_before_the_retention_floor_is_out_of_range(
     after = Watcher(channel, ev.WatchRequest(start_after=got[2].position))
     assert [summary(e)[1:3] for e in await after.take(1)] == [("c", "a")]
     after.cancel()
+
+
+async def test_a_slow_watcher_keeps_server_memory_bounded_and_misses_nothing(
+    service: RunningService, channel: grpc.aio.Channel
+) -> None:
+    """A client that stops reading while 2,000 events commit: the server's shared ring never
+    holds more than its capacity (the stream holds at most a batch), the stream falls behind
+    the ring and, once the client reads again, reads the outbox from its own position: every
+    event arrives, in order, none twice."""
+    hub = service.watch_hub
+    assert hub is not None
+    hub.ring_capacity, hub.batch = 20, 10
+    targets = [f"t{i}" for i in range(20)]
+    await import_users(pb_grpc.AccountServiceStub(channel), "a", *targets)
+    follow = pb_grpc.FollowServiceStub(channel)
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=options) as slow:
+        call = ev_grpc.EventServiceStub(slow).Watch(ev.WatchRequest(only_new=True))
+        await wait_watching(service)
+        for _ in range(50):
+            await follow.Follow(pb.FollowRequest(user_id="a", target_ids=targets))
+            await follow.Unfollow(pb.UnfollowRequest(user_id="a", target_ids=targets))
+        await until(lambda: hub.tailer_reads > 0 and hub.ring_size == 20, "the ring full")
+        before = hub.catch_up_reads
+        got: list[ev.Event] = []
+        async with asyncio.timeout(WAIT):
+            async for message in call:
+                if message.kind != ev.EVENT_KIND_HEARTBEAT:
+                    got.append(message)
+                if len(got) == 2000:
+                    break
+        call.cancel()
+    assert hub.ring_peak <= 20
+    assert hub.catch_up_reads > before, "the stream never fell behind the ring"
+    assert len({e.id for e in got}) == 2000
+    assert _replay(got) == set()
+    kinds = [e.kind for e in got]
+    assert kinds == ([ev.EVENT_KIND_FOLLOW] * 20 + [ev.EVENT_KIND_UNFOLLOW] * 20) * 50
+
+
+async def test_watchers_are_capped_and_take_no_in_flight_slot(
+    make_service: ServiceFactory,
+) -> None:
+    """With --max-watchers 2 a third stream gets RESOURCE_EXHAUSTED / TOO_MANY_WATCHERS at
+    once; the two open streams take no slot of --max-in-flight 1 (a call still answers);
+    when one closes, a new stream is served."""
+    service = await make_service(max_watchers=2, max_in_flight=1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        await import_users(pb_grpc.AccountServiceStub(channel), "a", "b")
+        first = Watcher(channel, ev.WatchRequest(only_new=True))
+        second = Watcher(channel, ev.WatchRequest(only_new=True))
+        await wait_watching(service, 2)
+        error = await Watcher(channel, ev.WatchRequest()).failure()
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(error).reason == "TOO_MANY_WATCHERS"
+        assert "2 Watch streams" in (error.details() or "")
+        await pb_grpc.FollowServiceStub(channel).Follow(
+            pb.FollowRequest(user_id="a", target_ids=["b"])
+        )
+        assert [summary(e)[1:3] for e in await second.take(1)] == [("a", "b")]
+        first.cancel()
+        hub = service.watch_hub
+        assert hub is not None
+        await until(lambda: hub.watchers == 1, "the cancelled stream to close")
+        third = Watcher(channel, ev.WatchRequest())
+        assert [summary(e)[1:3] for e in await third.take(1)] == [("a", "b")]
+        second.cancel()
+        third.cancel()
+
+
+async def test_stopping_the_server_ends_streams_at_once(make_service: ServiceFactory) -> None:
+    """A graceful stop ends open streams with UNAVAILABLE / SHUTTING_DOWN (resume from the
+    last position) instead of letting them hold the whole grace period."""
+    service = await make_service()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        watchers = [Watcher(channel, ev.WatchRequest()) for _ in range(3)]
+        await wait_watching(service, 3)
+        started = asyncio.get_running_loop().time()
+        await service.stop(60)
+        assert asyncio.get_running_loop().time() - started < 30
+        for watcher in watchers:
+            error = await watcher.failure()
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(error).reason == "SHUTTING_DOWN"
+
+
+async def test_heartbeats_keep_an_idle_stream_alive_and_move_its_position(
+    make_service: ServiceFactory,
+) -> None:
+    """A stream with nothing to send gets heartbeats (only position and time set); one
+    filtered to a quiet user moves past the other users' events, so resuming from a
+    heartbeat's position, even unfiltered, does not deliver them again."""
+    service = await make_service(watch_heartbeat_seconds=0.3)
+    hub = service.watch_hub
+    assert hub is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        await import_users(pb_grpc.AccountServiceStub(channel), "a", "b", "quiet")
+        watcher = Watcher(channel, ev.WatchRequest(user_ids=["quiet"], only_new=True))
+        await wait_watching(service)
+        beat = await watcher.heartbeat()
+        assert (beat.id, beat.user_id, beat.other_user_id) == ("", "", "")
+        assert beat.position
+        assert abs(beat.event_time.seconds - datetime.now(UTC).timestamp()) < 600
+        follow = pb_grpc.FollowServiceStub(channel)
+        await follow.Follow(pb.FollowRequest(user_id="a", target_ids=["b"]))
+        await until(lambda: hub.ring_size >= 1, "the tailer to read the follow")
+        await watcher.heartbeat()
+        later = await watcher.heartbeat()
+        assert watcher.events == []
+        watcher.cancel()
+        resumed = Watcher(channel, ev.WatchRequest(start_after=later.position))
+        await follow.Follow(pb.FollowRequest(user_id="b", target_ids=["a"]))
+        assert [summary(e)[1:3] for e in await resumed.take(1)] == [("b", "a")]
+        resumed.cancel()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_resuming_across_kill_and_restart_loses_and_repeats_nothing(db_url: str) -> None:
+    """A real server process killed with SIGKILL mid-stream, then a new one on the same
+    database: the stream resumed from the last position processed (inside a call's events)
+    continues exactly after it; a SIGTERM then ends the stream with SHUTTING_DOWN and the
+    process exits 0."""
+    port = _free_port()
+    args = ("--database-url", db_url, "--grpc-listen", f"127.0.0.1:{port}", "--http-listen", "")
+    address = f"127.0.0.1:{port}"
+    async with follow_server(*args) as first:
+        await first.wait_for("gRPC listening")
+        async with grpc.aio.insecure_channel(address) as channel:
+            await import_users(pb_grpc.AccountServiceStub(channel), "a", "b", "c", "d")
+            follow = pb_grpc.FollowServiceStub(channel)
+            await follow.Follow(pb.FollowRequest(user_id="a", target_ids=["b", "c", "d"]))
+            watcher = Watcher(channel, ev.WatchRequest())
+            seen = await watcher.take(2)
+            first.process.send_signal(signal.SIGKILL)
+            await first.process.wait()
+            error = await watcher.failure()
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+    async with follow_server(*args) as second:
+        await second.wait_for("gRPC listening")
+        async with grpc.aio.insecure_channel(address) as channel:
+            follow = pb_grpc.FollowServiceStub(channel)
+            await follow.Follow(pb.FollowRequest(user_id="b", target_ids=["a"]))
+            resumed = Watcher(channel, ev.WatchRequest(start_after=seen[-1].position))
+            rest = await resumed.take(2)
+            assert [summary(e)[1:4] for e in seen + rest] == [
+                ("a", "b", "NONE"),
+                ("a", "c", "NONE"),
+                ("a", "d", "NONE"),
+                ("b", "a", "BECAME_MUTUAL"),
+            ]
+            await resumed.nothing_for(0.5)
+            second.process.send_signal(signal.SIGTERM)
+            error = await resumed.failure()
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(error).reason == "SHUTTING_DOWN"
+        assert await asyncio.wait_for(second.process.wait(), WAIT) == 0
+
+
+async def test_every_worker_process_streams_every_event(db_url: str) -> None:
+    """With --workers 2 (processes sharing the port), streams on separate connections, served
+    by whichever worker took each, all get every event in the same order; a position from
+    one resumes on any."""
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    args = ("--database-url", db_url, "--grpc-listen", address, "--http-listen", "")
+    async with follow_server("--workers", "2", *args) as server:
+        await server.wait_for(r"worker 1 \(pid \d+\): gRPC listening")
+        await server.wait_for(r"worker 0 \(pid \d+\): gRPC listening")
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(4)]
+        try:
+            watchers = [Watcher(c, ev.WatchRequest()) for c in channels]
+            await import_users(pb_grpc.AccountServiceStub(channels[0]), "a", "b", "c")
+            follow = pb_grpc.FollowServiceStub(channels[0])
+            await follow.Follow(pb.FollowRequest(user_id="a", target_ids=["b", "c"]))
+            await follow.Follow(pb.FollowRequest(user_id="c", target_ids=["a"]))
+            await follow.Unfollow(pb.UnfollowRequest(user_id="a", target_ids=["b"]))
+            streams = [[e.id for e in await w.take(4)] for w in watchers]
+            assert all(s == streams[0] for s in streams)
+            for w in watchers:
+                w.cancel()
+            resumed = Watcher(
+                channels[3], ev.WatchRequest(start_after=watchers[0].events[1].position)
+            )
+            assert [e.id for e in await resumed.take(2)] == streams[0][2:]
+            resumed.cancel()
+        finally:
+            for c in channels:
+                await c.close()
