@@ -612,4 +612,4 @@ async def test_every_worker_process_streams_every_event(db_url: str) -> None:
             resumed.cancel()
         finally:
             for c in channels:
-                await c.close()
+                await c.close(None)
