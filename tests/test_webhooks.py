@@ -349,3 +349,66 @@ async def test_kill_9_between_write_and_delivery_loses_nothing(
         await until(lambda: len(receiver.delivered) >= total, within=120, what="after restart")
     for user in users:
         assert _seen(receiver, user) == expected[user]
+
+
+@pytest.mark.timeout(240)
+async def test_workers_deliver_each_webhook_once_in_order(receiver: Receiver, db_url: str) -> None:
+    """`--workers 2`: two processes each run a feeder (one works) and senders racing for the
+    same users' webhooks; every webhook arrives exactly once, each user's in commit order."""
+    args = [
+        "--database-url",
+        db_url,
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "",
+        "--workers",
+        "2",
+        "--sdkappid",
+        str(APP),
+        "--callback-url",
+        receiver.url,
+    ]
+    users = [f"u{i}" for i in range(6)]
+    async with follow_server(*args) as server:
+        port = int(
+            (await server.wait_for(r"worker \d+ \(pid \d+\): gRPC listening on \S+:(\d+)")).group(1)
+        )
+        await until(
+            lambda: sum("gRPC listening" in line for line in server.lines) >= 2,
+            what="both workers listening",
+        )
+        expected = await _busy_writers(port, users, rounds=6)
+        total = sum(len(v) for v in expected.values())
+        await until(lambda: len(receiver.delivered) >= total, within=120, what=f"{total}")
+        await asyncio.sleep(1.0)
+    keys = [r.key for r in receiver.received]
+    assert len(keys) == len(set(keys)) == total
+    for user in users:
+        assert _seen(receiver, user) == expected[user]
+
+
+async def test_lost_database_connections_are_survived(
+    make_service: ServiceFactory, receiver: Receiver, db_url: str
+) -> None:
+    """Every connection of the delivery side is cut (as a database restart does) while the
+    receiver is down: the feeder and senders reconnect, and every webhook still arrives in
+    order once the receiver is back."""
+    service = await webhook_service(make_service, receiver)
+    await receiver.stop()
+    users = ["a", "b"]
+    expected = await _busy_writers(service.port, users, rounds=4)
+    conn = await asyncpg.connect(db_url)
+    try:
+        cut = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    assert cut > 0
+    await receiver.start()
+    total = sum(len(v) for v in expected.values())
+    await until(lambda: len(receiver.delivered) >= total, within=120, what=f"{total} webhooks")
+    for user in users:
+        assert _seen(receiver, user) == expected[user]
