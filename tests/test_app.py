@@ -193,6 +193,7 @@ async def test_reflection_v1_serves_grpcurl_style_clients(service: RunningServic
         [
             "follow.v1.FollowService",
             "follow.v1.AccountService",
+            "follow.v1.EventService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
