@@ -53,7 +53,7 @@ CITUS_TESTS := tests/test_servicer.py tests/test_v4_commands.py tests/test_state
 	tests/test_v4_stateful.py tests/test_concurrency.py tests/test_importer.py \
 	tests/test_checker.py tests/test_citus_migrations.py tests/test_citus_tools.py \
 	tests/test_citus_plans.py tests/test_outbox.py tests/test_webhooks.py \
-	tests/test_retention.py
+	tests/test_retention.py tests/test_watch.py
 test-citus: $(STAMP)
 	@$(BIN)/python -c 'from tests.support.citus import citus_missing_reason as missing; \
 		r = missing(); raise SystemExit(r and "make test-citus: no Citus cluster can start here: " + r \
