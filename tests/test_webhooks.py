@@ -19,7 +19,8 @@ import pytest
 
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from server.app import RunningService
+from server.app import RunningService, start_service
+from server.config import Settings
 from server.webhook_metrics import url_label
 from server.webhook_request import FOLLOW_ADD, FOLLOW_DELETE
 from tests.conftest import ServiceFactory
@@ -412,3 +413,34 @@ async def test_lost_database_connections_are_survived(
     await until(lambda: len(receiver.delivered) >= total, within=120, what=f"{total} webhooks")
     for user in users:
         assert _seen(receiver, user) == expected[user]
+
+
+async def test_a_clean_stop_finishes_the_request_on_the_wire(
+    receiver: Receiver, db_url: str
+) -> None:
+    """Stopping the service (SIGTERM's path) while a webhook is on the wire lets it finish
+    within the request timeout and records the 2xx: a server started next on the same
+    database sends nothing again."""
+    settings = Settings(
+        grpc_listen="127.0.0.1:0",
+        sdkappid=APP,
+        callback_urls=(receiver.url,),
+        callback_timeout=5.0,
+    )
+    receiver.delay = 1.0
+    service = await start_service(settings, db_url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            await import_users(pb_grpc.AccountServiceStub(channel), "a", "b")
+            await follow(pb_grpc.FollowServiceStub(channel), "a", "b")
+        await until(lambda: receiver.arrived == 1, what="the request on the wire")
+    finally:
+        await service.stop(0)
+    assert len(receiver.delivered) == 1
+    receiver.delay = 0
+    again = await start_service(settings, db_url)
+    try:
+        await asyncio.sleep(1.5)
+    finally:
+        await again.stop(0)
+    assert receiver.arrived == 1

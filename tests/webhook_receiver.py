@@ -37,6 +37,7 @@ class Receiver:
     answer: Callable[[dict[str, Any]], int] = lambda body: 200
     delay: float = 0.0
     received: list[Received] = field(default_factory=list)
+    arrived: int = 0  # requests that have started, answered or not
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -54,6 +55,7 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
+        self.arrived += 1
         if self.delay:
             await asyncio.sleep(self.delay)
         status = self.answer(body)
