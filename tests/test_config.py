@@ -264,7 +264,8 @@ def test_callback_options_from_flags_and_variables(
     assert (s.callback_retry_budget, s.callback_timeout) == (5400.0, 1.5)
     assert (s.callback_backoff_min, s.callback_backoff_max) == (250.0, 3600.0)
     assert s.event_retention == 2 * 86400.0
-    assert s.callback_token == "tok" and "tok" not in repr(s)
+    assert s.callback_token == "tok"
+    assert "tok" not in repr(s)
     monkeypatch.setenv("FOLLOW_CALLBACK_URL", "http://127.0.0.1:1/x,http://127.0.0.1:2/y")
     monkeypatch.setenv("FOLLOW_CALLBACK_TOKEN", "from-env")
     s = parse_settings(WEBHOOK)
@@ -282,7 +283,8 @@ def test_callback_defaults() -> None:
     """Defaults from the issue: retry budget 24 h, request timeout 2 s, retention 7 days;
     no URL means no webhooks."""
     s = Settings()
-    assert s.callback_urls == () and s.callback_token is None
+    assert s.callback_urls == ()
+    assert s.callback_token is None
     assert (s.callback_retry_budget, s.callback_timeout) == (86400.0, 2.0)
     assert s.event_retention == 7 * 86400.0
 
