@@ -110,6 +110,14 @@ bench-citus: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python -m tests.bench --scale $(ARGS)
 
+# Operations whose cost grows with the graph, on a running service: deleting an account with
+# 400,000 fans and importing 300,000 edges while other users' calls run; their latency and
+# throughput before and during, target worst latency < 0.5 s (tests/bench/ops.py).
+# Repeat for medians: ARGS=--repeat=3; a small graph: ARGS=--quick.
+.PHONY: bench-ops
+bench-ops: $(STAMP)
+	$(BIN)/python -m tests.bench --ops $(ARGS)
+
 # Mixed load while PostgreSQL restarts and the server is killed, then the checker;
 # bounded (SOAK_SECONDS, default 600). Extra flags in ARGS.
 SOAK_SECONDS ?= 600

@@ -482,3 +482,73 @@ def render_scale_chart(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# -- bench-ops ------------------------------------------------------------------------------
+
+OPS_LABELS = {
+    "delete": "delete the 400,000-fan account",
+    "import": "import 300,000 edges into the live database",
+}
+
+
+def _op_figure(op: str, result: dict[str, Any]) -> str:
+    if op == "delete":
+        return (
+            f"call {_num(result.get('call_s'))} s, cleanup done after"
+            f" {_num(result.get('cleanup_s'))} s"
+        )
+    return f"{_num(result.get('import_s'))} s, {_num(result.get('edges_per_s'))} edges/s"
+
+
+def render_ops_table(doc: dict[str, Any]) -> str:
+    """The other users' calls before and during each operation: one row per repetition and
+    the medians, then whether the issue's target (worst latency, calls keep completing)
+    was met."""
+    m, cfg, g = doc["machine"], doc["config"], doc["graph"]
+    target = doc["target_worst_latency_ms"]
+    lines = [
+        f"ops run, git {doc['git']['revision'][:10]}"
+        f"{' (dirty)' if doc['git']['dirty'] else ''}: {m['cpu_count']} x {m['cpu_model']},"
+        f" {m['memory_gb']} GB, Python {m['python']}, PostgreSQL {m['postgres']};"
+        f" load average (1 min) at start {m['load_average_at_start'][0]}",
+        f"graph: {g['params']['users']:,} users, {g['edges']:,} edges, {g['celebrity']} with"
+        f" {g['params']['celebrity_followers']:,} fans; background: {cfg['concurrency']} calls in"
+        f" flight from {cfg['processes']} processes (Follow 1 / Unfollow 1 / Check 20 /"
+        f" GetInfo 20), baseline {cfg['baseline']} s before each operation;"
+        f" delete via {cfg['door']}",
+        "latency: every other user's call in flight during the window; calls/s: answered"
+        " inside it; gap: the longest stretch inside it with no call answered",
+        "",
+        "| operation | run | operation's figures | baseline p50 / p99 / max ms | during p50 / p99"
+        " / max ms | calls/s baseline -> during (ratio) | longest gap ms | errors | load |",
+        "|---|---|---|---|---|---|---:|---:|---|",
+    ]
+    for r in doc["runs"]:
+        b, d, q = r["baseline"], r["during"], r["ratios"]
+        lines.append(
+            f"| {r['op']} | #{r['repetition']} | {_op_figure(r['op'], r['result'])} |"
+            f" {_num(b['p50_ms'])} / {_num(b['p99_ms'])} / {_num(b['max_ms'])} |"
+            f" {_num(d['p50_ms'])} / {_num(d['p99_ms'])} / {_num(d['max_ms'])} |"
+            f" {_num(b['calls_per_s'], 0)} -> {_num(d['calls_per_s'], 0)}"
+            f" ({_num(q['calls_per_s'])}) | {_num(d['longest_gap_ms'], 0)} | {d['errors']} |"
+            f" {r['load_average_start'][0]}-{r['load_average_end'][0]} |"
+        )
+    lines += [
+        "",
+        f"medians over the runs; target: other users' worst latency < {target:.0f} ms and"
+        " calls keep completing (no gap that long, no errors)",
+        "",
+        "| operation | operation's figures | during p50 / p99 ms | worst latency ms (all runs)"
+        " | p99 ratio | calls/s ratio | longest gap ms | target | load |",
+        "|---|---|---|---:|---:|---:|---:|:---:|---|",
+    ]
+    for op, s in doc["summary"].items():
+        d, q = s["during"], s["ratios"]
+        lines.append(
+            f"| {OPS_LABELS.get(op, op)} | {_op_figure(op, s['result'])} |"
+            f" {_num(d['p50_ms'])} / {_num(d['p99_ms'])} | {_num(d['worst_max_ms'])} |"
+            f" {_num(q['p99'])} | {_num(q['calls_per_s'])} | {_num(d['longest_gap_ms'], 0)} |"
+            f" {_met(q['target_met'])} | {s['load_average'][0]}-{s['load_average'][1]} |"
+        )
+    return "\n".join(lines)

@@ -256,7 +256,10 @@ class Server:
                 self.process.wait()
 
 
-def start_server(url: str, profile: Profile, log: Path, workers: int) -> Server:
+def start_server(
+    url: str, profile: Profile, log: Path, workers: int, extra: Sequence[str] = ()
+) -> Server:
+    """`extra`: more follow-server flags (tests.bench.events: --callback-url ...)."""
     flags = follow_server_flags()
     exe = Path(sys.executable).with_name("follow-server")
     grpc_address = f"127.0.0.1:{free_port()}"
@@ -282,6 +285,7 @@ def start_server(url: str, profile: Profile, log: Path, workers: int) -> Server:
         if "--workers" not in flags:
             raise SystemExit("this follow-server has no --workers flag")
         args += ["--workers", str(workers)]
+    args += list(extra)
     env = os.environ | {"FOLLOW_LOG_LEVEL": "WARNING"}
     with log.open("wb") as sink:
         process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -737,7 +741,60 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --scale: one size at a time (least disk) instead of all sizes interleaved",
     )
+    events = parser.add_argument_group(
+        "events",
+        "--events (make bench-events): the write scenarios with webhooks and one Watch stream"
+        " on, against the same without them, runs alternating (see tests.bench.events)",
+    )
+    events.add_argument("--events", action="store_true", help="change events on vs off")
+    events.add_argument(
+        "--events-rounds",
+        type=int,
+        metavar="N",
+        help="with --events: N pairs of runs, one off and one on (default 2, 1 with --quick)",
+    )
+    ops = parser.add_argument_group(
+        "ops",
+        "--ops (make bench-ops): deleting a 400,000-fan account and importing 300,000 edges"
+        " while other users' calls run, their latency before and during (see tests.bench.ops)",
+    )
+    ops.add_argument("--ops", action="store_true", help="big deletions and imports, live")
+    ops.add_argument(
+        "--ops-only", metavar="OP,OP", help="with --ops: only these operations (delete, import)"
+    )
+    ops.add_argument(
+        "--ops-door",
+        choices=("grpc", "v4"),
+        default="grpc",
+        help="with --ops: delete through gRPC DeleteAccounts or the v4 account_delete",
+    )
+    ops.add_argument(
+        "--ops-import-checkout",
+        type=Path,
+        metavar="DIR",
+        help="with --ops: run the importer of this checkout (python -m server import)",
+    )
+    ops.add_argument(
+        "--ops-seed-checkout",
+        type=Path,
+        metavar="DIR",
+        help="with --ops: seed the template with the importer of this checkout",
+    )
+    ops.add_argument("--ops-name", metavar="STEM", help="with --ops: output file stem")
+    ops.add_argument(
+        "--repeat", type=int, default=1, help="with --ops: repetitions of each operation"
+    )
     args = parser.parse_args(argv)
+    if args.events:
+        from tests.bench.events import run_events
+
+        run_events(args)
+        return
+    if args.ops:
+        from tests.bench.ops import run_ops
+
+        run_ops(args)
+        return
     if args.scale:
         from tests.bench.scale import run_scale
 
