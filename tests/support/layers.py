@@ -44,10 +44,21 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.interceptor",
             "server.admission",
             "server.status",
+            "server.watch_servicer",
             "server.v4.",
         ),
     ),
-    ("core", ("server.core", "server.rules", "server.cursor", "server.webhook_request")),
+    (
+        "core",
+        (
+            "server.core",
+            "server.rules",
+            "server.cursor",
+            "server.watch_hub",
+            "server.watch_token",
+            "server.webhook_request",
+        ),
+    ),
     (
         "store",
         (
