@@ -687,6 +687,7 @@ def run_ops(args: argparse.Namespace) -> None:
     doc = {
         "config": asdict(cfg) | {"import_checkout": str(cfg.import_checkout or "")},
         "target_worst_latency_ms": WORST_LATENCY_TARGET_S * 1000,
+        "import_edges": size.import_edges,
         "machine": machine(pg_version) | {"load_average_at_start": load_at_start},
         "git": git_revision(),
         "graph": meta,

@@ -486,11 +486,6 @@ def render_scale_chart(doc: dict[str, Any], path: Path) -> None:
 
 # -- bench-ops ------------------------------------------------------------------------------
 
-OPS_LABELS = {
-    "delete": "delete the 400,000-fan account",
-    "import": "import 300,000 edges into the live database",
-}
-
 
 def _op_figure(op: str, result: dict[str, Any]) -> str:
     if op == "delete":
@@ -543,10 +538,14 @@ def render_ops_table(doc: dict[str, Any]) -> str:
         " | p99 ratio | calls/s ratio | longest gap ms | target | load |",
         "|---|---|---|---:|---:|---:|---:|:---:|---|",
     ]
+    labels = {
+        "delete": f"delete the {g['params']['celebrity_followers']:,}-fan account",
+        "import": f"import {doc['import_edges']:,} edges into the live database",
+    }
     for op, s in doc["summary"].items():
         d, q = s["during"], s["ratios"]
         lines.append(
-            f"| {OPS_LABELS.get(op, op)} | {_op_figure(op, s['result'])} |"
+            f"| {labels.get(op, op)} | {_op_figure(op, s['result'])} |"
             f" {_num(d['p50_ms'])} / {_num(d['p99_ms'])} | {_num(d['worst_max_ms'])} |"
             f" {_num(q['p99'])} | {_num(q['calls_per_s'])} | {_num(d['longest_gap_ms'], 0)} |"
             f" {_met(q['target_met'])} | {s['load_average'][0]}-{s['load_average'][1]} |"
