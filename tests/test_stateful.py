@@ -2,15 +2,24 @@
 the real PostgreSQL) with random imports, follows, unfollows and deletes, and after every
 step compares what the service says with an in-memory model of the rules.
 
+Every call is also checked against the change events it must leave (issue 9): after each
+step the outbox rows committed since the last step are exactly the step's (one row per call
+that changed something, nothing for a call that changed nothing or failed), and at the end of
+each example one Watch stream, open since the start, has delivered the example's rows as
+per-edge events, in order.
+
 Hypothesis is synchronous, so the server runs on its own asyncio loop in a background thread
 and the machine calls it through ordinary blocking stubs. One server and one database serve
-every example; each example starts from empty tables.
+every example; each example starts from empty tables (the outbox is read on from where the
+last example left it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,12 +37,16 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from follow.v1 import events_pb2 as ev
+from follow.v1 import events_pb2_grpc as ev_grpc
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
 from server.config import Settings
 from server.database import Database
+from server.outbox import ACCOUNT_DELETED, FOLLOWED, START, UNFOLLOWED, OutboxRow, is_distributed
 from tests.conftest import CITUS, create_database, drop_database
 from tests.invariants import assert_sound
+from tests.support.ledger import rows_since
 from tests.support.threaded import ServiceInThread
 
 T = TypeVar("T")
@@ -50,18 +63,60 @@ EXAMPLES = 4 if CITUS else 20
 _databases = itertools.count()
 
 
+class WatchTail:
+    """One Watch stream from the oldest event, read by a thread into a queue for the whole
+    module: what arrives between two examples' ends is the later example's events."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.events: queue.Queue[ev.Event | BaseException] = queue.Queue()
+        self._call: Any = ev_grpc.EventServiceStub(channel).Watch(ev.WatchRequest())
+        self._thread = threading.Thread(target=self._read, name="watch-tail", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._call:
+                if event.kind != ev.EVENT_KIND_HEARTBEAT:
+                    self.events.put(event)
+        except BaseException as exc:  # the end (cancelled at teardown) or a failure
+            self.events.put(exc)
+
+    def take(self, n: int) -> list[ev.Event]:
+        taken: list[ev.Event] = []
+        for _ in range(n):
+            try:
+                item = self.events.get(timeout=WATCH_WAIT)
+            except queue.Empty:
+                raise AssertionError(f"Watch delivered {len(taken)} of {n} events") from None
+            if isinstance(item, BaseException):
+                raise AssertionError(f"Watch ended after {len(taken)} of {n} events") from item
+            taken.append(item)
+        return taken
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._thread.join(10)
+
+
+WATCH_WAIT = 15.0  # seconds for each event on the stream (the tailer polls every 0.1 s)
+
+
 @dataclass
 class Served:
-    """The service under test and stubs to it."""
+    """The service under test and stubs to it; where the outbox has been read up to."""
 
     service: ServiceInThread
     follow: pb_grpc.FollowServiceStub
     accounts: pb_grpc.AccountServiceStub
+    watch: WatchTail
+    distributed: bool
+    position: Any = START  # server.outbox.Position after the last row checked
 
 
 @pytest.fixture(scope="module")
 def served(pg_cluster: Database) -> Iterator[Served]:
-    """One database (from the migrated template) and one server, with blocking stubs."""
+    """One database (from the migrated template) and one server, with blocking stubs and a
+    Watch stream open from the start."""
     name = f"stateful_{next(_databases)}"
 
     url = asyncio.run(create_database(pg_cluster, name))
@@ -69,11 +124,17 @@ def served(pg_cluster: Database) -> Iterator[Served]:
     try:
         port = service.start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Served(
-                service,
-                pb_grpc.FollowServiceStub(channel),
-                pb_grpc.AccountServiceStub(channel),
-            )
+            watch = WatchTail(channel)
+            try:
+                yield Served(
+                    service,
+                    pb_grpc.FollowServiceStub(channel),
+                    pb_grpc.AccountServiceStub(channel),
+                    watch,
+                    service.run(is_distributed(service.conn)),
+                )
+            finally:
+                watch.close()
     finally:
         service.close()
         asyncio.run(drop_database(pg_cluster, name))
@@ -125,8 +186,39 @@ def newest_first(entries: dict[str, int]) -> list[tuple[str, int]]:
     return sorted(entries.items(), key=lambda e: (e[1], e[0].encode()), reverse=True)
 
 
-def micros(entry: pb.ListEntry) -> int:
-    return entry.follow_time.seconds * 1_000_000 + entry.follow_time.nanos // 1000
+def micros(entry: pb.ListEntry | ev.Event) -> int:
+    stamp = entry.follow_time if isinstance(entry, pb.ListEntry) else entry.event_time
+    return stamp.seconds * 1_000_000 + stamp.nanos // 1000
+
+
+Change = tuple[str, int, tuple[str, ...], frozenset[str]]  # user, kind, others, mutual
+
+
+def change(row: OutboxRow) -> Change:
+    """A row as the model predicts it. An unfollow's others are compared as a set: the store
+    lists them by id, not in request order."""
+    others = tuple(sorted(row.others)) if row.kind == UNFOLLOWED else row.others
+    return (row.user_id, row.kind, others, row.mutual)
+
+
+def edge_events(rows: list[OutboxRow]) -> list[tuple[str, int, str, str, int, int]]:
+    """The Watch events the rows make: one per other user of a follow or unfollow, in the
+    row's order (ids <row id>.<index>), one per deleted account; (id, kind, user, other,
+    mutual change, time in µs)."""
+    events = []
+    for row in rows:
+        if row.kind == ACCOUNT_DELETED:
+            events.append((f"{row.id}.0", row.kind, row.user_id, "", 0, row.at_us))
+            continue
+        flag = (
+            ev.MUTUAL_CHANGE_BECAME_MUTUAL
+            if row.kind == FOLLOWED
+            else ev.MUTUAL_CHANGE_STOPPED_BEING_MUTUAL
+        )
+        for i, other in enumerate(row.others):
+            mutual = flag if other in row.mutual else 0
+            events.append((f"{row.id}.{i}", row.kind, row.user_id, other, mutual, row.at_us))
+    return events
 
 
 # -- the machine ---------------------------------------------------------------------------
@@ -160,6 +252,7 @@ class FollowMachine(RuleBasedStateMachine):
         self.model = Model()
         self.steps = 0
         self.touched: list[str] = []  # users the last step changed, the most affected first
+        self.rows: list[OutboxRow] = []  # this example's outbox rows, checked
         served.service.run(
             served.service.conn.execute(
                 "TRUNCATE accounts, follow_counts, follow_count_deltas, following, followers"
@@ -235,6 +328,13 @@ class FollowMachine(RuleBasedStateMachine):
         )
         assert [r.code for r in response.results] == [pb.RESULT_CODE_OK] * len(batch)
         self.model.tick()
+        self._events(
+            [
+                (u, ACCOUNT_DELETED, (), frozenset())
+                for u in sorted(batch)
+                if u in self.model.accounts
+            ]
+        )
         self.touched = [
             *batch,
             *(u for e in sorted(self.model.edges) if set(e) & set(batch) for u in e),
@@ -257,6 +357,7 @@ class FollowMachine(RuleBasedStateMachine):
             pb.RESULT_CODE_INVALID_ARGUMENT if u == BAD else pb.RESULT_CODE_OK for u, _ in batch
         ]
         assert [r.code for r in response.results] == expected
+        self._events([])
         self.touched = [u for u, _ in batch]
         for user, nick in batch:
             if user == BAD:
@@ -273,10 +374,12 @@ class FollowMachine(RuleBasedStateMachine):
         request = pb.FollowRequest(user_id=actor, target_ids=batch)
         if actor not in self.model.accounts:
             self._not_found(self.follow_stub.Follow, request)
+            self._events([])
             return
         response = self.follow_stub.Follow(request, timeout=TIMEOUT)
         now = self.model.tick()
         expected = []
+        new: list[str] = []  # the targets really followed, in request order
         for target in batch:  # in request order: that is how the cap is shared out
             if target in (BAD, actor):
                 expected.append(pb.RESULT_CODE_INVALID_ARGUMENT)
@@ -286,29 +389,49 @@ class FollowMachine(RuleBasedStateMachine):
                 expected.append(pb.RESULT_CODE_OK)  # keeps the first time
             elif len(self.model.following(actor)) < CAP:
                 self.model.edges[actor, target] = now
+                new.append(target)
                 expected.append(pb.RESULT_CODE_OK)
             else:
                 expected.append(pb.RESULT_CODE_FOLLOWING_LIMIT_REACHED)
         assert [(r.user_id, r.code) for r in response.results] == list(
             zip(batch, expected, strict=True)
         )
+        mutual = frozenset(t for t in new if (t, actor) in self.model.edges)
+        self._events([(actor, FOLLOWED, tuple(new), mutual)] if new else [])
 
     def _unfollow(self, actor: str, batch: list[str]) -> None:
         self.touched = [actor, *batch]
         request = pb.UnfollowRequest(user_id=actor, target_ids=batch)
         if actor not in self.model.accounts:
             self._not_found(self.follow_stub.Unfollow, request)
+            self._events([])
             return
         response = self.follow_stub.Unfollow(request, timeout=TIMEOUT)
         self.model.tick()
         expected = []
+        gone: set[str] = set()  # the edges really removed
+        mutual = frozenset(t for t in batch if {(actor, t), (t, actor)} <= self.model.edges.keys())
         for target in batch:
             if target in (BAD, actor):
                 expected.append(pb.RESULT_CODE_INVALID_ARGUMENT)
             else:
-                self.model.edges.pop((actor, target), None)
+                if self.model.edges.pop((actor, target), None) is not None:
+                    gone.add(target)
                 expected.append(pb.RESULT_CODE_OK)
         assert [r.code for r in response.results] == expected
+        self._events([(actor, UNFOLLOWED, tuple(sorted(gone)), mutual)] if gone else [])
+
+    def _events(self, expected: list[Change]) -> None:
+        """The outbox rows committed since the last check are exactly `expected`: the row
+        of the call just made, if it changed anything, and nothing else."""
+        served = self.served
+        rows = served.service.run(
+            rows_since(served.service.conn, served.position, served.distributed)
+        )
+        assert [change(r) for r in rows] == expected, "the call's change events"
+        if rows:
+            served.position = rows[-1].position
+            self.rows.extend(rows)
 
     # -- what must hold after every step ----------------------------------------------------
 
@@ -432,9 +555,17 @@ class FollowMachine(RuleBasedStateMachine):
         self.served.service.run(assert_sound(self.served.service.conn, CAP))
 
     def teardown(self) -> None:
-        """At the end of each example, every user's lists and Check, not just a few."""
+        """At the end of each example, every user's lists and Check, not just a few; and the
+        Watch stream has delivered this example's rows as per-edge events, in order, each
+        with its row's id, kind, users, mutual change and time."""
         self._compare_lists(list(USERS))
         self._compare_checks(list(USERS))
+        expected = edge_events(self.rows)
+        got = [
+            (e.id, e.kind, e.user_id, e.other_user_id, e.mutual_change, micros(e))
+            for e in self.served.watch.take(len(expected))
+        ]
+        assert got == expected, "the Watch stream's events"
 
 
 def test_service_agrees_with_model(served: Served) -> None:
@@ -443,7 +574,11 @@ def test_service_agrees_with_model(served: Served) -> None:
     for unknown actors, deletes removing both directions; after every step counts and the
     stored invariants for everyone, and lists (all pages, in order, with profiles and times)
     and Check for the users the step touched, agree with an in-memory model; at the end of
-    each example every user's lists and Check do."""
+    each example every user's lists and Check do. Every acknowledged write leaves exactly its
+    change event (a Follow: the targets really followed, in request order, and those that
+    became mutual; an Unfollow: the edges removed and those no longer mutual; a deletion: one
+    per account that existed) and nothing else does (no row for a call that changed nothing
+    or failed); a Watch stream delivers the same, edge by edge."""
 
     class OnThisServer(FollowMachine):
         def __init__(self) -> None:

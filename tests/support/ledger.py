@@ -10,11 +10,15 @@ task per group of users), so "most recent" is well defined.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import asyncpg
+
+from server.outbox import OutboxRow, Position, horizon, read_after
 
 Edge = tuple[str, str]  # (follower, followee)
 
@@ -91,3 +95,97 @@ class Ledger:
             if r["following"] != state or r["follower"] != state:
                 lost.append((edge, state))
         return lost
+
+
+# -- change events (the outbox, server.outbox) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One outbox row as a consumer sees it: the acting user's call, its kind, the other
+    users in the row's order and those whose mutual state changed."""
+
+    id: int
+    user_id: str
+    kind: int
+    others: tuple[str, ...]
+    mutual: frozenset[str]
+
+
+@dataclass(frozen=True)
+class WriteCall:
+    """What one write call of a user may have left in the outbox: `required`, an
+    acknowledged call that changed something (its row must be there); `possible`, whether a
+    row may be there at all (False: acknowledged and changed nothing, or refused). A row
+    lists only `targets`, in their order (unfollows: in any order), every one of `include`
+    and none of `exclude`; its mutual set holds those of `mutual_yes` it lists and none of
+    `mutual_no`."""
+
+    kind: int
+    required: bool
+    possible: bool
+    targets: tuple[str, ...] = ()
+    include: frozenset[str] = frozenset()
+    exclude: frozenset[str] = frozenset()
+    mutual_yes: frozenset[str] = frozenset()
+    mutual_no: frozenset[str] = frozenset()
+    ordered: bool = True
+
+    def explains(self, row: EventRow) -> bool:
+        if not self.possible or row.kind != self.kind:
+            return False
+        others = row.others
+        if self.kind == 3:  # an account deletion lists nobody
+            return not others and not row.mutual
+        if not others or len(set(others)) != len(others) or not set(others) <= set(self.targets):
+            return False
+        if self.ordered:
+            place = {t: i for i, t in reversed(list(enumerate(self.targets)))}
+            if [place[o] for o in others] != sorted(place[o] for o in others):
+                return False
+        listed = set(others)
+        return (
+            self.include <= listed
+            and not listed & self.exclude
+            and row.mutual <= listed
+            and (self.mutual_yes & listed) <= row.mutual
+            and not row.mutual & self.mutual_no
+        )
+
+
+def explain(calls: list[WriteCall], rows: list[EventRow]) -> int | None:
+    """Whether one user's rows, in the order received, are exactly what its calls, in the
+    order made, left: each required call has its row, each row is some possible call's, in
+    order. None if so; else how many rows could be explained before it went wrong (the
+    first unexplained row, or len(rows) when a required call has none)."""
+    reach = {0}  # how many rows the calls so far can have written, all ways
+    best = 0
+    for call in calls:
+        after: set[int] = set()
+        for j in reach:
+            if not call.required:
+                after.add(j)
+            if j < len(rows) and call.explains(rows[j]):
+                after.add(j + 1)
+        if not after:
+            return best
+        reach = after
+        best = max(best, max(reach))
+    return None if len(rows) in reach else best
+
+
+async def rows_since(
+    conn: asyncpg.Connection, after: Position, distributed: bool, within: float = 10.0
+) -> list[OutboxRow]:
+    """Every outbox row after `after` written by a transaction that ended before this call:
+    waits (up to `within` seconds) for the visibility horizon to pass every transaction
+    id handed out so far, then reads below it. With no other writer that is each call
+    acknowledged so far; a background transaction (the deletion cleanup) only delays it."""
+    xmax = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    target: int = await conn.fetchval(xmax)
+    deadline = time.monotonic() + within
+    while (below := await horizon(conn, distributed)) < target:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the outbox horizon stayed at {below} below {target}")
+        await asyncio.sleep(0.005)
+    return await read_after(conn, after, below, 100_000)
