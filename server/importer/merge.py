@@ -119,11 +119,13 @@ FROM (
     SELECT n.line, n.follower, n.target, n.at, $3::bigint - COALESCE(c.following, 0) AS room,
            CASE WHEN n.follower = ANY($4::text[]) THEN 3
                 WHEN n.target = ANY($4::text[]) THEN 4
-                WHEN EXISTS (SELECT 1 FROM following f
-                             WHERE f.user_id = n.follower AND f.target_id = n.target) THEN 1
+                WHEN f.user_id IS NOT NULL THEN 1
                 ELSE 0 END AS v
-    FROM import_new n LEFT JOIN follow_counts c ON c.user_id = n.follower
+    FROM import_new n
+    LEFT JOIN follow_counts c ON c.user_id = n.follower
+    LEFT JOIN following f ON f.user_id = n.follower AND f.target_id = n.target
     WHERE n.follower BETWEEN $1 AND $2
+    OFFSET 0
 ) b
 """
 _INSERT_FOLLOWING = """
@@ -238,10 +240,17 @@ async def write_accounts(
     report.lap("write accounts")
 
 
+# Every statement of a batch joins its few thousand rows with the live tables by their
+# keys: index lookups (nested loops). Left to itself the planner may hash or sort a whole
+# live table for a batch, which costs what the table costs, not what the batch does.
+_BATCH_PLANS = "SET enable_hashjoin = off; SET enable_mergejoin = off"
+
+
 async def write_edges(
     conn: Conn, staging: Staging, batches: list[Batch], report: ImportReport, options: ImportOptions
 ) -> None:
     """import_new into both edge tables, with mutual state and counts, batch by batch."""
+    await conn.execute(_BATCH_PLANS)
     total = sum(b.edges for b in batches)
     with progress_bar(options, "merging", total, "edge") as bar:
         for number, batch in enumerate(batches):
@@ -270,6 +279,10 @@ async def _write_batch(
         await conn.execute(_GATE, followers, None, True)
         gone = await _lock_rows(conn, staging, ordered, acts)
         await conn.execute(_VERDICTS, batch.lo, batch.hi, options.max_following, gone)
+        if not staging.citus:
+            # Statistics, so the planner drives the joins from the batch's rows (a fresh
+            # temporary table has none; on Citus each worker plans its own shards).
+            await conn.execute("ANALYZE import_batch")
         await conn.execute(_INSERT_FOLLOWING)
         await staging.fill(conn, "import_batch_rev")
         await conn.execute(_INSERT_FOLLOWERS)

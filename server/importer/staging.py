@@ -309,7 +309,8 @@ _DROP_LINES = "DELETE FROM import_new WHERE line = ANY($1::int[])"
 # per follower (each is one more lock to take) passes a multiple of EDGE_BATCH.
 _PLAN = """
 SELECT min(follower) AS lo, max(follower) AS hi, sum(n)::bigint AS edges FROM (
-    SELECT follower, n, (sum(n + $2) OVER (ORDER BY follower) - 1) / $1 AS batch
+    SELECT follower, n, (sum(n + $2::bigint) OVER (ORDER BY follower)::bigint - 1) / $1::bigint
+           AS batch
     FROM (SELECT follower, count(*) AS n FROM import_new GROUP BY follower) p
 ) q
 GROUP BY batch ORDER BY batch

@@ -46,7 +46,10 @@ from server.migrations import apply_migrations
 # staging tables (temp_buffers only counts before the first temporary table is touched).
 # JIT compiling would cost more than it saves on these plans (seconds of LLVM on a busy
 # machine). On Citus these apply to the coordinator's own work; the workers keep theirs.
+# The merge's many short transactions commit without waiting for their WAL flush: a crash
+# may lose the last few batches whole (never part of one), which a re-run adds again.
 _SESSION = """
+SET synchronous_commit = off;
 SET work_mem = '256MB';
 SET maintenance_work_mem = '1GB';
 SET temp_buffers = '1GB';
