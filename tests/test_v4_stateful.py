@@ -1,6 +1,7 @@
 """A hypothesis state machine drives the shim over real HTTP (real service, real
 PostgreSQL) with imports, follows, unfollows and deletes, and after every step compares
-follow_check, follow_get_info and follow_get with an in-memory model of the spec's rules."""
+follow_check, follow_get_info and follow_get with an in-memory model of the spec's rules,
+and the outbox rows each call committed with the change event the model says it makes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from server.outbox import ACCOUNT_DELETED, FOLLOWED, START, UNFOLLOWED, is_distributed
+from tests.support.ledger import rows_since
 from tests.support.threaded import ServiceInThread
 from tests.v4_helpers import SyncClient
 
@@ -49,14 +52,32 @@ class Model:
 class ShimMachine(RuleBasedStateMachine):
     """The model test driven through the v4 shim over HTTP."""
 
-    port = 0  # set by the test to the shim's port
+    service: ServiceInThread  # set by the test: the service and shim
+    distributed = False
+    position = START  # the outbox read so far, across examples (they run one by one)
 
     def __init__(self) -> None:
         super().__init__()
         prefix = f"s{next(_machines)}_"
         self.users = [prefix + n for n in NAMES]
-        self.client = SyncClient(self.port)
+        self.client = SyncClient(self.service.http_port)
         self.model = Model()
+
+    def _events(self, expected: list[tuple[str, int, tuple[str, ...], frozenset[str]]]) -> None:
+        """The outbox rows committed since the last check are exactly `expected` (user,
+        kind, others, mutual; an unfollow's others by id), all from the v4 door: the row of
+        the call just made, if it changed anything, and nothing else."""
+        cls = type(self)
+        rows = self.service.run(rows_since(self.service.conn, cls.position, cls.distributed))
+        got = [
+            (r.user_id, r.kind, tuple(sorted(r.others)) if r.kind == UNFOLLOWED else r.others,
+             r.mutual)
+            for r in rows
+        ]  # fmt: skip
+        assert got == expected, "the call's change events"
+        assert {r.platform for r in rows} <= {"RESTAPI"}
+        if rows:
+            cls.position = rows[-1].position
 
     def teardown(self) -> None:
         self.client.close()
@@ -66,6 +87,7 @@ class ShimMachine(RuleBasedStateMachine):
         result = self.client.post("account_import", {"UserID": self.users[i]})
         assert result["ActionStatus"] == "OK", result
         self.model.accounts.add(self.users[i])
+        self._events([])
 
     @rule(
         i=USER,
@@ -79,9 +101,11 @@ class ShimMachine(RuleBasedStateMachine):
         )
         if user not in m.accounts:
             assert result["ErrorCode"] == 30003, result
+            self._events([])
             return
         m.clock += 1
         expected = []
+        new: list[str] = []  # the targets really followed, in request order
         for t in ids:
             if t == user:
                 expected.append(30001)
@@ -89,8 +113,12 @@ class ShimMachine(RuleBasedStateMachine):
                 expected.append(30003)
             else:
                 expected.append(0)
+                if (user, t) not in m.edges:
+                    new.append(t)
                 m.edges.setdefault((user, t), m.clock)
         assert [r["ResultCode"] for r in result["ResultItem"]] == expected, result
+        mutual = frozenset(t for t in new if (t, user) in m.edges)
+        self._events([(user, FOLLOWED, tuple(new), mutual)] if new else [])
 
     @rule(
         i=USER,
@@ -102,17 +130,23 @@ class ShimMachine(RuleBasedStateMachine):
         result = self.client.post("follow_delete", {"From_Account": user, "To_Account": ids})
         if user not in m.accounts:
             assert result["ErrorCode"] == 30003, result
+            self._events([])
             return
         expected = [30001 if t == user else 0 for t in ids]
         assert [r["ResultCode"] for r in result["ResultItem"]] == expected, result
+        gone = sorted({t for t in ids if (user, t) in m.edges})
+        mutual = frozenset(t for t in gone if (t, user) in m.edges)
         for t in ids:
             m.edges.pop((user, t), None)
+        self._events([(user, UNFOLLOWED, tuple(gone), mutual)] if gone else [])
 
     @rule(i=USER)
     def delete_account(self, i: int) -> None:
         user = self.users[i]
         result = self.client.post("account_delete", {"DeleteItem": [{"UserID": user}]})
         assert result["ResultItem"][0]["ResultCode"] == 0, result
+        existed = user in self.model.accounts
+        self._events([(user, ACCOUNT_DELETED, (), frozenset())] if existed else [])
         self.model.accounts.discard(user)
         self.model.edges = {e: t for e, t in self.model.edges.items() if user not in e}
 
@@ -150,10 +184,15 @@ class ShimMachine(RuleBasedStateMachine):
 
 
 def test_shim_agrees_with_model(threaded_shim: ServiceInThread) -> None:
-    """Random sequences of v4 calls keep check, counts and lists equal to the model."""
+    """Random sequences of v4 calls keep check, counts and lists equal to the model, and
+    each call leaves exactly its change event (follow_add: the targets really followed in
+    request order and those that became mutual; follow_delete: the edges removed and those
+    no longer mutual; account_delete: one for an account that existed), platform RESTAPI,
+    and a call that changed nothing or failed leaves none."""
 
     class Bound(ShimMachine):
-        port = threaded_shim.http_port
+        service = threaded_shim
+        distributed = threaded_shim.run(is_distributed(threaded_shim.conn))
 
     run_state_machine_as_test(
         Bound,
