@@ -1,0 +1,158 @@
+"""tests.bench.events: its receiver (a real process answering real requests) and its figures
+(pure functions over recorded arrivals, no follow-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import aiohttp
+
+from tests.bench.events import (
+    FOLLOW_ADD,
+    FOLLOW_DELETE,
+    Consumer,
+    Hook,
+    Received,
+    Seen,
+    Written,
+    hook_from,
+    match,
+    percentile,
+    render_events_table,
+    sign_ok,
+    summarise,
+)
+
+TOKEN = "t0ken"
+
+
+def signed_query(command: str, request_time: str = "1764120000") -> dict[str, str]:
+    sign = hashlib.sha256((TOKEN + request_time).encode()).hexdigest()
+    return {"CallbackCommand": command, "RequestTime": request_time, "Sign": sign}
+
+
+def test_sign_and_bodies() -> None:
+    assert sign_ok(TOKEN, "1", hashlib.sha256(b"t0ken1").hexdigest())
+    assert not sign_ok(TOKEN, "2", hashlib.sha256(b"t0ken1").hexdigest())
+    add = {"From_Account": "a", "FollowList": [{"To_Account": "b"}, {"To_Account": "c"}]}
+    h = hook_from(signed_query(FOLLOW_ADD), add | {"EventTime": 5}, 1.0, TOKEN)
+    assert h.key == (FOLLOW_ADD, "a", ("b", "c"), 5)
+    assert h.signed
+    gone = {"CallbackCommand": FOLLOW_DELETE, "From_Account": "a", "To_Account": ["b"]}
+    h = hook_from({"RequestTime": "1", "Sign": "x"}, gone | {"EventTime": 6}, 1.0, TOKEN)
+    assert h.key == (FOLLOW_DELETE, "a", ("b",), 6)
+    assert not h.signed
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([], 0.5) is None
+
+
+def test_match_counts_each_written_event_once_and_lags_from_first_arrival() -> None:
+    written = [
+        Written(1, 1, "a", ("b", "c"), 1_000_000),  # a follow of 2 at t=1.0 s
+        Written(2, 2, "d", ("e",), 2_000_000),  # an unfollow at t=2.0 s
+        Written(3, 1, "f", ("g",), 3_000_000),  # never arrives
+    ]
+    got = Received(
+        hooks=[
+            Hook(1.010, FOLLOW_ADD, "a", ("b", "c"), 1000, True),
+            Hook(1.500, FOLLOW_ADD, "a", ("b", "c"), 1000, True),  # sent again
+            Hook(2.020, FOLLOW_DELETE, "d", ("e",), 2000, True),
+            Hook(3.100, FOLLOW_ADD, "f", ("g",), 3000, False),  # badly signed: not delivered
+            Hook(9.000, FOLLOW_ADD, "z", ("y",), 9000, True),  # not this range's
+        ],
+        seen=[
+            Seen(1.005, "1.0", 1_000_000),
+            Seen(1.006, "1.1", 1_000_000),
+            Seen(1.050, "1.1", 1_000_000),  # repeated after a resume
+            Seen(2.030, "2.0", 2_000_000),
+        ],
+    )
+    m = match(written, got)
+    assert (m["calls_changed"], m["edges_changed"]) == (3, 4)
+    assert (m["webhooks_expected"], m["webhooks_delivered"], m["webhooks_duplicated"]) == (3, 2, 1)
+    assert (m["watch_expected"], m["watch_delivered"], m["watch_duplicated"]) == (4, 3, 1)
+    assert round(m["webhook_lag_p50_ms"]) == 10
+    assert round(m["webhook_lag_max_ms"]) == 20
+    assert round(m["watch_lag_max_ms"]) == 30
+
+
+def _run(events: str, calls_per_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+    result = {"calls_per_s": calls_per_s, "p99_ms": 10.0, "errors": 0}
+    scenario = {"result": result, "calls_changed": 1} | extra
+    return {
+        "events": events,
+        "label": events,
+        "outbox_vs_edges": {"edges_net_change": 1, "outbox_net": 1},
+        "consumer": {},
+        "scenarios": {"grpc:follow20": scenario},
+    }
+
+
+def test_summary_medians_ratio_and_table() -> None:
+    on_extra = {
+        "backlog_at_end": {"webhooks": 3, "watch": 0},
+        "drain_s": 0.4,
+        "webhook_lag_p50_ms": 20.0,
+        "webhooks_expected": 10,
+        "webhooks_delivered": 10,
+    }
+    runs = [
+        _run("off", 100.0, {}),
+        _run("on", 90.0, on_extra),
+        _run("on", 70.0, on_extra),
+        _run("off", 120.0, {}),
+    ]
+    (row, *_) = summarise(runs)
+    assert (row["calls_per_s_off"], row["calls_per_s_on"]) == (110.0, 80.0)
+    assert round(row["ratio"], 3) == round(80 / 110, 3)
+    assert row["met"] is False  # 0.73 < 0.8
+    assert (row["webhooks_delivered"], row["webhooks_expected"]) == (20, 20)
+    assert row["backlog_at_end_webhooks"] == 3
+    doc = {
+        "machine": {
+            "cpu_count": 2,
+            "cpu_model": "x",
+            "memory_gb": 1,
+            "python": "3",
+            "postgres": "18",
+            "load_average_at_start": [1.0],
+            "load_average_at_end": [2.0],
+        },
+        "config": {"concurrency": 16, "processes": 2, "warmup": 0.5, "duration": 3.0, "runs": 4},
+        "graph": {"params": {"users": 10}, "edges": 20},
+        "git": {"revision": "0" * 40, "dirty": False},
+        "runs": runs,
+        "summary": summarise(runs),
+    }
+    table = render_events_table(doc)
+    assert "| grpc:follow20 | 110 | 80 | 0.73 | >= 0.8 (**no**) | 20.0 / n/a |" in table
+
+
+def test_the_receiver_answers_a_signed_webhook_and_refuses_a_forged_one() -> None:
+    consumer = Consumer(TOKEN)
+    try:
+        body = {"CallbackCommand": FOLLOW_ADD, "From_Account": "a", "EventTime": 1}
+        body["FollowList"] = [{"To_Account": "b"}]
+
+        async def post() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                statuses = []
+                for query in (signed_query(FOLLOW_ADD), signed_query(FOLLOW_ADD) | {"Sign": "0"}):
+                    async with session.post(consumer.url, params=query, json=body) as response:
+                        statuses.append(response.status)
+                return statuses
+
+        assert asyncio.run(post()) == [200, 403]
+        assert consumer.counts() == (2, 0)
+        got = consumer.stop()
+        assert [h.signed for h in got.hooks] == [True, False]
+        assert got.hooks[0].key == (FOLLOW_ADD, "a", ("b",), 1)
+    finally:
+        consumer.kill()
