@@ -3,39 +3,36 @@
 Accounts (CSV `user_id[,nick[,face_url]]`) and follow edges (CSV
 `follower_id,target_id[,followed_at]`, the time as Unix seconds with an optional fraction or
 as ISO-8601, naive meaning UTC) are read from files or stdin and streamed through COPY into
-staging tables. Plain rows (one line each, no quoting, ids and times of the usual
-shape) are checked a chunk at a time by one regular expression and handed to COPY as they
-are; from the first chunk that does not fit, rows are checked one by one in Python (ids by
-`rules.user_id_problem`, times). Self-follows, unknown accounts, duplicate edges and the cap
-are found in SQL. Then a handful of set-based statements write both copies of each edge,
-mutual state (`mutual_since` is the later of the two follow times, found by one hash join of
-the new edges with themselves keyed by target) and the counters, each built once rather than
-edge by edge.
+staging tables. Plain rows (one line each, no quoting, ids and times of the usual shape)
+are checked a chunk at a time by one regular expression and handed to COPY as they are;
+from the first chunk that does not fit, rows are checked one by one in Python (ids by
+`rules.user_id_problem`, times). Self-follows, unknown accounts, accounts being deleted,
+duplicate edges and the cap are found in SQL over the staging tables, which locks nothing
+the service's calls wait on. Any bad row then aborts the import, having changed nothing,
+unless `--skip-bad-rows`.
+
+The merge then runs beside the live service in bounded batches, each its own short
+transaction that locks its users as a Follow call does (server.importer.merge): both
+copies of each edge, mutual state on both sides (`mutual_since` is the later of the two
+follow times) and exact count increments (followers' counter rows, targets' delta rows).
+An import is therefore resumable rather than one transaction: an interrupted one leaves
+whole batches, a sound graph, and running it again completes it (edges already present are
+skipped, their first follow time kept; accounts already present get their nick / face URL
+updated where the file gives one). Rows the merge refuses because the service changed
+their users since the checks (the cap reached meanwhile, an account deleted meanwhile) are
+reported like bad rows (ImportIncompleteError unless `--skip-bad-rows`). Accounts whose
+deletion is still being cleaned up are bad rows, not waited for. The importer writes no
+change events (follow_events): it is an operator's bulk tool.
 
 The same statements run on one PostgreSQL and on Citus (tables distributed on user_id):
-every join pairs rows of one owner. On Citus the staging tables are distributed and
-co-located with the live ones, and the rows that must move to another owner (each new edge's
-followers copy, the targets to look up) are moved once by a re-partitioning INSERT ...
-SELECT; on one PostgreSQL those re-keyed relations are views (server.importer.staging).
-
-The whole import is one transaction, so an interrupted import leaves nothing behind, and it
-is safely re-runnable: edges already present are skipped (their first follow time is kept),
-accounts already present get their nick / face URL updated where the file gives one, and the
-counters of every user an import touches are recomputed from the lists (their counter rows
-hold the whole count afterwards: their `follow_count_deltas` rows are deleted), so they are
-exact afterwards even if they were not before. While it runs it holds `follow_counts` in EXCLUSIVE
-mode: the live service keeps answering reads, and its writes wait for the import to commit
-(every write path locks a counter row first, see server.store), which keeps the lock
-discipline's invariants.
-
-Bad rows (malformed id, self-follow, unknown account, a duplicate edge in the file, a bad
-time, a follower over the following cap) are reported with their line numbers. By default
-any bad row aborts the import, changing nothing; `--skip-bad-rows` imports the rest.
+every join pairs rows of one owner; the rows that must move to another owner (each new
+edge's followers copy, the targets to look up) are moved by a re-partitioning INSERT ...
+SELECT on Citus and are views on one PostgreSQL (server.importer.staging).
 
 The modules, each depending only on those below it: cli (the command line) -> transaction
-(import_graph, the one transaction) -> merge (staging tables into the live ones) -> staging
-(COPY into staging tables, the checks SQL makes there) -> csvread (CSV into COPY records)
--> report (counts, bad rows, progress bars) -> options.
+(import_graph: staging, then the merge) -> merge (staging tables into the live ones, batch
+by batch) -> staging (COPY into staging tables, the checks SQL makes there, the batches)
+-> csvread (CSV into COPY records) -> report (counts, bad rows, progress bars) -> options.
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ refused. Counts change by exactly what the batch did (the service's increments, 
 set-based), so they stay exact while calls change the same users.
 
 Mutual state, per batch: an inserted edge a->b is mutual when b->a exists now (old, or
-added by this batch); then both rows get the later follow time. The counts go up once per
-following row whose mutual_since was set: in the counter row of a batch follower's own
-rows, in the delta rows for rows of the users it follows.
+added by this batch: the followers copies are written first); then both rows get the later
+follow time (a new row is written with it; an old reverse row is updated). The counts go up
+once per following row with mutual_since set by the batch: in the counter row for a batch
+follower's own rows, in the delta rows for rows of the users it follows.
 """
 
 from __future__ import annotations
@@ -128,21 +129,22 @@ FROM (
     OFFSET 0
 ) b
 """
-_INSERT_FOLLOWING = """
-INSERT INTO following (user_id, target_id, followed_at)
-SELECT follower, target, at FROM import_batch WHERE verdict = 0 ORDER BY follower, target
-"""
+# The followers copy first: then the following rows can be written with their mutual
+# state, the reverse edge (old, or added by this batch) being the followers row under this
+# edge's follower. Each row tells its owner and whether it is mutual, for the counts.
 _INSERT_FOLLOWERS = """
 INSERT INTO followers (user_id, follower_id, followed_at)
 SELECT target, follower, at FROM import_batch_rev ORDER BY target, follower
 """
-# New edges whose reverse exists now (its followers copy is under this edge's follower):
-# this edge's row, owned by a batch follower.
-_OWN_MUTUAL = """
-UPDATE following f SET mutual_since = greatest(f.followed_at, r.followed_at)
-FROM import_batch b JOIN followers r ON r.user_id = b.follower AND r.follower_id = b.target
-WHERE b.verdict = 0 AND f.user_id = b.follower AND f.target_id = b.target
-RETURNING f.user_id
+_INSERT_FOLLOWING = """
+INSERT INTO following (user_id, target_id, followed_at, mutual_since)
+SELECT b.follower, b.target, b.at,
+       CASE WHEN r.followed_at IS NOT NULL THEN greatest(b.at, r.followed_at) END
+FROM import_batch b
+LEFT JOIN followers r ON r.user_id = b.follower AND r.follower_id = b.target
+WHERE b.verdict = 0
+ORDER BY b.follower, b.target
+RETURNING user_id, mutual_since IS NOT NULL
 """
 # Edges stored before this batch that a new edge made mutual: rows of the users followed.
 _THEIR_MUTUAL = """
@@ -151,11 +153,7 @@ FROM import_batch_rev b
 WHERE g.user_id = b.target AND g.target_id = b.follower AND g.mutual_since IS NULL
 RETURNING g.user_id
 """
-_PER_FOLLOWER = """
-SELECT follower, count(*) FILTER (WHERE verdict = 0) AS added,
-       count(*) FILTER (WHERE verdict = 1) AS present
-FROM import_batch GROUP BY follower
-"""
+_PRESENT = "SELECT count(*) FROM import_batch WHERE verdict = 1"
 _PER_TARGET = "SELECT target, count(*) FROM import_batch_rev GROUP BY target"
 _REFUSED = "SELECT line, follower, target, verdict FROM import_batch WHERE verdict >= 2"
 
@@ -274,7 +272,7 @@ async def _write_batch(
     followers = [u for u in ordered if acts[u]]
     shard = number % DELTA_SHARDS
 
-    async def work() -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    async def work() -> tuple[int, int, list[asyncpg.Record]]:
         await staging.clear(conn)
         await conn.execute(_GATE, followers, None, True)
         gone = await _lock_rows(conn, staging, ordered, acts)
@@ -283,21 +281,22 @@ async def _write_batch(
             # Statistics, so the planner drives the joins from the batch's rows (a fresh
             # temporary table has none; on Citus each worker plans its own shards).
             await conn.execute("ANALYZE import_batch")
-        await conn.execute(_INSERT_FOLLOWING)
         await staging.fill(conn, "import_batch_rev")
         await conn.execute(_INSERT_FOLLOWERS)
-        own_mutual = Counter(r[0] for r in await conn.fetch(_OWN_MUTUAL))
+        added = await conn.fetch(_INSERT_FOLLOWING)
         their_mutual = Counter(r[0] for r in await conn.fetch(_THEIR_MUTUAL))
-        per_follower = await conn.fetch(_PER_FOLLOWER)
         per_target = await conn.fetch(_PER_TARGET)
-        own = [(r[0], r[1], own_mutual[r[0]]) for r in per_follower if r[1]]
+        own_added = Counter(r[0] for r in added)
+        own_mutual = Counter(r[0] for r in added if r[1])
+        own = sorted((u, n, own_mutual[u]) for u, n in own_added.items())
         theirs = sorted((r[0], r[1], their_mutual[r[0]]) for r in per_target)
         await _add_counts(conn, staging, own, theirs, shard)
-        return per_follower, await conn.fetch(_REFUSED)
+        present: int = await conn.fetchval(_PRESENT)
+        return len(added), present, await conn.fetch(_REFUSED)
 
-    per_follower, refused = await _in_transaction(conn, report, work)
-    report.edges_added += sum(r[1] for r in per_follower)
-    report.edges_already_present += sum(r[2] for r in per_follower)
+    added, present, refused = await _in_transaction(conn, report, work)
+    report.edges_added += added
+    report.edges_already_present += present
     for line, follower, target, verdict in refused:
         problem = _refusal(verdict, follower, target, options.max_following)
         report.add_bad(BadRow("edges", line, problem))
