@@ -74,10 +74,10 @@ class ShimMachine(RuleBasedStateMachine):
              r.mutual)
             for r in rows
         ]  # fmt: skip
+        if rows:  # first: a failing example is run again, and must fail the same way
+            cls.position = rows[-1].position
         assert got == expected, "the call's change events"
         assert {r.platform for r in rows} <= {"RESTAPI"}
-        if rows:
-            cls.position = rows[-1].position
 
     def teardown(self) -> None:
         self.client.close()
