@@ -78,6 +78,7 @@ RUN_DB = "bench_events"
 TOKEN = "bench-callback-token"
 RATIO_TARGET = 0.8
 DRAIN_SECONDS = 120.0
+CONSUMERS = frozenset({"webhooks", "watch"})
 FOLLOW_ADD = "Follow.CallbackAfterFollowAdd"
 FOLLOW_DELETE = "Follow.CallbackAfterFollowDelete"
 
@@ -394,6 +395,7 @@ def one_run(
     out: Path,
     workers_n: int,
     label: str,
+    consumers: frozenset[str] = CONSUMERS,
 ) -> dict[str, Any]:
     """A fresh copy, a server (events on or off), the write scenarios; its figures."""
     url = asyncio.run(_copy(database, seed))
@@ -406,10 +408,11 @@ def one_run(
         extra: list[str] = []
         if events_on:
             consumer = Consumer(TOKEN)
-            extra = ["--callback-url", consumer.url, "--callback-token", TOKEN]
+            if "webhooks" in consumers:
+                extra = ["--callback-url", consumer.url, "--callback-token", TOKEN]
         log = out / f"bench-events-server-{'on' if events_on else 'off'}.log"
         server = start_server(url, profile, log, workers_n, extra)
-        if consumer is not None:
+        if consumer is not None and "watch" in consumers:
             consumer.watch(server.grpc_address)
         fixtures = asyncio.run(prepare(url, meta))
         workers = Workers(profile.processes, Target(server.grpc_address, url))
@@ -432,8 +435,8 @@ def one_run(
             row: dict[str, Any] = {"result": asdict(result), "calls_changed": len(written)}
             line = f"  {label} {name:<24} {result.calls_per_s:>8.0f}/s  errors {result.errors}"
             if consumer is not None:
-                hooks_total += len(written)
-                seen_total += sum(len(w.others) for w in written)
+                hooks_total += len(written) if "webhooks" in consumers else 0
+                seen_total += sum(len(w.others) for w in written) if "watch" in consumers else 0
                 hooks, seen = consumer.counts()
                 row["backlog_at_end"] = {
                     "webhooks": hooks_total - hooks,
@@ -457,7 +460,11 @@ def one_run(
             consumer = None
             for name, (first, last) in ranges.items():
                 written = [w for w in everything if first < w.id <= last]
-                scenarios[name] |= match(written, got)
+                matched = match(written, got)
+                for off in CONSUMERS - consumers:  # not measured in this run
+                    prefix = "webhook" if off == "webhooks" else off
+                    matched = {k: v for k, v in matched.items() if not k.startswith(prefix)}
+                scenarios[name] |= matched
             extra_hooks = len(got.hooks) - sum(
                 scenarios[n]["webhooks_delivered"] + scenarios[n]["webhooks_duplicated"]
                 for n in ranges
@@ -554,8 +561,9 @@ def render_events_table(doc: dict[str, Any]) -> str:
         f" {cfg['duration']}s measured per scenario; {cfg['runs']} runs alternating"
         f" ({', '.join(r['events'] for r in doc['runs'])}), a fresh copy of the data each",
         "off: no --callback-url, no watcher (the outbox rows are still written: part of every"
-        " write); on: --callback-url to an aiohttp receiver checking Sign + one Watch stream"
-        " reading every event. Medians over the runs; lag from the event's time to arrival;"
+        f" write); on ({' + '.join(cfg.get('on', sorted(CONSUMERS)))}): --callback-url to an"
+        " aiohttp receiver checking Sign, one Watch stream reading every event."
+        " Medians over the runs; lag from the event's time to arrival;"
         " backlog when the load stopped (worst run); delivered/expected summed over the on runs",
         "",
         "| scenario | calls/s off | calls/s on | on / off | target | webhook lag p50 / p99 ms"
@@ -607,6 +615,9 @@ def run_events(args: argparse.Namespace) -> None:
         processes=args.processes or base.processes,
     )
     pairs = args.events_rounds or (1 if args.quick else 2)
+    consumers = frozenset(args.events_on or CONSUMERS)
+    if not consumers <= CONSUMERS:
+        raise SystemExit(f"--events-on: one or both of {','.join(sorted(CONSUMERS))}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -621,13 +632,24 @@ def run_events(args: argparse.Namespace) -> None:
                 label = f"run {len(runs) + 1}/{2 * pairs}"
                 print(f"{label}: events {'on' if events_on else 'off'}", file=sys.stderr)
                 runs.append(
-                    one_run(database, seed, meta, profile, events_on, out, args.workers, label)
+                    one_run(
+                        database,
+                        seed,
+                        meta,
+                        profile,
+                        events_on,
+                        out,
+                        args.workers,
+                        label,
+                        consumers,
+                    )
                 )
     finally:
         database.close()
     doc = {
         "profile": "events-quick" if args.quick else "events",
-        "config": asdict(profile) | {"server_workers": args.workers, "runs": len(runs)},
+        "config": asdict(profile)
+        | {"server_workers": args.workers, "runs": len(runs), "on": sorted(consumers)},
         "machine": machine(pg_version)
         | {
             "load_average_at_start": load_start,

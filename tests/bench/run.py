@@ -753,6 +753,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help="with --events: N pairs of runs, one off and one on (default 2, 1 with --quick)",
     )
+    events.add_argument(
+        "--events-on",
+        type=lambda text: frozenset(text.split(",")),
+        metavar="webhooks,watch",
+        help="with --events: what the on runs turn on (default both; one of them to see its cost)",
+    )
     ops = parser.add_argument_group(
         "ops",
         "--ops (make bench-ops): deleting a 400,000-fan account and importing 300,000 edges"
