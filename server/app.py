@@ -257,6 +257,7 @@ async def start_service(
         OutboxSource(pool),
         max_watchers=settings.max_watchers,
         heartbeat_seconds=settings.watch_heartbeat_seconds,
+        metrics=metrics.watch,
     )
     add_to_server(EventServicer(watch_hub, WatchTokens(key)), server)
     health = health_aio.HealthServicer()

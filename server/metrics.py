@@ -85,9 +85,67 @@ class _PoolCollector(Collector):
         )
 
 
+# Watch lag (event time to send), seconds: a stream at the tail sees the tailer's poll
+# (0.1 s) and the horizon; one catching up from an old position, its age.
+WATCH_LAG_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    60.0,
+    600.0,
+    3600.0,
+    86400.0,
+)
+WATCH_KINDS = {1: "follow", 2: "unfollow", 3: "account_deleted"}  # the outbox's kinds
+
+
+class WatchMetrics:
+    """The Watch streams of one process (server.watch_hub, server.watch_servicer): open
+    streams, events sent by kind, catch-up reads, lag from the change to its send."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.watchers = Gauge(
+            "follow_watch_streams", "Watch streams open in this process.", registry=r
+        )
+        self.sent = Counter(
+            "follow_watch_events_sent",
+            "Watch events written to streams (per edge; heartbeats not counted), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.catch_up_reads = Counter(
+            "follow_watch_catch_up_reads",
+            "Outbox reads by a Watch stream behind the shared ring (it started from an old"
+            " position or read slower than events came).",
+            registry=r,
+        )
+        self.lag = Histogram(
+            "follow_watch_lag_seconds",
+            "Time from a change (its call's time) to its Watch event being written to a stream.",
+            buckets=WATCH_LAG_BUCKETS,
+            registry=r,
+        )
+        # Label children looked up once: an event is sent in microseconds.
+        self._sent = {kind: self.sent.labels(name) for kind, name in WATCH_KINDS.items()}
+
+    def event_sent(self, kind: int, lag_seconds: float) -> None:
+        child = self._sent.get(kind)
+        if child is not None:
+            child.inc()
+        self.lag.observe(max(lag_seconds, 0.0))
+
+
 class Metrics:
     """One process's Prometheus registry: gRPC and v4 calls, latency, in-flight, pool and
-    database health."""
+    database health, Watch streams."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -136,6 +194,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.watch = WatchMetrics(r)
         self._pool: _PoolCollector | None = None
         # v4 label values: the shim's own command table (add_v4_commands), so a new command
         # is counted under its name and anything else under 'other'.

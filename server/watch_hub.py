@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import Reason, ServiceError
+from server.metrics import WatchMetrics
 from server.outbox import (
     ACCOUNT_DELETED,
     FOLLOWED,
@@ -113,8 +114,10 @@ class WatchHub:
         batch: int = 500,
         catch_up_readers: int = 2,
         idle_seconds: float = 10.0,
+        metrics: WatchMetrics | None = None,
     ) -> None:
         self.source = source
+        self.metrics = metrics if metrics is not None else WatchMetrics()
         self.max_watchers = max_watchers
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
@@ -232,6 +235,7 @@ class WatchHub:
                 " retry with backoff",
             )
         self.watchers += 1
+        self.metrics.watchers.inc()
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
@@ -241,6 +245,7 @@ class WatchHub:
                 yield item
         finally:
             self.watchers -= 1
+            self.metrics.watchers.dec()
             if task is not None:
                 self._streams.discard(task)
 
@@ -275,6 +280,7 @@ class WatchHub:
                 after, self.batch, sorted(stream.users) or None
             )
         self.catch_up_reads += 1
+        self.metrics.catch_up_reads.inc()
         if floor > after:
             if stream.oldest:  # nothing needed was lost yet: start at the new oldest
                 stream.cursor = Cursor(floor)

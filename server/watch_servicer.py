@@ -89,9 +89,12 @@ class EventServicer:
                 )
             start = check_request(request, self._tokens)
             stream = self._hub.watch(start, request.only_new, request.user_ids)
+            metrics = self._hub.metrics
             try:
                 async for item in stream:
                     await context.write(self.event(item))
+                    if isinstance(item, EdgeEvent):
+                        metrics.event_sent(item.row.kind, time.time() - item.row.at_us / 1e6)
             finally:
                 await stream.aclose()
         except Exception as exc:

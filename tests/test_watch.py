@@ -13,9 +13,11 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from follow.v1 import events_pb2 as ev
 from follow.v1 import events_pb2_grpc as ev_grpc
@@ -613,3 +615,60 @@ async def test_every_worker_process_streams_every_event(db_url: str) -> None:
         finally:
             for c in channels:
                 await c.close(None)
+
+
+async def _watch_samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The follow_watch_* samples of a real scrape of /metrics."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("follow_watch_")
+        for s in family.samples
+    }
+
+
+async def test_watch_metrics_are_scraped(make_service: ServiceFactory) -> None:
+    """The /metrics scrape shows the open Watch streams (gauge, back to 0 when the client
+    cancels), the per-edge events sent by kind, the outbox reads of a stream catching up
+    from the oldest event, and one lag observation per event, each under a minute."""
+    service = await make_service(metrics_listen="127.0.0.1:0")
+    assert service.metrics_server is not None
+    port = service.metrics_server.port
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        await import_users(pb_grpc.AccountServiceStub(channel), "a", "b", "c")
+        follow = pb_grpc.FollowServiceStub(channel)
+        await follow.Follow(pb.FollowRequest(user_id="a", target_ids=["b", "c"]))
+        watcher = Watcher(channel, ev.WatchRequest())  # from the oldest: a catch-up read
+        await wait_watching(service)
+        await follow.Follow(pb.FollowRequest(user_id="b", target_ids=["a"]))
+        await follow.Unfollow(pb.UnfollowRequest(user_id="a", target_ids=["b"]))
+        assert len(await watcher.take(4)) == 4
+
+        def sample(name: str, **labels: str) -> float:
+            return got.get((name, frozenset(labels.items())), 0.0)
+
+        async with asyncio.timeout(WAIT):  # counted just after each write returns
+            while True:
+                got = await _watch_samples(port)
+                if sample("follow_watch_lag_seconds_count") >= 4:
+                    break
+                await asyncio.sleep(0.05)
+        assert sample("follow_watch_streams") == 1
+        assert sample("follow_watch_events_sent_total", kind="follow") == 3
+        assert sample("follow_watch_events_sent_total", kind="unfollow") == 1
+        assert sample("follow_watch_events_sent_total", kind="account_deleted") == 0
+        assert sample("follow_watch_catch_up_reads_total") >= 1
+        assert sample("follow_watch_lag_seconds_count") == 4
+        assert 0 <= sample("follow_watch_lag_seconds_sum") < 4 * 60
+        assert sample("follow_watch_lag_seconds_bucket", le="86400.0") == 4
+        watcher.cancel()
+        async with asyncio.timeout(WAIT):
+            while sample("follow_watch_streams") != 0:
+                await asyncio.sleep(0.05)
+                got = await _watch_samples(port)
