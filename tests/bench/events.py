@@ -584,6 +584,25 @@ def render_events_table(doc: dict[str, Any]) -> str:
             f" ({r['webhooks_duplicated']}) |"
             f" {r['watch_delivered']:,} / {r['watch_expected']:,} ({r['watch_duplicated']}) |"
         )
+    lines += [
+        "",
+        "each run's calls/s (and the 1-minute load average when it started): the machine's"
+        " other load moves them more than events do; the medians above are over these",
+        "",
+        "| run | events | load | " + " | ".join(name for name, _, _ in EVENT_SCENARIOS) + " |",
+        "|---|---|---:|" + "---:|" * len(EVENT_SCENARIOS),
+    ]
+    for run in doc["runs"]:
+        tputs = [
+            _num(run["scenarios"][name]["result"]["calls_per_s"], 0)
+            if name in run["scenarios"]
+            else "n/a"
+            for name, _, _ in EVENT_SCENARIOS
+        ]
+        lines.append(
+            f"| {run['label']} | {run['events']} | {run['load_average_start'][0]} |"
+            f" {' | '.join(tputs)} |"
+        )
     checks = []
     for run in doc["runs"]:
         ove = run["outbox_vs_edges"]
