@@ -7,14 +7,20 @@ group of users (imports, follows, unfollows, checks, lists, counts, deletes), ea
 writes in one sequence, recorded in a tests.support.ledger.Ledger; plus a task acting for a few
 "hot" users that everybody follows, whose own writes are noise the ledger does not track.
 At random intervals a chaos task restarts PostgreSQL (a crash or a clean stop) or kills the
-server with SIGKILL and starts a new one. At the end `follow-server check` must report zero
-violations and every acknowledged write must be in the database; the exit status says so.
+server with SIGKILL and starts a new one. A Watch stream consumer (follow.v1.EventService)
+reads the change events all along, resuming from its last position whenever the stream
+breaks. At the end `follow-server check` must report zero violations, every acknowledged
+write must be in the database, and the events must match the writes: each acknowledged write
+that changed something has its event, every event is some write's (in each acting user's
+call order), and replaying the events from an empty graph gives the final following table;
+the exit status says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -28,15 +34,18 @@ from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from follow.v1 import events_pb2 as ev
+from follow.v1 import events_pb2_grpc as ev_grpc
 from follow.v1 import follow_pb2 as pb
 from follow.v1 import follow_pb2_grpc as pb_grpc
-from tests.support.ledger import Ledger
+from server.outbox import ACCOUNT_DELETED, FOLLOWED, UNFOLLOWED
+from tests.support.ledger import EventRow, Ledger, WriteCall, explain
 from tests.support.pgcluster import LocalPostgres
 
 T = TypeVar("T")
@@ -137,6 +146,31 @@ class Stats:
     server_kills: int = 0
 
 
+@dataclass
+class EventLog:
+    """What the Watch consumer received: each per-edge event once (by id), in arrival order."""
+
+    events: dict[str, ev.Event] = field(default_factory=dict)
+    resumes: int = 0  # streams opened again from the last position
+    repeats: int = 0  # events received again after a resume (what was in flight)
+    changed_repeats: int = 0  # a repeat that differs from the first copy: a bug
+    fatal: str = ""  # INVALID_ARGUMENT / OUT_OF_RANGE: the position was refused
+
+    def rows(self) -> list[EventRow]:
+        """The events grouped back into outbox rows (<row id>.<index>), in arrival order."""
+        parts: dict[int, list[ev.Event]] = {}
+        for event_id, event in self.events.items():
+            parts.setdefault(int(event_id.split(".")[0]), []).append(event)
+        rows = []
+        for row_id, events in parts.items():
+            events.sort(key=lambda e: int(e.id.split(".")[1]))
+            first = events[0]
+            others = () if first.kind == ACCOUNT_DELETED else tuple(e.other_user_id for e in events)
+            mutual = frozenset(e.other_user_id for e in events if e.mutual_change)
+            rows.append(EventRow(row_id, first.user_id, first.kind, others, mutual))
+        return rows
+
+
 class Soak:
     """The mixed load of one soak run, recording every acknowledged write in the ledger."""
 
@@ -153,19 +187,70 @@ class Soak:
         self.groups = [[f"g{g}u{i}" for i in range(group_size)] for g in range(groups)]
         self.ledger = Ledger()
         self.stats = Stats()
+        # Each acting user's write calls in call order, and what each may have written.
+        self.calls: dict[str, list[WriteCall]] = {}
+        self.group_users = {u for g in self.groups for u in g}
+        self.exists: dict[str, bool | None] = dict.fromkeys(self.group_users, True)
+        self.log = EventLog()
         self.stop = asyncio.Event()
         self.seed = seed
 
     async def _call(self, kind: str, call: Awaitable[T]) -> T | None:
         """Await a call; None when it failed (counted by code)."""
+        return (await self._write(kind, call))[0]
+
+    async def _write(self, kind: str, call: Awaitable[T]) -> tuple[T | None, str]:
+        """Await a call; (its answer, '') or (None, the failure's status code name)."""
         self.stats.ops[kind] += 1
         try:
-            return await call
+            return await call, ""
         except grpc.aio.AioRpcError as e:
             self.stats.failures[e.code().name] += 1
             # Back off like a real client; a failing server answers in microseconds.
             await asyncio.sleep(random.uniform(0.05, 0.2))
+            return None, e.code().name
+
+    def _state(self, edge: tuple[str, str]) -> bool | None:
+        """An edge's state as the ledger knows it (never written: absent), for edges only
+        group workers write (a group user follows); None for a hot user's edges."""
+        if edge[0] not in self.group_users:
             return None
+        return self.ledger.edges.get(edge, False)
+
+    def _record(self, user: str, call: WriteCall) -> None:
+        self.calls.setdefault(user, []).append(call)
+
+    def _edge_call(
+        self, kind: int, a: str, targets: list[str], answer: object, code: str
+    ) -> WriteCall:
+        """What a follow (kind FOLLOWED, answer a FollowResponse) or unfollow of `a`'s may
+        have written, from the edges' states before it."""
+        if answer is None:  # NOT_FOUND: a is unknown, nothing written; else unknown outcome
+            ordered = kind == FOLLOWED
+            return WriteCall(kind, False, code != "NOT_FOUND", tuple(targets), ordered=ordered)
+        reverse = {t: self._state((t, a)) for t in targets}
+        mutual_yes = frozenset(t for t, s in reverse.items() if s is True)
+        mutual_no = frozenset(t for t, s in reverse.items() if s is False)
+        if kind == FOLLOWED:
+            assert isinstance(answer, pb.FollowResponse)
+            ok = [t for t, r in zip(targets, answer.results, strict=True) if r.code == 0]
+            change = [t for t in ok if self._state((a, t)) is not True]
+            include = frozenset(t for t in change if self._state((a, t)) is False)
+            ordered = True
+        else:
+            change = [t for t in targets if self._state((a, t)) is not False]
+            include = frozenset(t for t in change if self._state((a, t)) is True)
+            ordered = False
+        return WriteCall(
+            kind,
+            bool(include),
+            bool(change),
+            tuple(change),
+            include,
+            mutual_yes=mutual_yes,
+            mutual_no=mutual_no,
+            ordered=ordered,
+        )
 
     async def import_all(self) -> None:
         users = [u for g in self.groups for u in g] + HOT_USERS
@@ -187,12 +272,13 @@ class Soak:
                 targets = rng.sample(pool, rng.randint(1, 3))
                 if rng.random() < 0.3:
                     targets.append(rng.choice(HOT_USERS))
-                f = await self._call(
+                f, code = await self._write(
                     "follow",
                     self.stub.Follow(
                         pb.FollowRequest(user_id=a, target_ids=targets), timeout=CALL_TIMEOUT
                     ),
                 )
+                self._record(a, self._edge_call(FOLLOWED, a, targets, f, code))
                 edges = [(a, t) for t in targets]
                 if isinstance(f, pb.FollowResponse):
                     states = []
@@ -207,12 +293,13 @@ class Soak:
             elif roll < 0.60:
                 pool = [u for u in users if u != a] + HOT_USERS
                 targets = rng.sample(pool, rng.randint(1, 3))
-                u = await self._call(
+                u, code = await self._write(
                     "unfollow",
                     self.stub.Unfollow(
                         pb.UnfollowRequest(user_id=a, target_ids=targets), timeout=CALL_TIMEOUT
                     ),
                 )
+                self._record(a, self._edge_call(UNFOLLOWED, a, targets, u, code))
                 edges = [(a, t) for t in targets]
                 if isinstance(u, pb.UnfollowResponse):
                     ledger.acknowledged_edges((e, False) for e in edges)
@@ -246,7 +333,7 @@ class Soak:
                 )
             elif roll < 0.985:
                 chosen = rng.sample(users, rng.randint(1, 4))
-                await self._call(
+                imported = await self._call(
                     "import",
                     self.accounts.ImportAccounts(
                         pb.ImportAccountsRequest(
@@ -257,6 +344,9 @@ class Soak:
                         timeout=CALL_TIMEOUT,
                     ),
                 )
+                for i, user in enumerate(chosen):
+                    ok = imported is not None and imported.results[i].code == 0
+                    self.exists[user] = True if ok else None
             else:
                 d = await self._call(
                     "delete",
@@ -264,9 +354,14 @@ class Soak:
                         pb.DeleteAccountsRequest(user_ids=[a]), timeout=CALL_TIMEOUT
                     ),
                 )
+                known = self.exists[a]
                 if isinstance(d, pb.DeleteAccountsResponse):
+                    self._record(a, WriteCall(ACCOUNT_DELETED, known is True, known is not False))
+                    self.exists[a] = False
                     ledger.deleted_users([a])
                 else:
+                    self._record(a, WriteCall(ACCOUNT_DELETED, False, known is not False))
+                    self.exists[a] = None
                     ledger.unknown_deletion([a], "delete")
             await asyncio.sleep(rng.uniform(0, 0.01))
 
@@ -280,20 +375,107 @@ class Soak:
             h = rng.choice(HOT_USERS)
             targets = rng.sample(everyone, 5)
             if rng.random() < 0.6:
-                await self._call(
+                f, code = await self._write(
                     "follow",
                     self.stub.Follow(
                         pb.FollowRequest(user_id=h, target_ids=targets), timeout=CALL_TIMEOUT
                     ),
                 )
+                self._record(h, self._edge_call(FOLLOWED, h, targets, f, code))
             else:
-                await self._call(
+                u, code = await self._write(
                     "unfollow",
                     self.stub.Unfollow(
                         pb.UnfollowRequest(user_id=h, target_ids=targets), timeout=CALL_TIMEOUT
                     ),
                 )
+                self._record(h, self._edge_call(UNFOLLOWED, h, targets, u, code))
             await asyncio.sleep(rng.uniform(0, 0.02))
+
+
+async def watch_consumer(address: str, log_: EventLog) -> None:
+    """Read the Watch stream from the oldest event until cancelled, resuming from the last
+    position (heartbeats included) whenever the stream breaks, like the README's client."""
+    position = ""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = ev_grpc.EventServiceStub(channel)
+        while True:
+            try:
+                async for event in stub.Watch(ev.WatchRequest(start_after=position)):
+                    if event.kind != ev.EVENT_KIND_HEARTBEAT:
+                        first = log_.events.setdefault(event.id, event)
+                        if first is not event:
+                            log_.repeats += 1
+                            stripped = [ev.Event(), ev.Event()]
+                            for copy, source in zip(stripped, (first, event), strict=True):
+                                copy.CopyFrom(source)
+                                copy.position = ""
+                            log_.changed_repeats += stripped[0] != stripped[1]
+                    position = event.position
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+                    log_.fatal = f"{error.code().name}: {error.details()}"
+                    return
+            log_.resumes += 1
+            await asyncio.sleep(random.uniform(0.2, 0.5))
+
+
+async def check_events(
+    soak: Soak, conn: asyncpg.Connection, consumer: asyncio.Task[None]
+) -> dict[str, Any]:
+    """Once the load has stopped and the cleanup is done: wait until the consumer has every
+    event the outbox holds, then judge them against the writes and the final graph."""
+    total = await conn.fetchval(
+        "SELECT coalesce(sum(CASE WHEN kind = 3 THEN 1 ELSE cardinality(others) END), 0)"
+        " FROM follow_events"
+    )
+    for _ in range(600):  # two minutes at most
+        if len(soak.log.events) >= total or consumer.done():
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # anything beyond the outbox would show up now
+    consumer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await consumer
+    rows = soak.log.rows()
+    stored = {r[0] for r in await conn.fetch("SELECT id FROM follow_events")}
+    received = {r.id for r in rows}
+    by_user: dict[str, list[EventRow]] = {}
+    for row in rows:
+        by_user.setdefault(row.user_id, []).append(row)
+    unexplained = []
+    for user in sorted(set(by_user) | set(soak.calls)):
+        calls, got = soak.calls.get(user, []), by_user.get(user, [])
+        at = explain(calls, got)
+        if at is not None:
+            unexplained.append((user, at, got[at] if at < len(got) else "a required event missing"))
+    # Replaying the events from an empty graph gives the final following table.
+    graph: set[tuple[str, str]] = set()
+    odd = 0  # a follow of an edge already there, an unfollow of one not there
+    for row in rows:
+        if row.kind == FOLLOWED:
+            odd += sum((row.user_id, o) in graph for o in row.others)
+            graph |= {(row.user_id, o) for o in row.others}
+        elif row.kind == UNFOLLOWED:
+            odd += sum((row.user_id, o) not in graph for o in row.others)
+            graph -= {(row.user_id, o) for o in row.others}
+        else:
+            graph = {e for e in graph if row.user_id not in e}
+    table = {(r[0], r[1]) for r in await conn.fetch("SELECT user_id, target_id FROM following")}
+    return {
+        "events": len(soak.log.events),
+        "stored_events": total,
+        "rows": len(rows),
+        "missing_rows": len(stored - received),
+        "extra_rows": len(received - stored),
+        "unexplained": unexplained,
+        "required": sum(c.required for calls in soak.calls.values() for c in calls),
+        "maybe": sum(c.possible and not c.required for calls in soak.calls.values() for c in calls),
+        "replay_edges": len(graph),
+        "table_edges": len(table),
+        "replay_diff": len(graph ^ table),
+        "odd": odd,
+    }
 
 
 async def chaos(
@@ -371,6 +553,7 @@ async def soak(args: argparse.Namespace) -> int:
                 args.group_size,
                 args.seed,
             )
+            consumer = asyncio.create_task(watch_consumer(server.address, soak.log))
             await soak.import_all()
             rng = random.Random(args.seed)
             workers = [
@@ -403,6 +586,12 @@ async def soak(args: argparse.Namespace) -> int:
         conn = await asyncpg.connect(url)
         try:
             lost = await soak.ledger.lost(conn)
+            # Deleted accounts' edges go in the background: the replay needs them gone.
+            for _ in range(600):
+                if not await conn.fetchval("SELECT count(*) FROM account_tombstones"):
+                    break
+                await asyncio.sleep(0.2)
+            events = await check_events(soak, conn, consumer)
         finally:
             await conn.close()
         expected = soak.ledger.expected()
@@ -424,13 +613,35 @@ async def soak(args: argparse.Namespace) -> int:
             f" not followed); {unknown} left out (last write's outcome unknown)\n"
             f"  checker violations:       {violations}\n"
             f"  lost acknowledged writes: {len(lost)}\n"
-            f"  unexpected failures:      {unexpected} (INTERNAL or UNKNOWN answers)"
+            f"  unexpected failures:      {unexpected} (INTERNAL or UNKNOWN answers)\n"
+            f"  watch stream:             {events['events']} events ({events['rows']} outbox"
+            f" rows) of {events['stored_events']} stored; resumed {soak.log.resumes} times,"
+            f" {soak.log.repeats} repeated on resume ({soak.log.changed_repeats} changed)"
+            f"{'; refused: ' + soak.log.fatal if soak.log.fatal else ''}\n"
+            f"  rows not received:        {events['missing_rows']}"
+            f" (received, not stored: {events['extra_rows']})\n"
+            f"  writes vs events:         {events['required']} acknowledged changing writes"
+            f" each with its event, {events['maybe']} writes that may have one;"
+            f" users whose events are not their writes in call order:"
+            f" {len(events['unexplained'])}\n"
+            f"  replay of the events:     {events['replay_edges']} edges, following table"
+            f" {events['table_edges']}, differing {events['replay_diff']};"
+            f" follows of present / unfollows of absent edges: {events['odd']}"
         )
+        if events["unexplained"]:
+            print(f"  e.g. {events['unexplained'][:5]}")
         if violations != 0:
             print(report)
         if lost:
             print(f"  e.g. {lost[:10]}")
-        exit_code = 0 if violations == 0 and not lost and not unexpected else 1
+        events_ok = (
+            not soak.log.fatal
+            and not soak.log.changed_repeats
+            and events["missing_rows"] == events["extra_rows"] == 0
+            and not events["unexplained"]
+            and events["replay_diff"] == events["odd"] == 0
+        )
+        exit_code = 0 if violations == 0 and not lost and not unexpected and events_ok else 1
     finally:
         code = server.terminate()
         if code not in (0, None) and exit_code == 0:
