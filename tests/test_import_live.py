@@ -83,7 +83,9 @@ async def test_service_writes_keep_completing_during_an_import(
     """A 100,000-edge import (its own process) into the database of a running service while
     8 users of the imported graph follow and unfollow through gRPC without pause, among
     them the celebrity most of the graph follows and users whose own follows the import
-    adds: every call succeeds, none waits more than a generous 5 s (the import's batches
+    adds: every call succeeds (or, on a machine too loaded to hand it a connection within the
+    service's 2 s, answers OVERLOADED; counted and printed), none waits more than a
+    generous 5 s, and most succeed (the import's batches
     hold their users' locks for a fraction of a second; the worst is printed), calls keep
     completing while the import runs, and afterwards every invariant holds (counts equal
     the lists, both copies, mutual state) and the checker finds nothing."""
@@ -93,6 +95,7 @@ async def test_service_writes_keep_completing_during_an_import(
     running = await make_service()
     clients = USERS[1 : 1 + CLIENTS]
     latencies: list[tuple[float, float]] = []  # (finished at, seconds)
+    overloaded: list[float] = []  # calls answered RESOURCE_EXHAUSTED / OVERLOADED
     stop = asyncio.Event()
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -110,9 +113,16 @@ async def test_service_writes_keep_completing_during_an_import(
                     stub.Unfollow(pb.UnfollowRequest(user_id=me, target_ids=them[:1]), timeout=30),
                 ):
                     started = time.perf_counter()
-                    response = await call
-                    if isinstance(response, pb.FollowResponse):
-                        assert {r.code for r in response.results} == {pb.RESULT_CODE_OK}
+                    try:
+                        response = await call
+                    except grpc.aio.AioRpcError as exc:
+                        # The service's own bound on waiting for a connection (2 s): counted
+                        # as a wait that long, and as an answer that was not a success.
+                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                        overloaded.append(time.perf_counter() - started)
+                    else:
+                        if isinstance(response, pb.FollowResponse):
+                            assert {r.code for r in response.results} == {pb.RESULT_CODE_OK}
                     latencies.append((time.perf_counter(), time.perf_counter() - started))
 
         background = [asyncio.create_task(client(i)) for i in range(CLIENTS)]
@@ -130,9 +140,11 @@ async def test_service_writes_keep_completing_during_an_import(
     worst = max(s for _, s in latencies)
     print(
         f"\n[import live] {len(lines):,} edges in {ended - began:.1f}s; {len(during)} calls"
-        f" completed meanwhile, others' worst call {worst * 1000:.0f} ms"
+        f" completed meanwhile, others' worst call {worst * 1000:.0f} ms,"
+        f" {len(overloaded)} answered OVERLOADED"
     )
     assert len(during) >= 20, "the service's writes stopped while the import ran"
+    assert len(overloaded) <= len(latencies) // 10, overloaded
     assert worst < 5.0, worst
 
     conn = await asyncpg.connect(db_url)

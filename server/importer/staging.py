@@ -315,8 +315,8 @@ SELECT min(follower) AS lo, max(follower) AS hi, sum(n)::bigint AS edges FROM (
 ) q
 GROUP BY batch ORDER BY batch
 """
-EDGE_BATCH = 10_000  # edges per merge transaction (their weight: see _PLAN)
-FOLLOWER_WEIGHT = 10  # so a batch of one-edge followers takes ~900 exclusive locks, not 10,000
+EDGE_BATCH = 2_500  # edges per merge transaction (their weight: see _PLAN)
+FOLLOWER_WEIGHT = 5  # so a batch of one-edge followers takes ~400 exclusive locks, not 2,500
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,9 @@ async def import_graph(
         await staging.drop(conn)
         staging = None
         if report.edges_added or report.accounts_written:
-            await conn.execute("ANALYZE accounts, follow_counts, following, followers")
+            await conn.execute(
+                "ANALYZE accounts, follow_counts, follow_count_deltas, following, followers"
+            )
         report.lap("analyze")
     finally:
         if staging is not None and not conn.is_closed():
