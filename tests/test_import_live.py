@@ -118,7 +118,8 @@ async def test_service_writes_keep_completing_during_an_import(
                     except grpc.aio.AioRpcError as exc:
                         # The service's own bound on waiting for a connection (2 s): counted
                         # as a wait that long, and as an answer that was not a success.
-                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            raise
                         overloaded.append(time.perf_counter() - started)
                     else:
                         if isinstance(response, pb.FollowResponse):
