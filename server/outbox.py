@@ -63,7 +63,7 @@ class OutboxRow:
     id: int
     txid: int
     kind: int  # FOLLOWED, UNFOLLOWED or ACCOUNT_DELETED
-    others: tuple[str, ...]  # the users followed or unfollowed, in the call's order
+    others: tuple[str, ...]  # followed: in the call's order; unfollowed: sorted by id
     mutual: frozenset[str]  # those that became (follow) or stopped being (unfollow) mutual
     at_us: int  # when, Unix microseconds
     client_ip: str
