@@ -129,17 +129,20 @@ class WatchMetrics:
         )
         self.lag = Histogram(
             "follow_watch_lag_seconds",
-            "Time from a change (its call's time) to its Watch event being written to a stream.",
+            "Time from a change (its call's time) to its Watch events being written to a stream"
+            " (one observation per call per message).",
             buckets=WATCH_LAG_BUCKETS,
             registry=r,
         )
         # Label children looked up once: an event is sent in microseconds.
         self._sent = {kind: self.sent.labels(name) for kind, name in WATCH_KINDS.items()}
 
-    def event_sent(self, kind: int, lag_seconds: float) -> None:
+    def events_sent(self, kind: int, count: int, lag_seconds: float) -> None:
+        """`count` events of one call written in one message, `lag_seconds` after the call:
+        one lag observation for them (they share the call's time)."""
         child = self._sent.get(kind)
         if child is not None:
-            child.inc()
+            child.inc(count)
         self.lag.observe(max(lag_seconds, 0.0))
 
 

@@ -16,6 +16,9 @@ from what it read.
   the calls). gRPC flow control holds the stream's writes while the client does not read.
 - Ordering is the outbox's: rows in (txid, id) order past a visibility horizon, one user's
   rows in commit order, and a row's per-edge events in the call's order.
+- A stream yields Batches, one per gRPC message: the per-edge events of the rows it has to
+  send, up to `max_events` per message (gRPC's per-message send was most of the server's
+  time when every edge was a message of its own), or none for a heartbeat.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import bisect
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Collection
+from collections.abc import AsyncGenerator, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,19 +49,31 @@ log = logging.getLogger(__name__)
 MAX_WATCH_USERS = 100
 DEFAULT_MAX_WATCHERS = 1000
 DEFAULT_HEARTBEAT_SECONDS = 15.0
+# Events per message: an Event is at most ~170 bytes (ids of 32 bytes, a 50-character
+# position), so a message stays under 100 KB, well inside the 256 KiB clients here accept.
+MAX_BATCH_EVENTS = 500
 # The mutual change of an event (follow.v1.MutualChange's numbers).
 MUTUAL_NONE, BECAME_MUTUAL, STOPPED_BEING_MUTUAL = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
-class EdgeEvent:
-    """One per-edge event of an outbox row (or the row itself for an account deletion)."""
+class Slice:
+    """Events `start` to `end` (exclusive, counted from 0) of one outbox row."""
 
     row: OutboxRow
-    index: int
-    other: str
-    mutual: int  # MUTUAL_NONE, BECAME_MUTUAL or STOPPED_BEING_MUTUAL
-    cursor: Cursor  # the stream's place once this event is delivered
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One message of a stream: slices of rows' events in stream order, at most the hub's
+    `max_events` events in all, or none (a heartbeat); `cursor` is the stream's place once
+    they are delivered (after the last event, or further on: past rows a filter left out,
+    past a horizon)."""
+
+    slices: tuple[Slice, ...]
+    cursor: Cursor
 
 
 @dataclass(slots=True)
@@ -72,27 +87,40 @@ class _Stream:
     waited: bool = False  # the last step found nothing to send
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """Nothing to send for a while: the stream's place, which may have moved on."""
+def event_count(row: OutboxRow) -> int:
+    """The row's per-edge events: one per other user of a follow or unfollow, one for an
+    account deletion."""
+    return 1 if row.kind == ACCOUNT_DELETED else len(row.others)
 
-    cursor: Cursor
 
-
-def expand(row: OutboxRow, skip: int = 0) -> list[EdgeEvent]:
-    """The row's per-edge events after its first `skip`: one per other user of a follow or
-    unfollow, one for an account deletion."""
+def edges(row: OutboxRow) -> list[tuple[str, int]]:
+    """Each event's other user ("" for an account deletion) and mutual change
+    (MUTUAL_NONE, BECAME_MUTUAL or STOPPED_BEING_MUTUAL), in the row's event order."""
     if row.kind == ACCOUNT_DELETED:
-        edges = [("", MUTUAL_NONE)]
-    else:
-        change = BECAME_MUTUAL if row.kind == FOLLOWED else STOPPED_BEING_MUTUAL
-        edges = [(o, change if o in row.mutual else MUTUAL_NONE) for o in row.others]
-    last = len(edges) - 1
-    return [
-        EdgeEvent(row, i, other, mutual, Cursor(row.position, COMPLETE if i == last else i + 1))
-        for i, (other, mutual) in enumerate(edges)
-        if i >= skip
-    ]
+        return [("", MUTUAL_NONE)]
+    change = BECAME_MUTUAL if row.kind == FOLLOWED else STOPPED_BEING_MUTUAL
+    mutual = row.mutual
+    return [(o, change if o in mutual else MUTUAL_NONE) for o in row.others]
+
+
+def batches(rows: Iterable[tuple[OutboxRow, int]], limit: int, end: Cursor) -> Iterator[Batch]:
+    """The events of `rows` (each after its first `skip`), in order, cut into batches of at
+    most `limit` events (a row's events may straddle two). The last batch's cursor is `end`
+    when that is further on than its last event."""
+    slices: list[Slice] = []
+    count = 0
+    for row, skip in rows:
+        n = event_count(row)
+        while skip < n:
+            take = min(n - skip, limit - count)
+            slices.append(Slice(row, skip, skip + take))
+            count += take
+            skip += take
+            if count == limit:  # more may follow: this batch ends at its last event
+                yield Batch(tuple(slices), Cursor(row.position, COMPLETE if skip == n else skip))
+                slices, count = [], 0
+    if slices:
+        yield Batch(tuple(slices), max(Cursor(slices[-1].row.position), end))
 
 
 def past_horizon(below: int) -> Position:
@@ -112,6 +140,7 @@ class WatchHub:
         poll_seconds: float = 0.1,
         ring_capacity: int = 10_000,
         batch: int = 500,
+        max_events: int = MAX_BATCH_EVENTS,
         catch_up_readers: int = 2,
         idle_seconds: float = 10.0,
         metrics: WatchMetrics | None = None,
@@ -123,6 +152,7 @@ class WatchHub:
         self.poll_seconds = poll_seconds
         self.ring_capacity = ring_capacity
         self.batch = batch
+        self.max_events = max_events
         self.idle_seconds = idle_seconds
         self._readers = asyncio.Semaphore(catch_up_readers)
         self.watchers = 0
@@ -220,12 +250,13 @@ class WatchHub:
 
     async def watch(
         self, start: Cursor | None, only_new: bool, users: Collection[str] = ()
-    ) -> AsyncGenerator[EdgeEvent | Heartbeat, None]:
+    ) -> AsyncGenerator[Batch, None]:
         """The events after `start` (None: from the oldest retained; `only_new`: from now),
-        then every new one, of `users` only when given, with a Heartbeat after each
-        `heartbeat_seconds` without an event. Ends by raising ServiceError: TOO_MANY_WATCHERS
-        at once when the process serves `max_watchers` streams, POSITION_EXPIRED when
-        retention deleted events the stream needs, SHUTTING_DOWN on stop()."""
+        then every new one, of `users` only when given, in Batches, with a heartbeat (an
+        empty Batch) after each `heartbeat_seconds` without an event. Ends by raising
+        ServiceError: TOO_MANY_WATCHERS at once when the process serves `max_watchers`
+        streams, POSITION_EXPIRED when retention deleted events the stream needs,
+        SHUTTING_DOWN on stop()."""
         if self._stopping.is_set():
             raise _shutting_down()
         if self.watchers >= self.max_watchers:
@@ -241,8 +272,8 @@ class WatchHub:
             self._streams.add(task)
         try:
             self._ensure_tailer()
-            async for item in self._stream(start, only_new, frozenset(users)):
-                yield item
+            async for batch in self._stream(start, only_new, frozenset(users)):
+                yield batch
         finally:
             self.watchers -= 1
             self.metrics.watchers.dec()
@@ -251,7 +282,7 @@ class WatchHub:
 
     async def _stream(
         self, start: Cursor | None, only_new: bool, users: frozenset[str]
-    ) -> AsyncGenerator[EdgeEvent | Heartbeat, None]:
+    ) -> AsyncGenerator[Batch, None]:
         if only_new:
             stream = _Stream(Cursor(await self.source.now()), users, oldest=False)
         elif start is None:
@@ -262,16 +293,16 @@ class WatchHub:
             if self._stopping.is_set():
                 raise _shutting_down()
             if self._in_ring(stream.cursor):
-                async for event in self._from_ring(stream):
-                    yield event
+                async for batch in self._from_ring(stream):
+                    yield batch
             else:
-                async for event in self._catch_up(stream):
-                    yield event
+                async for batch in self._catch_up(stream):
+                    yield batch
             if stream.waited and time.monotonic() - stream.last_sent >= self.heartbeat_seconds:
-                yield Heartbeat(stream.cursor)
+                yield Batch((), stream.cursor)
                 stream.last_sent = time.monotonic()
 
-    async def _catch_up(self, stream: _Stream) -> AsyncGenerator[EdgeEvent, None]:
+    async def _catch_up(self, stream: _Stream) -> AsyncGenerator[Batch, None]:
         """One batch read from the outbox by a stream behind the ring."""
         stream.waited = False
         async with self._readers:
@@ -292,20 +323,22 @@ class WatchHub:
                 " now (only_new)",
             )
         stream.oldest = False
-        for row in rows:
-            skip = stream.cursor.done if row.position == stream.cursor.position else 0
-            for event in expand(row, skip):
-                yield event
-                stream.last_sent = time.monotonic()
-            stream.cursor = Cursor(row.position)
+        start = stream.cursor
+        end = Cursor(rows[-1].position) if rows else start
         if len(rows) < self.batch:
-            stream.cursor = max(stream.cursor, Cursor(past_horizon(below)))
-            if not self._in_ring(stream.cursor):
-                # Behind a held horizon, or no tailer read yet: wait, no busy loop.
-                stream.waited = True
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_seconds):
-                        await self._stopping.wait()
+            end = max(end, Cursor(past_horizon(below)))
+        todo = ((r, start.done if r.position == start.position else 0) for r in rows)
+        for batch in batches(todo, self.max_events, end):
+            yield batch
+            stream.cursor = batch.cursor
+            stream.last_sent = time.monotonic()
+        stream.cursor = max(stream.cursor, end)
+        if len(rows) < self.batch and not self._in_ring(stream.cursor):
+            # Behind a held horizon, or no tailer read yet: wait, no busy loop.
+            stream.waited = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._stopping.wait()
 
     def _ring_after(self, cursor: Cursor) -> tuple[list[OutboxRow], Position]:
         """At most a batch of the ring's rows after `cursor`, and the position they reach."""
@@ -315,18 +348,19 @@ class WatchHub:
             return rows, rows[-1].position
         return rows, self.tail or cursor.position
 
-    async def _from_ring(self, stream: _Stream) -> AsyncGenerator[EdgeEvent, None]:
+    async def _from_ring(self, stream: _Stream) -> AsyncGenerator[Batch, None]:
         """Send the ring's rows after the stream's cursor, or wait for new ones."""
         changed = self._changed
         rows, reach = self._ring_after(stream.cursor)
         stream.waited = not rows
-        for row in rows:
-            if stream.users and row.user_id not in stream.users:
-                continue
-            for event in expand(row):
-                yield event
-                stream.last_sent = time.monotonic()
-        stream.cursor = max(stream.cursor, Cursor(reach))
+        users = stream.users
+        todo = ((r, 0) for r in rows if not users or r.user_id in users)
+        end = max(stream.cursor, Cursor(reach))
+        for batch in batches(todo, self.max_events, end):
+            yield batch
+            stream.cursor = batch.cursor
+            stream.last_sent = time.monotonic()
+        stream.cursor = max(stream.cursor, end)
         if rows:
             return
         left = self.heartbeat_seconds - (time.monotonic() - stream.last_sent)

@@ -20,8 +20,8 @@ from server.interceptor import Malformed, lenient
 from server.rules import user_id_problem
 from server.servicer import classify
 from server.status import to_status
-from server.watch_hub import MAX_WATCH_USERS, EdgeEvent, Heartbeat, WatchHub
-from server.watch_token import Cursor, WatchTokens
+from server.watch_hub import MAX_WATCH_USERS, Batch, WatchHub, edges, event_count
+from server.watch_token import COMPLETE, Cursor, WatchTokens
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +51,48 @@ def check_request(request: pb.WatchRequest, tokens: WatchTokens) -> Cursor | Non
 
 
 class EventServicer:
-    """Watch over a WatchHub: each hub item becomes an Event with its position token."""
+    """Watch over a WatchHub: each hub Batch becomes one WatchResponse, its events each with
+    their position token."""
 
     def __init__(self, hub: WatchHub, tokens: WatchTokens) -> None:
         self._hub = hub
         self._tokens = tokens
 
-    def event(self, item: EdgeEvent | Heartbeat) -> pb.Event:
-        message = pb.Event(position=self._tokens.encode(item.cursor))
-        if isinstance(item, Heartbeat):
-            message.kind = pb.EVENT_KIND_HEARTBEAT
-            micros = time.time_ns() // 1000
-        else:
-            row = item.row
-            message.id = f"{row.id}.{item.index}"
-            message.kind = row.kind  # type: ignore[assignment]  # the outbox's kinds are the enum's
-            message.user_id = row.user_id
-            if item.other:
-                message.other_user_id = item.other
-            if item.mutual:
-                message.mutual_change = item.mutual  # type: ignore[assignment]
-            micros = row.at_us
-        seconds, rest = divmod(micros, 1_000_000)
-        message.event_time.seconds = seconds
-        message.event_time.nanos = rest * 1000
+    def response(self, batch: Batch) -> pb.WatchResponse:
+        """The message of a Batch (a heartbeat when it has no events); the hot path of a busy
+        stream, so fields are set directly and each row's tokens are made together."""
+        message = pb.WatchResponse(position=self._tokens.encode(batch.cursor))
+        seconds, rest = divmod(time.time_ns() // 1000, 1_000_000)
+        message.sent_time.seconds = seconds
+        message.sent_time.nanos = rest * 1000
+        events = message.events
+        for part in batch.slices:
+            row = part.row
+            last = event_count(row)
+            dones = [COMPLETE if i == last else i for i in range(part.start + 1, part.end + 1)]
+            positions = self._tokens.row_tokens(row.position, dones)
+            seconds, rest = divmod(row.at_us, 1_000_000)
+            nanos = rest * 1000
+            prefix = f"{row.id}."
+            kind = row.kind
+            user_id = row.user_id
+            for index, (other, mutual), position in zip(
+                range(part.start, part.end),
+                edges(row)[part.start : part.end],
+                positions,
+                strict=True,
+            ):
+                event = events.add()
+                event.id = prefix + str(index)
+                event.kind = kind  # type: ignore[assignment]  # the outbox's kinds are the enum's
+                event.user_id = user_id
+                if other:
+                    event.other_user_id = other
+                if mutual:
+                    event.mutual_change = mutual  # type: ignore[assignment]
+                event.event_time.seconds = seconds
+                event.event_time.nanos = nanos
+                event.position = position
         return message
 
     async def Watch(  # noqa: N802 - the RPC's name
@@ -91,10 +109,12 @@ class EventServicer:
             stream = self._hub.watch(start, request.only_new, request.user_ids)
             metrics = self._hub.metrics
             try:
-                async for item in stream:
-                    await context.write(self.event(item))
-                    if isinstance(item, EdgeEvent):
-                        metrics.event_sent(item.row.kind, time.time() - item.row.at_us / 1e6)
+                async for batch in stream:
+                    await context.write(self.response(batch))
+                    now = time.time()
+                    for part in batch.slices:
+                        row = part.row
+                        metrics.events_sent(row.kind, part.end - part.start, now - row.at_us / 1e6)
             finally:
                 await stream.aclose()
         except Exception as exc:
@@ -113,7 +133,7 @@ def add_to_server(servicer: EventServicer, server: grpc.aio.Server) -> None:
     handler = grpc.unary_stream_rpc_method_handler(
         servicer.Watch,
         request_deserializer=lenient(pb.WatchRequest.FromString),
-        response_serializer=pb.Event.SerializeToString,
+        response_serializer=pb.WatchResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Watch": handler}),)

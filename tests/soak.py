@@ -401,8 +401,8 @@ async def watch_consumer(address: str, log_: EventLog) -> None:
         stub = ev_grpc.EventServiceStub(channel)
         while True:
             try:
-                async for event in stub.Watch(ev.WatchRequest(start_after=position)):
-                    if event.kind != ev.EVENT_KIND_HEARTBEAT:
+                async for message in stub.Watch(ev.WatchRequest(start_after=position)):
+                    for event in message.events:  # none: a heartbeat
                         first = log_.events.setdefault(event.id, event)
                         if first is not event:
                             log_.repeats += 1
@@ -411,7 +411,7 @@ async def watch_consumer(address: str, log_: EventLog) -> None:
                                 copy.CopyFrom(source)
                                 copy.position = ""
                             log_.changed_repeats += stripped[0] != stripped[1]
-                    position = event.position
+                    position = message.position
             except grpc.aio.AioRpcError as error:
                 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
                     log_.fatal = f"{error.code().name}: {error.details()}"

@@ -75,8 +75,8 @@ class WatchTail:
 
     def _read(self) -> None:
         try:
-            for event in self._call:
-                if event.kind != ev.EVENT_KIND_HEARTBEAT:
+            for message in self._call:
+                for event in message.events:  # none: a heartbeat
                     self.events.put(event)
         except BaseException as exc:  # the end (cancelled at teardown) or a failure
             self.events.put(exc)

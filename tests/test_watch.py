@@ -1,7 +1,8 @@
 """follow.v1.EventService/Watch over a real channel to a real server (server.watch_servicer,
-server.watch_hub, server.watch_token): per-edge events with their fields, filters, only-new,
-resuming inside a call's events, no gap under concurrent writers and late commits, tokens,
-retention, flow control, the watcher cap, shutdown and restarts."""
+server.watch_hub, server.watch_token): per-edge events with their fields, several per
+message, filters, only-new, resuming inside a call's events and inside a message, no gap
+under concurrent writers and late commits, tokens, retention, flow control, the watcher cap,
+shutdown and restarts."""
 
 from __future__ import annotations
 
@@ -49,33 +50,50 @@ def summary(e: ev.Event) -> tuple[str, str, str, str]:
     )
 
 
+def check_message(message: ev.WatchResponse) -> None:
+    """What every WatchResponse holds: at most 500 events, a position, the server's time."""
+    assert len(message.events) <= 500
+    assert message.position
+    assert abs(message.sent_time.seconds - datetime.now(UTC).timestamp()) < 600
+
+
 class Watcher:
-    """One Watch call and what it received (heartbeats kept apart). A task reads the stream
-    into a queue: a timed-out read of the call itself would cancel the call."""
+    """One Watch call and what it received: its messages, their events one by one, and its
+    heartbeats (messages with no events) apart. A task reads the stream into a queue: a
+    timed-out read of the call itself would cancel the call."""
 
     def __init__(self, channel: grpc.aio.Channel, request: ev.WatchRequest) -> None:
         self.call = ev_grpc.EventServiceStub(channel).Watch(request)
+        self.messages: list[ev.WatchResponse] = []
         self.events: list[ev.Event] = []
-        self.heartbeats: list[ev.Event] = []
-        self._queue: asyncio.Queue[ev.Event | BaseException | None] = asyncio.Queue()
+        self.heartbeats: list[ev.WatchResponse] = []
+        self._queue: asyncio.Queue[ev.Event | ev.WatchResponse | BaseException | None] = (
+            asyncio.Queue()
+        )
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         try:
             async for message in self.call:
-                self._queue.put_nowait(message)
+                check_message(message)
+                self.messages.append(message)
+                if not message.events:
+                    self._queue.put_nowait(message)
+                for event in message.events:
+                    self._queue.put_nowait(event)
             self._queue.put_nowait(None)
         except BaseException as exc:  # the error, or the cancellation, is the test's to see
             self._queue.put_nowait(exc)
 
-    async def next(self) -> ev.Event:
-        """The next message, heartbeats included; AssertionError if the stream ended."""
+    async def next(self) -> ev.Event | ev.WatchResponse:
+        """The next event, or heartbeat (a WatchResponse with no events); AssertionError if
+        the stream ended."""
         item = await self._queue.get()
         if isinstance(item, BaseException):
             self._queue.put_nowait(item)
             raise item
         assert item is not None, "the stream ended with OK"
-        if item.kind == ev.EVENT_KIND_HEARTBEAT:
+        if isinstance(item, ev.WatchResponse):
             self.heartbeats.append(item)
         else:
             self.events.append(item)
@@ -87,14 +105,14 @@ class Watcher:
         async with asyncio.timeout(within):
             while len(got) < n:
                 message = await self.next()
-                if message.kind != ev.EVENT_KIND_HEARTBEAT:
+                if isinstance(message, ev.Event):
                     got.append(message)
         return got
 
-    async def heartbeat(self, within: float = WAIT) -> ev.Event:
+    async def heartbeat(self, within: float = WAIT) -> ev.WatchResponse:
         """Read until the next heartbeat; events on the way are recorded."""
         async with asyncio.timeout(within):
-            while (message := await self.next()).kind != ev.EVENT_KIND_HEARTBEAT:
+            while not isinstance(message := await self.next(), ev.WatchResponse):
                 pass
         return message
 
@@ -104,7 +122,7 @@ class Watcher:
             async with asyncio.timeout(seconds):
                 while True:
                     message = await self.next()
-                    assert message.kind == ev.EVENT_KIND_HEARTBEAT, summary(message)
+                    assert isinstance(message, ev.WatchResponse), summary(message)
         except TimeoutError:
             pass
 
@@ -221,6 +239,53 @@ async def test_resuming_inside_a_call_repeats_and_skips_nothing(
     again.cancel()
 
 
+async def test_a_burst_shares_messages_and_every_event_and_message_resumes(
+    service: RunningService, channel: grpc.aio.Channel, conn: asyncpg.Connection
+) -> None:
+    """Calls committed together come in few messages (several calls' events in one, up to
+    the hub's bound; a call longer than the bound straddles two); a message's position is
+    that of its last event or further on; resuming from any event's position, also one in
+    the middle of a message, or from a message's, continues exactly after it."""
+    targets = [f"t{i:02}" for i in range(20)]
+    await import_users(pb_grpc.AccountServiceStub(channel), "a", "b", *targets)
+    follow = pb_grpc.FollowServiceStub(channel)
+    for user in ("a", "b"):
+        await follow.Follow(pb.FollowRequest(user_id=user, target_ids=targets))
+        await follow.Unfollow(pb.UnfollowRequest(user_id=user, target_ids=targets[:10]))
+    whole = Watcher(channel, ev.WatchRequest())
+    everything = await whole.take(60)
+    whole.cancel()
+    assert len([m for m in whole.messages if m.events]) <= 4  # at most a message per call
+    assert max(len(m.events) for m in whole.messages) > 20  # several calls in one
+    ids = [e.id for e in everything]
+    assert len(set(ids)) == 60
+    tokens = WatchTokens(
+        await conn.fetchval("SELECT value FROM service_secrets WHERE name = 'cursor'")
+    )
+    hub = service.watch_hub
+    assert hub is not None
+    hub.max_events = 7
+    small = Watcher(channel, ev.WatchRequest(start_after=everything[2].position))
+    assert [e.id for e in await small.take(57)] == ids[3:]
+    small.cancel()
+    sizes = [len(m.events) for m in small.messages if m.events]
+    assert max(sizes) == 7
+    assert sum(sizes) == 57
+    for message in small.messages:
+        if message.events:
+            last = tokens.decode(message.events[-1].position)
+            assert tokens.decode(message.position) >= last
+    middle = small.messages[1]
+    for start_after, expected in (
+        (middle.events[3].position, ids.index(middle.events[3].id) + 1),
+        (middle.position, ids.index(middle.events[-1].id) + 1),
+    ):
+        resumed = Watcher(channel, ev.WatchRequest(start_after=start_after))
+        assert [e.id for e in await resumed.take(60 - expected)] == ids[expected:]
+        await resumed.nothing_for(0.3)
+        resumed.cancel()
+
+
 async def _insert_event(conn: asyncpg.Connection, user_id: str, other: str) -> None:
     await conn.execute(
         "INSERT INTO follow_events (user_id, kind, others, at) VALUES ($1, 1, $2, now())",
@@ -309,9 +374,9 @@ async def test_concurrent_writers_replayed_equal_the_final_graph(
         while True:
             watcher = Watcher(channel, ev.WatchRequest(start_after=position))
             try:
-                for _ in range(rng.randint(1, 15)):
+                for _ in range(rng.randint(1, 15)):  # cut anywhere, inside a message too
                     message = await watcher.next()
-                    if message.kind != ev.EVENT_KIND_HEARTBEAT:
+                    if isinstance(message, ev.Event):
                         resumed.append(message)
                     position = message.position
             finally:
@@ -378,7 +443,7 @@ async def test_bad_requests_are_invalid_argument(
     raw = channel.unary_stream(
         "/follow.v1.EventService/Watch",
         request_serializer=lambda b: b,
-        response_deserializer=ev.Event.FromString,
+        response_deserializer=ev.WatchResponse.FromString,
     )
     call = raw(b"\x12\x02\xff\xfe")  # start_after holding invalid UTF-8
     with pytest.raises(grpc.aio.AioRpcError) as failed:
@@ -447,9 +512,9 @@ async def test_a_slow_watcher_keeps_server_memory_bounded_and_misses_nothing(
         got: list[ev.Event] = []
         async with asyncio.timeout(WAIT):
             async for message in call:
-                if message.kind != ev.EVENT_KIND_HEARTBEAT:
-                    got.append(message)
-                if len(got) == 2000:
+                assert len(message.events) <= hub.max_events
+                got.extend(message.events)
+                if len(got) >= 2000:
                     break
         call.cancel()
     assert hub.ring_peak <= 20
@@ -509,9 +574,9 @@ async def test_stopping_the_server_ends_streams_at_once(make_service: ServiceFac
 async def test_heartbeats_keep_an_idle_stream_alive_and_move_its_position(
     make_service: ServiceFactory,
 ) -> None:
-    """A stream with nothing to send gets heartbeats (only position and time set); one
-    filtered to a quiet user moves past the other users' events, so resuming from a
-    heartbeat's position, even unfiltered, does not deliver them again."""
+    """A stream with nothing to send gets heartbeats (messages with no events, only position
+    and time set); one filtered to a quiet user moves past the other users' events, so
+    resuming from a heartbeat's position, even unfiltered, does not deliver them again."""
     service = await make_service(watch_heartbeat_seconds=0.3)
     hub = service.watch_hub
     assert hub is not None
@@ -520,9 +585,9 @@ async def test_heartbeats_keep_an_idle_stream_alive_and_move_its_position(
         watcher = Watcher(channel, ev.WatchRequest(user_ids=["quiet"], only_new=True))
         await wait_watching(service)
         beat = await watcher.heartbeat()
-        assert (beat.id, beat.user_id, beat.other_user_id) == ("", "", "")
+        assert list(beat.events) == []
         assert beat.position
-        assert abs(beat.event_time.seconds - datetime.now(UTC).timestamp()) < 600
+        assert abs(beat.sent_time.seconds - datetime.now(UTC).timestamp()) < 600
         follow = pb_grpc.FollowServiceStub(channel)
         await follow.Follow(pb.FollowRequest(user_id="a", target_ids=["b"]))
         await until(lambda: hub.ring_size >= 1, "the tailer to read the follow")
@@ -636,7 +701,8 @@ async def _watch_samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]
 async def test_watch_metrics_are_scraped(make_service: ServiceFactory) -> None:
     """The /metrics scrape shows the open Watch streams (gauge, back to 0 when the client
     cancels), the per-edge events sent by kind, the outbox reads of a stream catching up
-    from the oldest event, and one lag observation per event, each under a minute."""
+    from the oldest event, and one lag observation per call written (its events share the
+    call's time and a message), each under a minute."""
     service = await make_service(metrics_listen="127.0.0.1:0")
     assert service.metrics_server is not None
     port = service.metrics_server.port
@@ -656,7 +722,7 @@ async def test_watch_metrics_are_scraped(make_service: ServiceFactory) -> None:
         async with asyncio.timeout(WAIT):  # counted just after each write returns
             while True:
                 got = await _watch_samples(port)
-                if sample("follow_watch_lag_seconds_count") >= 4:
+                if sample("follow_watch_lag_seconds_count") >= 3:
                     break
                 await asyncio.sleep(0.05)
         assert sample("follow_watch_streams") == 1
@@ -664,9 +730,9 @@ async def test_watch_metrics_are_scraped(make_service: ServiceFactory) -> None:
         assert sample("follow_watch_events_sent_total", kind="unfollow") == 1
         assert sample("follow_watch_events_sent_total", kind="account_deleted") == 0
         assert sample("follow_watch_catch_up_reads_total") >= 1
-        assert sample("follow_watch_lag_seconds_count") == 4
-        assert 0 <= sample("follow_watch_lag_seconds_sum") < 4 * 60
-        assert sample("follow_watch_lag_seconds_bucket", le="86400.0") == 4
+        assert sample("follow_watch_lag_seconds_count") == 3
+        assert 0 <= sample("follow_watch_lag_seconds_sum") < 3 * 60
+        assert sample("follow_watch_lag_seconds_bucket", le="86400.0") == 3
         watcher.cancel()
         async with asyncio.timeout(WAIT):
             while sample("follow_watch_streams") != 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
@@ -20,12 +20,12 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from follow.v1 import events_pb2 as ev
-from server.outbox import OutboxSource
+from server.outbox import FOLLOWED, OutboxRow, OutboxSource
 from server.status import AbortedError
 from server.store import Store
-from server.watch_hub import WatchHub
+from server.watch_hub import MAX_BATCH_EVENTS, Batch, Slice, WatchHub
 from server.watch_servicer import EventServicer
-from server.watch_token import WatchTokens
+from server.watch_token import Cursor, WatchTokens
 
 EVENT_SERVICE = ev.DESCRIPTOR.services_by_name["EventService"]
 WATCH = EVENT_SERVICE.methods_by_name["Watch"]
@@ -38,11 +38,11 @@ class StreamBridge:
         self._servicer = servicer
         self._loop = loop
 
-    def Watch(self, request: ev.WatchRequest, context: Any) -> Iterator[ev.Event]:
+    def Watch(self, request: ev.WatchRequest, context: Any) -> Iterator[ev.WatchResponse]:
         out: queue.Queue[tuple[str, Any]] = queue.Queue()
 
         class AioContext:
-            async def write(self, message: ev.Event) -> None:
+            async def write(self, message: ev.WatchResponse) -> None:
                 out.put(("event", message))
 
             async def abort(self, code: grpc.StatusCode, details: str, trailing: Any) -> None:
@@ -96,7 +96,8 @@ async def test_watch_through_grpc_testing_sends_per_edge_events(
     bridged: tuple[Any, asyncpg.Pool],
 ) -> None:
     """Two outbox rows (a follow of two users, an unfollow) come out as three Events in
-    order, with kinds, users, ids and positions."""
+    order, with kinds, users, ids and positions, in WatchResponses that each carry a
+    position and the server's time."""
     server, pool = bridged
     await pool.execute(
         "INSERT INTO follow_events (user_id, kind, others, mutual, at)"
@@ -106,7 +107,12 @@ async def test_watch_through_grpc_testing_sends_per_edge_events(
         "INSERT INTO follow_events (user_id, kind, others, at) VALUES ('a', 2, '{b}', now())"
     )
     rpc = server.invoke_unary_stream(WATCH, (), ev.WatchRequest(), 30)
-    got = [await asyncio.to_thread(rpc.take_response) for _ in range(3)]
+    got: list[ev.Event] = []
+    while len(got) < 3:
+        message = await asyncio.to_thread(rpc.take_response)
+        assert message.position
+        assert message.sent_time.seconds > 0
+        got.extend(message.events)
     rpc.cancel()
     assert [(e.kind, e.user_id, e.other_user_id, e.mutual_change) for e in got] == [
         (ev.EVENT_KIND_FOLLOW, "a", "b", ev.MUTUAL_CHANGE_NONE),
@@ -136,3 +142,29 @@ async def test_a_forged_position_through_grpc_testing_is_invalid_argument(
         "follow.v1",
         "start_after",
     )
+
+
+def test_a_full_message_of_the_longest_events_stays_well_under_the_receive_limit() -> None:
+    """500 events (the hub's bound per message) with 32-byte user ids, the longest ids and
+    positions the service makes, serialise to under 100 KB: far inside the 256 KiB receive
+    limit clients here use (and gRPC's 4 MiB default)."""
+    tokens = WatchTokens(b"k" * 32)
+    servicer = EventServicer(cast(WatchHub, None), tokens)
+    others = tuple(f"{i:0>32}" for i in range(MAX_BATCH_EVENTS))
+    row = OutboxRow(
+        user_id="u" * 32,
+        id=2**63 - 1,
+        txid=2**62,
+        kind=FOLLOWED,
+        others=others,
+        mutual=frozenset(others),
+        at_us=2**52,
+        client_ip="",
+        platform="",
+    )
+    batch = Batch((Slice(row, 0, MAX_BATCH_EVENTS),), Cursor(row.position))
+    message = servicer.response(batch)
+    assert len(message.events) == MAX_BATCH_EVENTS
+    assert message.events[-1].position == message.position
+    assert tokens.decode(message.events[0].position) == Cursor(row.position, 1)
+    assert len(message.SerializeToString()) < 100_000

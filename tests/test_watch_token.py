@@ -5,6 +5,8 @@ INVALID_POSITION; a cursor inside a row reads that row again."""
 from __future__ import annotations
 
 import base64
+import hmac
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -31,6 +33,28 @@ def test_a_position_round_trips_and_is_url_safe() -> None:
         assert len(token) <= 60
         assert token.replace("-", "").replace("_", "").isalnum()
         assert tokens.decode(token) == cursor
+
+
+def test_a_rows_tokens_are_those_encode_makes() -> None:
+    """The tokens made together for the events of one row (one hash of the row's part) are
+    exactly encode()'s, and decode to each event's cursor."""
+    tokens = WatchTokens(KEY)
+    position = Position(2**40, 12345)
+    dones = [1, 2, 3, COMPLETE]
+    made = tokens.row_tokens(position, dones)
+    assert made == [tokens.encode(Cursor(position, d)) for d in dones]
+    assert [tokens.decode(t) for t in made] == [Cursor(position, d) for d in dones]
+
+
+def test_a_token_of_the_draft_format_is_refused() -> None:
+    """A position of the unreleased draft (version 1, HMAC-SHA256 with the page-token key)
+    is INVALID_POSITION, never read as a place in the stream."""
+    payload = struct.pack(">BQqI", 1, 5, 7, 1)
+    mac = hmac.new(KEY, b"follow.v1.EventService/Watch position\x00" + payload, "sha256")
+    old = base64.urlsafe_b64encode(payload + mac.digest()[:16]).rstrip(b"=").decode()
+    with pytest.raises(ServiceError) as refused:
+        WatchTokens(KEY).decode(old)
+    assert refused.value.reason is Reason.INVALID_POSITION
 
 
 def test_a_cursor_inside_a_row_reads_the_row_again() -> None:

@@ -186,14 +186,15 @@ async def _consume(pipe: Connection, token: str) -> None:
                     stream = ev_rpc.EventServiceStub(channel).Watch(
                         ev.WatchRequest(start_after=position)
                     )
-                    async for event in stream:
-                        if event.kind == ev.EVENT_KIND_HEARTBEAT:
+                    async for message in stream:
+                        if not message.events:
                             got.heartbeats += 1
-                        else:
+                        now = time.time()
+                        for event in message.events:
                             t = event.event_time
                             micros = t.seconds * 1_000_000 + t.nanos // 1000
-                            got.seen.append(Seen(time.time(), event.id, micros))
-                        position = event.position
+                            got.seen.append(Seen(now, event.id, micros))
+                        position = message.position
             except grpc.aio.AioRpcError as error:
                 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
                     got.errors.append(f"Watch: {error.code().name} {error.details()}")

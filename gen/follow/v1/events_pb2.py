@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66ollow/v1/events.proto\x12\tfollow.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x0cWatchRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x13\n\x0bstart_after\x18\x02 \x01(\t\x12\x10\n\x08only_new\x18\x03 \x01(\x08\"\xd1\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.follow.v1.EventKind\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x15\n\rother_user_id\x18\x04 \x01(\t\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\rmutual_change\x18\x06 \x01(\x0e\x32\x17.follow.v1.MutualChange\x12\x10\n\x08position\x18\x07 \x01(\t*\x91\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_FOLLOW\x10\x01\x12\x17\n\x13\x45VENT_KIND_UNFOLLOW\x10\x02\x12\x1e\n\x1a\x45VENT_KIND_ACCOUNT_DELETED\x10\x03\x12\x18\n\x14\x45VENT_KIND_HEARTBEAT\x10\x04*o\n\x0cMutualChange\x12\x16\n\x12MUTUAL_CHANGE_NONE\x10\x00\x12\x1f\n\x1bMUTUAL_CHANGE_BECAME_MUTUAL\x10\x01\x12&\n\"MUTUAL_CHANGE_STOPPED_BEING_MUTUAL\x10\x02\x32\x44\n\x0c\x45ventService\x12\x34\n\x05Watch\x12\x17.follow.v1.WatchRequest\x1a\x10.follow.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66ollow/v1/events.proto\x12\tfollow.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x0cWatchRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12\x13\n\x0bstart_after\x18\x02 \x01(\t\x12\x10\n\x08only_new\x18\x03 \x01(\x08\"\xd1\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.follow.v1.EventKind\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x15\n\rother_user_id\x18\x04 \x01(\t\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\rmutual_change\x18\x06 \x01(\x0e\x32\x17.follow.v1.MutualChange\x12\x10\n\x08position\x18\x07 \x01(\t\"r\n\rWatchResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.follow.v1.Event\x12\x10\n\x08position\x18\x02 \x01(\t\x12-\n\tsent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x93\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_KIND_FOLLOW\x10\x01\x12\x17\n\x13\x45VENT_KIND_UNFOLLOW\x10\x02\x12\x1e\n\x1a\x45VENT_KIND_ACCOUNT_DELETED\x10\x03\"\x04\x08\x04\x10\x04*\x14\x45VENT_KIND_HEARTBEAT*o\n\x0cMutualChange\x12\x16\n\x12MUTUAL_CHANGE_NONE\x10\x00\x12\x1f\n\x1bMUTUAL_CHANGE_BECAME_MUTUAL\x10\x01\x12&\n\"MUTUAL_CHANGE_STOPPED_BEING_MUTUAL\x10\x02\x32L\n\x0c\x45ventService\x12<\n\x05Watch\x12\x17.follow.v1.WatchRequest\x1a\x18.follow.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'follow.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTKIND']._serialized_start=356
-  _globals['_EVENTKIND']._serialized_end=501
-  _globals['_MUTUALCHANGE']._serialized_start=503
-  _globals['_MUTUALCHANGE']._serialized_end=614
+  _globals['_EVENTKIND']._serialized_start=472
+  _globals['_EVENTKIND']._serialized_end=619
+  _globals['_MUTUALCHANGE']._serialized_start=621
+  _globals['_MUTUALCHANGE']._serialized_end=732
   _globals['_WATCHREQUEST']._serialized_start=70
   _globals['_WATCHREQUEST']._serialized_end=141
   _globals['_EVENT']._serialized_start=144
   _globals['_EVENT']._serialized_end=353
-  _globals['_EVENTSERVICE']._serialized_start=616
-  _globals['_EVENTSERVICE']._serialized_end=684
+  _globals['_WATCHRESPONSE']._serialized_start=355
+  _globals['_WATCHRESPONSE']._serialized_end=469
+  _globals['_EVENTSERVICE']._serialized_start=734
+  _globals['_EVENTSERVICE']._serialized_end=810
 # @@protoc_insertion_point(module_scope)

@@ -6,13 +6,16 @@ stable order, resumable after a disconnect or a server restart with nothing lost
 
 Every change the service acknowledges was written, in its own transaction, to an outbox
 (one row per call). Watch reads that outbox past a visibility horizon, so an event is
-never skipped because a transaction with a smaller id committed later, and sends one
-Event per edge (a Follow of 3 users is 3 Events). Events of one acting user arrive in the
-order their calls committed; events of different users may interleave in any order.
+never skipped because a transaction with a smaller id committed later. There is one Event
+per edge (a Follow of 3 users is 3 Events); a WatchResponse carries several of them, in
+stream order (the events of one or more calls, at most 500, so a message stays under
+100 KB), and each Event keeps its own id and position. Events of one acting user arrive in
+the order their calls committed; events of different users may interleave in any order.
 
-Guarantees, for a client that keeps the `position` of the last Event it processed and,
-after any failure (a dropped connection, a server restart, UNAVAILABLE), calls Watch again
-with `start_after` set to it:
+Guarantees, for a client that keeps the position of the last Event it processed (or the
+WatchResponse's `position` once it processed all of a message's events) and, after any
+failure (a dropped connection, a server restart, UNAVAILABLE), calls Watch again with
+`start_after` set to it:
 - every committed event is delivered, none is skipped (no gap), also across restarts;
 - nothing is repeated except what was in flight when the stream broke (events sent but
   not yet processed by the client);
@@ -63,13 +66,6 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     account, `other_user_id` empty): its followers no longer follow it and it follows
     nobody. A later import of the same id is a new account with no relationships.
     """
-    EVENT_KIND_HEARTBEAT: _EventKind.ValueType  # 4
-    """Not a change: sent when the stream has had nothing to send for a while (15 s by
-    default, --watch-heartbeat-seconds), so that idle connections stay open through proxies
-    and the client learns its position advanced (events of users it did not ask for, or
-    none at all). Only `position` and `event_time` (the server's clock) are set; keep the
-    position like any other, so a filtered stream does not resume from far behind.
-    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an Event records."""
@@ -84,13 +80,6 @@ EVENT_KIND_ACCOUNT_DELETED: EventKind.ValueType  # 3
 """The account `user_id` was deleted, with every relationship it had (one event per
 account, `other_user_id` empty): its followers no longer follow it and it follows
 nobody. A later import of the same id is a new account with no relationships.
-"""
-EVENT_KIND_HEARTBEAT: EventKind.ValueType  # 4
-"""Not a change: sent when the stream has had nothing to send for a while (15 s by
-default, --watch-heartbeat-seconds), so that idle connections stay open through proxies
-and the client learns its position advanced (events of users it did not ask for, or
-none at all). Only `position` and `event_time` (the server's clock) are set; keep the
-position like any other, so a filtered stream does not resume from far behind.
 """
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
@@ -130,9 +119,9 @@ class WatchRequest(_message.Message):
     START_AFTER_FIELD_NUMBER: _builtins.int
     ONLY_NEW_FIELD_NUMBER: _builtins.int
     start_after: _builtins.str
-    """The `position` of an Event (or heartbeat) received earlier: the stream starts with the
-    event after it, also when that one belongs to the same call (a Follow of 3 users cut
-    after the second event resumes with the third). Empty: from the oldest event still
+    """The `position` of an Event or of a WatchResponse received earlier: the stream starts
+    with the event after it, also when that one belongs to the same call (a Follow of 3
+    users cut after the second event resumes with the third, in whatever message it was). Empty: from the oldest event still
     retained. Opaque; a malformed or altered value is INVALID_ARGUMENT / INVALID_POSITION.
     A position does not depend on `user_ids`: a stream may resume with another filter.
     """
@@ -185,13 +174,14 @@ class Event(_message.Message):
     user_id: _builtins.str
     """The acting user: the one who followed or unfollowed, or the deleted account."""
     other_user_id: _builtins.str
-    """The user followed or unfollowed; empty for ACCOUNT_DELETED and HEARTBEAT."""
+    """The user followed or unfollowed; empty for ACCOUNT_DELETED."""
     mutual_change: Global___MutualChange.ValueType
     """Whether the pair became or stopped being mutual."""
     position: _builtins.str
     """Where this event stands in the stream: pass it as WatchRequest.start_after to resume
-    after this event. Opaque and URL-safe, about 50 characters; valid on every server
-    process of the deployment until retention deletes the events after it.
+    after this event (also when it is not the last of its WatchResponse). Opaque and
+    URL-safe, about 50 characters; valid on every server process of the deployment until
+    retention deletes the events after it.
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
@@ -215,3 +205,48 @@ class Event(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class WatchResponse(_message.Message):
+    """One message of the stream: a batch of events, or a heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    SENT_TIME_FIELD_NUMBER: _builtins.int
+    position: _builtins.str
+    """Where the stream stands after this message: the position of its last event, or further
+    on (a filtered stream's position moves past the events it left out), or, for a
+    heartbeat, the stream's current place. Keep it once every event of the message is
+    processed (heartbeats included), so a filtered stream does not resume from far behind;
+    like an Event's position it is opaque and valid as WatchRequest.start_after.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """The next events of the stream, in order: 1 to 500 of them (whole calls when they fit;
+        a call with more events than fit goes on in the next message), or none for a
+        heartbeat. A heartbeat is sent when the stream has had nothing to send for a while (15 s
+        by default, --watch-heartbeat-seconds), so that idle connections stay open through
+        proxies and the client learns its position advanced (past events of users it did not
+        ask for, or past none at all).
+        """
+
+    @_builtins.property
+    def sent_time(self) -> _timestamp_pb2.Timestamp:
+        """The server's clock when it sent this message."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+        position: _builtins.str = ...,
+        sent_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_time", b"sent_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "position", b"position", "sent_time", b"sent_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015

@@ -38,7 +38,7 @@ class EventServiceStub:
         self.Watch = channel.unary_stream(
                 '/follow.v1.EventService/Watch',
                 request_serializer=follow_dot_v1_dot_events__pb2.WatchRequest.SerializeToString,
-                response_deserializer=follow_dot_v1_dot_events__pb2.Event.FromString,
+                response_deserializer=follow_dot_v1_dot_events__pb2.WatchResponse.FromString,
                 _registered_method=True)
 
 
@@ -62,7 +62,7 @@ def add_EventServiceServicer_to_server(servicer, server):
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
                     request_deserializer=follow_dot_v1_dot_events__pb2.WatchRequest.FromString,
-                    response_serializer=follow_dot_v1_dot_events__pb2.Event.SerializeToString,
+                    response_serializer=follow_dot_v1_dot_events__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,7 +92,7 @@ class EventService:
             target,
             '/follow.v1.EventService/Watch',
             follow_dot_v1_dot_events__pb2.WatchRequest.SerializeToString,
-            follow_dot_v1_dot_events__pb2.Event.FromString,
+            follow_dot_v1_dot_events__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,13 +6,16 @@ stable order, resumable after a disconnect or a server restart with nothing lost
 
 Every change the service acknowledges was written, in its own transaction, to an outbox
 (one row per call). Watch reads that outbox past a visibility horizon, so an event is
-never skipped because a transaction with a smaller id committed later, and sends one
-Event per edge (a Follow of 3 users is 3 Events). Events of one acting user arrive in the
-order their calls committed; events of different users may interleave in any order.
+never skipped because a transaction with a smaller id committed later. There is one Event
+per edge (a Follow of 3 users is 3 Events); a WatchResponse carries several of them, in
+stream order (the events of one or more calls, at most 500, so a message stays under
+100 KB), and each Event keeps its own id and position. Events of one acting user arrive in
+the order their calls committed; events of different users may interleave in any order.
 
-Guarantees, for a client that keeps the `position` of the last Event it processed and,
-after any failure (a dropped connection, a server restart, UNAVAILABLE), calls Watch again
-with `start_after` set to it:
+Guarantees, for a client that keeps the position of the last Event it processed (or the
+WatchResponse's `position` once it processed all of a message's events) and, after any
+failure (a dropped connection, a server restart, UNAVAILABLE), calls Watch again with
+`start_after` set to it:
 - every committed event is delivered, none is skipped (no gap), also across restarts;
 - nothing is repeated except what was in flight when the stream broke (events sent but
   not yet processed by the client);
@@ -59,7 +62,7 @@ class EventServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EventServiceAsyncStub: ...
-    Watch: _grpc.UnaryStreamMultiCallable[_events_pb2.WatchRequest, _events_pb2.Event]
+    Watch: _grpc.UnaryStreamMultiCallable[_events_pb2.WatchRequest, _events_pb2.WatchResponse]
     """Streams the events after a position, then every new one as it commits, until the
     client cancels. See the guarantees above. Long-lived streams do not count against the
     server's bound of in-flight calls (--max-in-flight); they have their own bound per
@@ -71,7 +74,7 @@ class EventServiceAsyncStub(EventServiceStub):
     """A stream of change events."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Watch: _aio.UnaryStreamMultiCallable[_events_pb2.WatchRequest, _events_pb2.Event]  # type: ignore[assignment]
+    Watch: _aio.UnaryStreamMultiCallable[_events_pb2.WatchRequest, _events_pb2.WatchResponse]  # type: ignore[assignment]
     """Streams the events after a position, then every new one as it commits, until the
     client cancels. See the guarantees above. Long-lived streams do not count against the
     server's bound of in-flight calls (--max-in-flight); they have their own bound per
@@ -86,7 +89,7 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _events_pb2.WatchRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_events_pb2.Event], _abc.AsyncIterator[_events_pb2.Event]]:
+    ) -> _typing.Union[_abc.Iterator[_events_pb2.WatchResponse], _abc.AsyncIterator[_events_pb2.WatchResponse]]:
         """Streams the events after a position, then every new one as it commits, until the
         client cancels. See the guarantees above. Long-lived streams do not count against the
         server's bound of in-flight calls (--max-in-flight); they have their own bound per
