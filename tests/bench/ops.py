@@ -69,6 +69,7 @@ from tests.bench.run import (
     machine,
     seed_key,
     start_server,
+    upgrade_seed,
 )
 
 # The issue's target for other users' calls while an operation runs.
@@ -473,6 +474,7 @@ async def ensure_ops_seed(
     that works makes the same one)."""
     key = seed_key(params)
     name, staging = f"ops_seed_{key}", f"ops_seeding_{key}"
+    await upgrade_seed(database, params, prefix="ops_seed_")
     admin = await asyncpg.connect(database.url)
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)

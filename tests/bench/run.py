@@ -127,10 +127,39 @@ def db_url(base: Database, name: str) -> str:
     return f"{head.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
 
 
-def seed_key(params: graphs.GraphParams) -> str:
-    schema = max(v for v, _, _ in MIGRATIONS)
+def seed_key(params: graphs.GraphParams, schema: int | None = None) -> str:
+    if schema is None:
+        schema = max(v for v, _, _ in MIGRATIONS)
     text = f"{params.key()}|schema={schema}|seed={SEED_VERSION}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+async def upgrade_seed(
+    database: Database, params: graphs.GraphParams, prefix: str = "seed_"
+) -> bool:
+    """Bring a template seeded under an older schema up to this one with the service's own
+    migrations (what every deployment's data goes through at start), instead of importing
+    the graph again: a new migration made every bench reseed, which through the importer
+    takes minutes per million edges (bench-scale's 10M template: most of an hour)."""
+    current = max(v for v, _, _ in MIGRATIONS)
+    admin = await asyncpg.connect(database.url)
+    try:
+        for schema in range(current - 1, 0, -1):
+            old = f"{prefix}{seed_key(params, schema)}"
+            if await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", old):
+                break
+        else:
+            return False
+        conn = await asyncpg.connect(db_url(database, old))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        await admin.execute(f"ALTER DATABASE {old} RENAME TO {prefix}{seed_key(params)}")
+        print(f"{old}: migrated from schema {schema} to {current}", file=sys.stderr)
+        return True
+    finally:
+        await admin.close()
 
 
 # -- seeding --------------------------------------------------------------------------------
@@ -142,6 +171,7 @@ async def ensure_seed(
     """The template database for `params` (seeded now unless cached) and its metadata."""
     key = seed_key(params)
     name, staging = f"seed_{key}", f"seeding_{key}"
+    await upgrade_seed(database, params)
     admin = await asyncpg.connect(database.url)
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
