@@ -144,6 +144,9 @@ async def upgrade_seed(
     current = max(v for v, _, _ in MIGRATIONS)
     admin = await asyncpg.connect(database.url)
     try:
+        wanted = f"{prefix}{seed_key(params)}"
+        if await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", wanted):
+            return False
         for schema in range(current - 1, 0, -1):
             old = f"{prefix}{seed_key(params, schema)}"
             if await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", old):
@@ -155,7 +158,7 @@ async def upgrade_seed(
             await migrate(conn)
         finally:
             await conn.close()
-        await admin.execute(f"ALTER DATABASE {old} RENAME TO {prefix}{seed_key(params)}")
+        await admin.execute(f"ALTER DATABASE {old} RENAME TO {wanted}")
         print(f"{old}: migrated from schema {schema} to {current}", file=sys.stderr)
         return True
     finally:
