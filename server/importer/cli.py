@@ -19,10 +19,11 @@ from server.config import (
     add_database_flags,
     add_progress_flags,
     input_file,
+    positive_float,
     positive_int,
 )
 from server.database import Database, open_database, redact
-from server.importer.options import ImportOptions
+from server.importer.options import DEFAULT_BATCH_SECONDS, ImportOptions
 from server.importer.report import ImportAbortedError, ImportIncompleteError, ImportReport
 from server.importer.transaction import ImportBusyError, import_graph
 
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many users one user may follow; edges beyond it are bad rows "
         "(FOLLOW_MAX_FOLLOWING, default %(default)s)",
     )
+    parser.add_argument(
+        "--batch-seconds",
+        type=positive_float,
+        default=DEFAULT_BATCH_SECONDS,
+        help="how long each merge transaction should hold its users' locks; batches grow "
+        "or shrink to it (default %(default)s)",
+    )
     add_progress_flags(parser)
     return parser
 
@@ -97,7 +105,9 @@ async def _run(args: argparse.Namespace) -> int:
             redact(database.url),
             time.perf_counter() - started,
         )
-        options = ImportOptions(args.skip_bad_rows, args.max_following, args.progress)
+        options = ImportOptions(
+            args.skip_bad_rows, args.max_following, args.progress, args.batch_seconds
+        )
         try:
             report = await import_graph(
                 database.url,
@@ -134,7 +144,8 @@ def _print_summary(report: ImportReport) -> None:
     print(
         f"imported {report.accounts_written} account(s) and {report.edges_added} new edge(s)"
         f" ({report.edges_already_present} already present,"
-        f" {report.bad_row_count} bad row(s) skipped) in {report.batches} batch(es),"
+        f" {report.bad_row_count} bad row(s) skipped) in {report.batches} batch(es)"
+        f" (largest {report.largest_batch} edges, longest {report.longest_batch:.2f}s),"
         f" {report.seconds:.1f}s ({report.edges_per_second:,.0f} edges/s)",
         file=sys.stderr,
     )

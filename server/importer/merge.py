@@ -1,6 +1,15 @@
 """From the staging tables into the live ones, in bounded batches, each its own short
 transaction, while the service keeps serving: accounts first (ACCOUNT_BATCH ids at a time),
-then the new edges a range of followers at a time (about EDGE_BATCH edges).
+then the new edges a range of followers at a time.
+
+An edge batch is a run of the plan's consecutive chunks (server.importer.staging, about
+CHUNK_EDGES edges each), sized to a time budget (ImportOptions.batch_seconds, 0.2 s): each
+batch's hold time (gate to commit) gives the rate, and the next batch gets the edges that
+rate writes in the budget, at most twice the last size (so a batch that ran slow is
+followed by a smaller one at once, and growth is gradual), at most MAX_BATCH_EDGES edges
+and MAX_BATCH_FOLLOWERS followers (one advisory lock each, in the shared lock table).
+So the locks a service call may wait for stay bounded by about the budget, on a loaded box
+as on an idle one, while an idle box writes bigger batches (fewer round trips per edge).
 
 Each batch takes its locks the way a service call does (server.store's lock discipline: a
 transaction touches rows owned by user U only while it holds a lock on U's follow_counts
@@ -33,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, TypeVar
 
@@ -40,7 +50,7 @@ import asyncpg
 
 from server.importer.options import ImportOptions
 from server.importer.report import BadRow, ImportReport, progress_bar
-from server.importer.staging import BEING_DELETED, Batch, Staging
+from server.importer.staging import BEING_DELETED, CHUNK_EDGES, Batch, Staging
 from server.store import _GATE, DELTA_SHARDS
 
 if TYPE_CHECKING:
@@ -153,9 +163,9 @@ FROM import_batch_rev b
 WHERE g.user_id = b.target AND g.target_id = b.follower AND g.mutual_since IS NULL
 RETURNING g.user_id
 """
-_PRESENT = "SELECT count(*) FROM import_batch WHERE verdict = 1"
 _PER_TARGET = "SELECT target, count(*) FROM import_batch_rev GROUP BY target"
-_REFUSED = "SELECT line, follower, target, verdict FROM import_batch WHERE verdict >= 2"
+# The edges not added: present (counted) or refused (reported).
+_NOT_ADDED = "SELECT line, follower, target, verdict FROM import_batch WHERE verdict >= 1"
 
 # Counts: the followers' own rows (held FOR UPDATE), the targets' delta rows in id order.
 _ADD_OWN = """
@@ -238,22 +248,76 @@ async def write_accounts(
     report.lap("write accounts")
 
 
-# Every statement of a batch joins its few thousand rows with the live tables by their
-# keys: index lookups (nested loops). Left to itself the planner may hash or sort a whole
-# live table for a batch, which costs what the table costs, not what the batch does.
-_BATCH_PLANS = "SET enable_hashjoin = off; SET enable_mergejoin = off"
+# Every statement of a batch joins its rows with the live tables by their keys: index
+# lookups (nested loops). Left to itself the planner may hash or sort a whole live table
+# for a batch, which costs what the table costs, not what the batch does. No Memoize either:
+# a batch names each edge once, so its cache never hits.
+_BATCH_PLANS = """
+SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_memoize = off;
+SET plan_cache_mode = force_custom_plan
+"""
+_RESET_PLANS = """
+RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_memoize; RESET plan_cache_mode
+"""
+# And each batch's statements are planned for that batch (one PostgreSQL): a prepared
+# statement without parameters keeps the plan made at its first run, when the live tables
+# may have been empty (a nested loop over a sequential scan of `following` then, run per
+# batch row once the table holds millions: batches got slower as the import went on). The
+# batch table needs no ANALYZE for these plans (the original cost ~15% of each batch): a
+# temporary table never analysed is estimated from its size, and a nested loop has it outside.
+_REPLAN = "DISCARD PLANS"
+
+MAX_BATCH_EDGES = 200_000  # whatever the time budget allows
+# Exclusive advisory locks per batch (one per follower): PostgreSQL's lock table is shared
+# by every session (max_locks_per_transaction x max_connections entries, 6,400+ by default).
+MAX_BATCH_FOLLOWERS = 2_000
+FIRST_BATCH_EDGES = 2_500  # before any batch has been timed
+
+
+def next_batch_edges(size: int, edges: int, seconds: float, budget: float) -> int:
+    """The next batch's size: what the last one's rate (`edges` in `seconds`) writes in
+    `budget`, at most twice `size`, at least one chunk, at most MAX_BATCH_EDGES."""
+    want = edges * budget / seconds if seconds > 0 else 2 * size
+    return int(max(CHUNK_EDGES, min(2 * size, want, MAX_BATCH_EDGES)))
+
+
+def _take(chunks: list[Batch], start: int, size: int) -> int:
+    """The end of the run of chunks from `start` that makes the next batch: at least one,
+    then as many as fit in `size` edges and MAX_BATCH_FOLLOWERS followers."""
+    end = start + 1
+    edges, followers = chunks[start].edges, chunks[start].followers
+    while end < len(chunks):
+        nxt = chunks[end]
+        if edges + nxt.edges > size or followers + nxt.followers > MAX_BATCH_FOLLOWERS:
+            break
+        edges += nxt.edges
+        followers += nxt.followers
+        end += 1
+    return end
 
 
 async def write_edges(
-    conn: Conn, staging: Staging, batches: list[Batch], report: ImportReport, options: ImportOptions
+    conn: Conn, staging: Staging, chunks: list[Batch], report: ImportReport, options: ImportOptions
 ) -> None:
-    """import_new into both edge tables, with mutual state and counts, batch by batch."""
+    """import_new into both edge tables, with mutual state and counts, batch by batch, each
+    batch sized to options.batch_seconds (see the module's doc)."""
     await conn.execute(_BATCH_PLANS)
-    total = sum(b.edges for b in batches)
+    total = sum(b.edges for b in chunks)
+    size = FIRST_BATCH_EDGES
+    start = number = 0
     with progress_bar(options, "merging", total, "edge") as bar:
-        for number, batch in enumerate(batches):
+        while start < len(chunks):
+            end = _take(chunks, start, size)
+            batch = Batch.join(chunks[start:end])
+            began = time.perf_counter()
             await _write_batch(conn, staging, number, batch, report, options)
+            seconds = time.perf_counter() - began
+            report.largest_batch = max(report.largest_batch, batch.edges)
+            report.longest_batch = max(report.longest_batch, seconds)
+            size = next_batch_edges(size, batch.edges, seconds, options.batch_seconds)
             bar.update(batch.edges)
+            start, number = end, number + 1
+    await conn.execute(_RESET_PLANS)
     report.lap("write edges")
 
 
@@ -265,6 +329,8 @@ async def _write_batch(
     report: ImportReport,
     options: ImportOptions,
 ) -> None:
+    if not staging.citus:
+        await conn.execute(_REPLAN)
     acts: dict[str, bool] = {}
     for user_id, is_follower in await conn.fetch(_BATCH_USERS, batch.lo, batch.hi):
         acts[user_id] = acts.get(user_id, False) or is_follower
@@ -272,15 +338,11 @@ async def _write_batch(
     followers = [u for u in ordered if acts[u]]
     shard = number % DELTA_SHARDS
 
-    async def work() -> tuple[int, int, list[asyncpg.Record]]:
+    async def work() -> tuple[int, list[asyncpg.Record]]:
         await staging.clear(conn)
         await conn.execute(_GATE, followers, None, True)
         gone = await _lock_rows(conn, staging, ordered, acts)
         await conn.execute(_VERDICTS, batch.lo, batch.hi, options.max_following, gone)
-        if not staging.citus:
-            # Statistics, so the planner drives the joins from the batch's rows (a fresh
-            # temporary table has none; on Citus each worker plans its own shards).
-            await conn.execute("ANALYZE import_batch")
         await staging.fill(conn, "import_batch_rev")
         await conn.execute(_INSERT_FOLLOWERS)
         added = await conn.fetch(_INSERT_FOLLOWING)
@@ -291,13 +353,14 @@ async def _write_batch(
         own = sorted((u, n, own_mutual[u]) for u, n in own_added.items())
         theirs = sorted((r[0], r[1], their_mutual[r[0]]) for r in per_target)
         await _add_counts(conn, staging, own, theirs, shard)
-        present: int = await conn.fetchval(_PRESENT)
-        return len(added), present, await conn.fetch(_REFUSED)
+        return len(added), await conn.fetch(_NOT_ADDED)
 
-    added, present, refused = await _in_transaction(conn, report, work)
+    added, not_added = await _in_transaction(conn, report, work)
     report.edges_added += added
-    report.edges_already_present += present
-    for line, follower, target, verdict in refused:
+    for line, follower, target, verdict in not_added:
+        if verdict == PRESENT:
+            report.edges_already_present += 1
+            continue
         problem = _refusal(verdict, follower, target, options.max_following)
         report.add_bad(BadRow("edges", line, problem))
         report.refused_while_merging += 1

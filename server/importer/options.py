@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from server import rules
 
+# How long one merge batch should hold its users' locks (what a service call on one of them
+# may wait): the merge sizes its batches to it (server.importer.merge).
+DEFAULT_BATCH_SECONDS = 0.2
+
 
 @dataclass(frozen=True, slots=True)
 class ImportOptions:
@@ -15,3 +19,4 @@ class ImportOptions:
     skip_bad_rows: bool = False
     max_following: int = rules.DEFAULT_MAX_FOLLOWING
     progress: bool = True
+    batch_seconds: float = DEFAULT_BATCH_SECONDS

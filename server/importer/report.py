@@ -50,6 +50,8 @@ class ImportReport:
     edges_added: int = 0
     edges_already_present: int = 0
     batches: int = 0  # merge transactions of edges committed
+    largest_batch: int = 0  # edges in the largest of them
+    longest_batch: float = 0.0  # seconds the longest of them held its locks
     refused_while_merging: int = 0  # bad rows found under the merge's locks (see merge)
     retries: int = 0  # merge transactions run again after a deadlock (none expected)
     bad_rows: list[BadRow] = field(default_factory=list)

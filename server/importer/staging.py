@@ -7,8 +7,9 @@ Rows are COPYed into staging tables (import_accounts, import_edges; bad rows fou
 in import_bad). The checks (accounts being deleted, self-follows, unknown accounts,
 duplicate edges in the file, followers the import would take over the cap) are set-based
 statements over the staged rows, made against the live tables as they are at that moment,
-and leave import_profiles (the accounts to write) and import_new (the edges to add, numbered
-`seq` in (follower, target) order); server.importer.merge writes them in batches and checks
+and leave import_profiles (the accounts to write) and import_new (the edges to add, written in
+(follower, target) order), cut into chunks of about CHUNK_EDGES edges (ranges of
+followers); server.importer.merge writes them in batches of consecutive chunks and checks
 again, under the locks, what the service may have changed since (the cap, deletions, edges
 it added).
 
@@ -30,7 +31,7 @@ statement reads the same on both and nothing is copied where nothing has to move
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
@@ -304,28 +305,44 @@ WHERE r.nth > r.room
 
 _DROP_LINES = "DELETE FROM import_new WHERE line = ANY($1::int[])"
 
-# The merge's batches: ranges of followers (each follower's new edges in one batch, so its
+# The merge's chunks: ranges of followers (each follower's new edges in one chunk, so its
 # cap is checked once, under its lock), cut where the running total of edges plus a weight
-# per follower (each is one more lock to take) passes a multiple of EDGE_BATCH.
+# per follower (each is one more lock to take) passes a multiple of CHUNK_EDGES. The merge
+# writes a run of consecutive chunks per transaction, as many as its time budget allows
+# (server.importer.merge).
 _PLAN = """
-SELECT min(follower) AS lo, max(follower) AS hi, sum(n)::bigint AS edges FROM (
+SELECT min(follower) AS lo, max(follower) AS hi, sum(n)::bigint AS edges,
+       count(*)::int AS followers FROM (
     SELECT follower, n, (sum(n + $2::bigint) OVER (ORDER BY follower)::bigint - 1) / $1::bigint
-           AS batch
+           AS chunk
     FROM (SELECT follower, count(*) AS n FROM import_new GROUP BY follower) p
 ) q
-GROUP BY batch ORDER BY batch
+GROUP BY chunk ORDER BY chunk
 """
-EDGE_BATCH = 2_500  # edges per merge transaction (their weight: see _PLAN)
-FOLLOWER_WEIGHT = 5  # so a batch of one-edge followers takes ~400 exclusive locks, not 2,500
+CHUNK_EDGES = 500  # the unit the merge's batches are made of (their weight: see _PLAN)
+FOLLOWER_WEIGHT = 5  # so a chunk of one-edge followers has ~80 followers to lock, not 500
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One merge transaction's share of the new edges: the followers from lo to hi."""
+    """A share of the new edges: the followers from lo to hi, their new edges and how many
+    followers that is (one exclusive advisory lock each). The plan's chunks, and the merge's
+    batches made of runs of them (Batch.join)."""
 
     lo: str
     hi: str
     edges: int
+    followers: int
+
+    @staticmethod
+    def join(run: Sequence[Batch]) -> Batch:
+        """The batch of consecutive chunks."""
+        return Batch(
+            run[0].lo,
+            run[-1].hi,
+            sum(b.edges for b in run),
+            sum(b.followers for b in run),
+        )
 
 
 async def _copy_fast(conn: Conn, table: str, fast: FastReader) -> None:
@@ -405,7 +422,7 @@ async def check_edges(
     staged: int,
 ) -> list[Batch]:
     """Find the bad edge rows SQL can see, fill import_new (the edges to add) and cut it
-    into the merge's batches."""
+    into the chunks the merge's batches are made of."""
     was_empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM following)")
     unknown = _NOT_AN_ACCOUNT
     if staging.citus:
@@ -438,9 +455,9 @@ async def check_edges(
         "CREATE INDEX ON import_new USING brin (follower) WITH (pages_per_range = 8)"
     )
     await conn.execute("ANALYZE import_new")
-    rows = await conn.fetch(_PLAN, EDGE_BATCH, FOLLOWER_WEIGHT)
+    rows = await conn.fetch(_PLAN, CHUNK_EDGES, FOLLOWER_WEIGHT)
     report.lap("plan batches")
-    return [Batch(r["lo"], r["hi"], r["edges"]) for r in rows]
+    return [Batch(r["lo"], r["hi"], r["edges"], r["followers"]) for r in rows]
 
 
 def rowcount(status: str) -> int:
