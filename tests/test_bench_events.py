@@ -89,6 +89,8 @@ def _run(events: str, calls_per_s: float, extra: dict[str, Any]) -> dict[str, An
     return {
         "events": events,
         "label": events,
+        "load_average_start": [1.5, 1.0, 0.5],
+        "load_average_end": [1.5, 1.0, 0.5],
         "outbox_vs_edges": {"edges_net_change": 1, "outbox_net": 1},
         "consumer": {},
         "scenarios": {"grpc:follow20": scenario},
