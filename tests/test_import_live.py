@@ -341,3 +341,52 @@ async def test_a_second_import_at_once_is_refused(db_url: str) -> None:
         assert not await holder.fetchval("SELECT true FROM accounts")
     finally:
         await holder.close()
+
+
+async def test_follows_made_between_the_checks_and_the_merge_count_against_the_cap(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service follows for users of the import after its checks: under the merge's
+    locks an edge the service added is counted as present, and a follower the service took
+    closer to the cap keeps its earliest new follows; the later ones are refused as bad rows
+    ('following limit reached ... while the import ran'), and the counts stay exact."""
+    await import_graph(db_url, io.StringIO("a\nb\nc\nd\ne\n"), None, QUIET)
+    real = merge.write_edges
+
+    async def follow_first(*args: object, **kwargs: object) -> None:
+        pool = await create_pool(db_url, 2)
+        try:
+            store = Store(pool)
+            await store.follow("a", ["e"], 3)
+            await store.follow("b", ["a"], 3)
+        finally:
+            await pool.close()
+        await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transaction, "write_edges", follow_first)
+    edges = f"a,d,{T0 + 2}\na,b,{T0}\na,c,{T0 + 1}\nb,a,{T0}\nc,a,{T0}\n"
+    capped = ImportOptions(progress=False, max_following=3)
+    with pytest.raises(ImportIncompleteError) as raised:
+        await import_graph(db_url, None, io.StringIO(edges), capped)
+    report = raised.value.report
+    assert [(b.line, b.problem) for b in report.bad_rows] == [
+        (
+            1,
+            "following limit reached: a would follow more than 3 users"
+            " (the service added follows while the import ran)",
+        ),
+    ]
+    assert (report.edges_added, report.edges_already_present) == (3, 1)
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch("SELECT user_id, target_id FROM following ORDER BY 1, 2")
+        assert [tuple(r) for r in rows] == [
+            ("a", "b"),
+            ("a", "c"),
+            ("a", "e"),
+            ("b", "a"),
+            ("c", "a"),
+        ]
+        await assert_sound(conn, 3)
+    finally:
+        await conn.close()

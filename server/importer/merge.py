@@ -92,35 +92,50 @@ WHERE (COALESCE(EXCLUDED.nick, a.nick), COALESCE(EXCLUDED.face_url, a.face_url))
 
 # -- edges ---------------------------------------------------------------------------------
 
-# The users a batch locks: its followers (acts) and the users they follow.
+# The users a batch locks: its followers (acts; with their new edges) and the users they
+# follow.
 _BATCH_USERS = """
-SELECT follower AS id, true AS acts FROM import_new WHERE follower BETWEEN $1 AND $2
-GROUP BY follower
+SELECT follower AS id, true AS acts, count(*) AS n FROM import_new
+WHERE follower BETWEEN $1 AND $2 GROUP BY follower
 UNION ALL
-SELECT target, false FROM import_new WHERE follower BETWEEN $1 AND $2 GROUP BY target
+SELECT target, false, 0 FROM import_new WHERE follower BETWEEN $1 AND $2 GROUP BY target
 """
 
 # One PostgreSQL: every counter row of the batch in one statement, in the given order (the
 # outer rows of a nested loop, each locking its row in its own mode before the next); the
-# ids whose row is gone (deleted accounts).
+# rows found, with the followers' following counts.
 _LOCK_ROWS = """
-SELECT u.id FROM unnest($1::text[], $2::bool[]) WITH ORDINALITY AS u(id, acts, n)
-LEFT JOIN LATERAL (SELECT c.user_id FROM follow_counts c
+SELECT coalesce(x.user_id, s.user_id), x.following
+FROM unnest($1::text[], $2::bool[]) WITH ORDINALITY AS u(id, acts, n)
+LEFT JOIN LATERAL (SELECT c.user_id, c.following FROM follow_counts c
                    WHERE c.user_id = u.id AND u.acts FOR UPDATE) x ON true
 LEFT JOIN LATERAL (SELECT c.user_id FROM follow_counts c
                    WHERE c.user_id = u.id AND NOT u.acts FOR SHARE) s ON true
-WHERE x.user_id IS NULL AND s.user_id IS NULL
+WHERE x.user_id IS NOT NULL OR s.user_id IS NOT NULL
 """
 # Citus: one owner per statement (locks are taken shard by shard), sent in runs of one mode.
 _LOCK_ONE = {
-    True: "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR UPDATE",
-    False: "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR SHARE",
+    True: "SELECT user_id, following FROM follow_counts WHERE user_id = $1 FOR UPDATE",
+    False: "SELECT user_id, NULL::bigint FROM follow_counts WHERE user_id = $1 FOR SHARE",
 }
 
 # What becomes of each of the batch's edges, decided under the locks: 0 added, 1 already
 # present (the service or an earlier run added it), 2 over the follower's cap (its
-# earliest new follows are kept), 3 the follower or 4 the target deleted meanwhile.
+# earliest new follows are kept), 3 the follower or 4 the target deleted meanwhile. The
+# cap is counted only for a batch with a follower whose locked count plus its new edges
+# passes it (the service added follows since the checks); otherwise _VERDICTS_UNCAPPED.
 PRESENT, OVER_CAP, FOLLOWER_GONE, TARGET_GONE = 1, 2, 3, 4
+_VERDICTS_UNCAPPED = """
+INSERT INTO import_batch (line, follower, target, at, verdict)
+SELECT n.line, n.follower, n.target, n.at,
+       CASE WHEN n.follower = ANY($3::text[]) THEN 3
+            WHEN n.target = ANY($3::text[]) THEN 4
+            WHEN EXISTS (SELECT FROM following f
+                         WHERE f.user_id = n.follower AND f.target_id = n.target) THEN 1
+            ELSE 0 END
+FROM import_new n
+WHERE n.follower BETWEEN $1 AND $2
+"""
 _VERDICTS = """
 INSERT INTO import_batch (line, follower, target, at, verdict)
 SELECT line, follower, target, at,
@@ -332,8 +347,11 @@ async def _write_batch(
     if not staging.citus:
         await conn.execute(_REPLAN)
     acts: dict[str, bool] = {}
-    for user_id, is_follower in await conn.fetch(_BATCH_USERS, batch.lo, batch.hi):
+    new_edges: dict[str, int] = {}
+    for user_id, is_follower, n in await conn.fetch(_BATCH_USERS, batch.lo, batch.hi):
         acts[user_id] = acts.get(user_id, False) or is_follower
+        if is_follower:
+            new_edges[user_id] = n
     ordered = sorted(acts)
     followers = [u for u in ordered if acts[u]]
     shard = number % DELTA_SHARDS
@@ -341,8 +359,13 @@ async def _write_batch(
     async def work() -> tuple[int, list[asyncpg.Record]]:
         await staging.clear(conn)
         await conn.execute(_GATE, followers, None, True)
-        gone = await _lock_rows(conn, staging, ordered, acts)
-        await conn.execute(_VERDICTS, batch.lo, batch.hi, options.max_following, gone)
+        following = await _lock_rows(conn, staging, ordered, acts)
+        gone = [u for u in ordered if u not in following]
+        cap = options.max_following
+        if any((following.get(u) or 0) + n > cap for u, n in new_edges.items()):
+            await conn.execute(_VERDICTS, batch.lo, batch.hi, cap, gone)
+        else:
+            await conn.execute(_VERDICTS_UNCAPPED, batch.lo, batch.hi, gone)
         await staging.fill(conn, "import_batch_rev")
         await conn.execute(_INSERT_FOLLOWERS)
         added = await conn.fetch(_INSERT_FOLLOWING)
@@ -369,16 +392,19 @@ async def _write_batch(
 
 async def _lock_rows(
     conn: Conn, staging: Staging, ordered: list[str], acts: dict[str, bool]
-) -> list[str]:
-    """Lock the batch's counter rows in id order; the ids whose row is gone."""
+) -> dict[str, int | None]:
+    """Lock the batch's counter rows in id order; the ids whose row is there (the others'
+    accounts were deleted), each with its following count when locked FOR UPDATE."""
     if not staging.citus:
         rows = await conn.fetch(_LOCK_ROWS, ordered, [acts[u] for u in ordered])
-        return [r[0] for r in rows]
-    found: set[str] = set()
+        return {r[0]: r[1] for r in rows}
+    found: dict[str, int | None] = {}
     for mode, run in itertools.groupby(ordered, key=acts.__getitem__):
         ids = list(run)
-        found.update(r[0] for r in await conn.fetchmany(_LOCK_ONE[mode], [(u,) for u in ids]))
-    return [u for u in ordered if u not in found]
+        found.update(
+            (r[0], r[1]) for r in await conn.fetchmany(_LOCK_ONE[mode], [(u,) for u in ids])
+        )
+    return found
 
 
 async def _add_counts(
