@@ -12,7 +12,8 @@ the service's calls wait on. Any bad row then aborts the import, having changed 
 unless `--skip-bad-rows`.
 
 The merge then runs beside the live service in bounded batches, each its own short
-transaction that locks its users as a Follow call does (server.importer.merge): both
+transaction sized to a time budget (ImportOptions.batch_seconds, how long a batch may hold
+its users' locks) that locks its users as a Follow call does (server.importer.merge): both
 copies of each edge, mutual state on both sides (`mutual_since` is the later of the two
 follow times) and exact count increments (followers' counter rows, targets' delta rows).
 An import is therefore resumable rather than one transaction: an interrupted one leaves
@@ -31,7 +32,7 @@ SELECT on Citus and are views on one PostgreSQL (server.importer.staging).
 
 The modules, each depending only on those below it: cli (the command line) -> transaction
 (import_graph: staging, then the merge) -> merge (staging tables into the live ones, batch
-by batch) -> staging (COPY into staging tables, the checks SQL makes there, the batches)
+by batch) -> staging (COPY into staging tables, the checks SQL makes there, the chunks)
 -> csvread (CSV into COPY records) -> report (counts, bad rows, progress bars) -> options.
 """
 
