@@ -467,7 +467,8 @@ def one_run(
                     matched = {k: v for k, v in matched.items() if not k.startswith(prefix)}
                 scenarios[name] |= matched
             extra_hooks = len(got.hooks) - sum(
-                scenarios[n]["webhooks_delivered"] + scenarios[n]["webhooks_duplicated"]
+                scenarios[n].get("webhooks_delivered", 0)
+                + scenarios[n].get("webhooks_duplicated", 0)
                 for n in ranges
             )
             consumer_doc = {
