@@ -103,15 +103,16 @@ SELECT target, false, 0 FROM import_new WHERE follower BETWEEN $1 AND $2 GROUP B
 
 # One PostgreSQL: every counter row of the batch in one statement, in the given order (the
 # outer rows of a nested loop, each locking its row in its own mode before the next); the
-# rows found, with the followers' following counts.
+# followers' following counts (NULL: gone) and the other ids whose row is gone (deleted
+# accounts).
 _LOCK_ROWS = """
-SELECT coalesce(x.user_id, s.user_id), x.following
+SELECT u.id, x.following
 FROM unnest($1::text[], $2::bool[]) WITH ORDINALITY AS u(id, acts, n)
 LEFT JOIN LATERAL (SELECT c.user_id, c.following FROM follow_counts c
                    WHERE c.user_id = u.id AND u.acts FOR UPDATE) x ON true
 LEFT JOIN LATERAL (SELECT c.user_id FROM follow_counts c
                    WHERE c.user_id = u.id AND NOT u.acts FOR SHARE) s ON true
-WHERE x.user_id IS NOT NULL OR s.user_id IS NOT NULL
+WHERE u.acts OR s.user_id IS NULL
 """
 # Citus: one owner per statement (locks are taken shard by shard), sent in runs of one mode.
 _LOCK_ONE = {
@@ -169,7 +170,7 @@ FROM import_batch b
 LEFT JOIN followers r ON r.user_id = b.follower AND r.follower_id = b.target
 WHERE b.verdict = 0
 ORDER BY b.follower, b.target
-RETURNING user_id, mutual_since IS NOT NULL
+RETURNING user_id, mutual_since IS NOT NULL AS mutual
 """
 # Edges stored before this batch that a new edge made mutual: rows of the users followed.
 _THEIR_MUTUAL = """
@@ -182,19 +183,33 @@ _PER_TARGET = "SELECT target, count(*) FROM import_batch_rev GROUP BY target"
 # The edges not added: present (counted) or refused (reported).
 _NOT_ADDED = "SELECT line, follower, target, verdict FROM import_batch WHERE verdict >= 1"
 
-# Counts: the followers' own rows (held FOR UPDATE), the targets' delta rows in id order.
-_ADD_OWN = """
-UPDATE follow_counts c SET following = c.following + x.added, mutual = c.mutual + x.mutual
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(id, added, mutual)
-WHERE c.user_id = x.id
-"""
-_ADD_DELTAS = """
+# One PostgreSQL: the rows written and the counts they change, in two statements (one for
+# each side), the counting done where the rows are. The followers' own counter rows (held
+# FOR UPDATE) get what each added; the targets' delta rows (a shard per batch), upserted in
+# id order as a Follow's are, what was added under them and the old edges made mutual.
+_INSERT_FOLLOWING_COUNTED = f"""
+WITH added AS ({_INSERT_FOLLOWING.strip()}
+), own AS (
+    SELECT user_id, count(*) AS n, count(*) FILTER (WHERE mutual) AS mutual
+    FROM added GROUP BY user_id
+)
+UPDATE follow_counts c SET following = c.following + own.n, mutual = c.mutual + own.mutual
+FROM own WHERE c.user_id = own.user_id
+RETURNING own.n
+"""  # noqa: S608 - constant text
+_THEIR_MUTUAL_COUNTED = f"""
+WITH made AS ({_THEIR_MUTUAL.strip()}
+), theirs AS (
+    SELECT target AS user_id, 1 AS followers, 0 AS mutual FROM import_batch_rev
+    UNION ALL
+    SELECT user_id, 0, 1 FROM made
+)
 INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)
-SELECT x.id, $4, x.followers, x.mutual
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS x(id, followers, mutual) ORDER BY x.id
+SELECT user_id, $1::smallint, sum(followers), sum(mutual) FROM theirs
+GROUP BY user_id ORDER BY user_id
 ON CONFLICT (user_id, shard) DO UPDATE
 SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual
-"""
+"""  # noqa: S608 - constant text
 # Citus: one owner per statement.
 _ADD_OWN_ONE = """
 UPDATE follow_counts SET following = following + $2, mutual = mutual + $3 WHERE user_id = $1
@@ -360,7 +375,7 @@ async def _write_batch(
         await staging.clear(conn)
         await conn.execute(_GATE, followers, None, True)
         following = await _lock_rows(conn, staging, ordered, acts)
-        gone = [u for u in ordered if u not in following]
+        gone = [u for u in ordered if following.get(u, 0) is None]
         cap = options.max_following
         if any((following.get(u) or 0) + n > cap for u, n in new_edges.items()):
             await conn.execute(_VERDICTS, batch.lo, batch.hi, cap, gone)
@@ -368,6 +383,10 @@ async def _write_batch(
             await conn.execute(_VERDICTS_UNCAPPED, batch.lo, batch.hi, gone)
         await staging.fill(conn, "import_batch_rev")
         await conn.execute(_INSERT_FOLLOWERS)
+        if not staging.citus:
+            counted = await conn.fetch(_INSERT_FOLLOWING_COUNTED)
+            await conn.execute(_THEIR_MUTUAL_COUNTED, shard)
+            return sum(r[0] for r in counted), await conn.fetch(_NOT_ADDED)
         added = await conn.fetch(_INSERT_FOLLOWING)
         their_mutual = Counter(r[0] for r in await conn.fetch(_THEIR_MUTUAL))
         per_target = await conn.fetch(_PER_TARGET)
@@ -375,7 +394,7 @@ async def _write_batch(
         own_mutual = Counter(r[0] for r in added if r[1])
         own = sorted((u, n, own_mutual[u]) for u, n in own_added.items())
         theirs = sorted((r[0], r[1], their_mutual[r[0]]) for r in per_target)
-        await _add_counts(conn, staging, own, theirs, shard)
+        await _add_counts(conn, own, theirs, shard)
         return len(added), await conn.fetch(_NOT_ADDED)
 
     added, not_added = await _in_transaction(conn, report, work)
@@ -393,8 +412,8 @@ async def _write_batch(
 async def _lock_rows(
     conn: Conn, staging: Staging, ordered: list[str], acts: dict[str, bool]
 ) -> dict[str, int | None]:
-    """Lock the batch's counter rows in id order; the ids whose row is there (the others'
-    accounts were deleted), each with its following count when locked FOR UPDATE."""
+    """Lock the batch's counter rows in id order: each follower's following count, None
+    for an id whose row is gone (its account was deleted); targets found are left out."""
     if not staging.citus:
         rows = await conn.fetch(_LOCK_ROWS, ordered, [acts[u] for u in ordered])
         return {r[0]: r[1] for r in rows}
@@ -404,24 +423,18 @@ async def _lock_rows(
         found.update(
             (r[0], r[1]) for r in await conn.fetchmany(_LOCK_ONE[mode], [(u,) for u in ids])
         )
-    return found
+    return {u: found.get(u) for u in ordered if acts[u] or u not in found}
 
 
 async def _add_counts(
     conn: Conn,
-    staging: Staging,
     own: list[tuple[str, int, int]],
     theirs: list[tuple[str, int, int]],
     shard: int,
 ) -> None:
-    """The batch's increments: followers' own rows, then the targets' delta rows."""
-    if staging.citus:
-        if own:
-            await conn.executemany(_ADD_OWN_ONE, own)
-        if theirs:
-            await conn.executemany(_ADD_DELTA_ONE, [(*t, shard) for t in theirs])
-        return
+    """Citus: the batch's increments, one owner per statement: followers' own rows, then
+    the targets' delta rows."""
     if own:
-        await conn.execute(_ADD_OWN, *(list(c) for c in zip(*own, strict=True)))
+        await conn.executemany(_ADD_OWN_ONE, own)
     if theirs:
-        await conn.execute(_ADD_DELTAS, *(list(c) for c in zip(*theirs, strict=True)), shard)
+        await conn.executemany(_ADD_DELTA_ONE, [(*t, shard) for t in theirs])

@@ -386,6 +386,10 @@ async def check_accounts(conn: Conn, staging: Staging, report: ImportReport) -> 
     for line, user_id in await conn.fetch(_PENDING_DELETION):
         report.add_bad(BadRow("accounts", line, f"account {user_id} {BEING_DELETED}"))
     profiles = await staging.make(conn, "import_profiles", _PROFILES)
+    # Each merge batch reads its own rows: without an index every one of them read the whole
+    # table, three times (an import of 1,000,000 accounts spent minutes on it).
+    await conn.execute("CREATE INDEX ON import_profiles (batch)")
+    await conn.execute("ANALYZE import_profiles")
     report.lap("check accounts")
     return -(-profiles // ACCOUNT_BATCH)
 
