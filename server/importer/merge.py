@@ -125,16 +125,17 @@ _LOCK_ONE = {
 # earliest new follows are kept), 3 the follower or 4 the target deleted meanwhile. The
 # cap is counted only for a batch with a follower whose locked count plus its new edges
 # passes it (the service added follows since the checks); otherwise _VERDICTS_UNCAPPED.
+# (A join, not EXISTS: the planner made that a hashed subplan over all of `following`.)
 PRESENT, OVER_CAP, FOLLOWER_GONE, TARGET_GONE = 1, 2, 3, 4
 _VERDICTS_UNCAPPED = """
 INSERT INTO import_batch (line, follower, target, at, verdict)
 SELECT n.line, n.follower, n.target, n.at,
        CASE WHEN n.follower = ANY($3::text[]) THEN 3
             WHEN n.target = ANY($3::text[]) THEN 4
-            WHEN EXISTS (SELECT FROM following f
-                         WHERE f.user_id = n.follower AND f.target_id = n.target) THEN 1
+            WHEN f.user_id IS NOT NULL THEN 1
             ELSE 0 END
 FROM import_new n
+LEFT JOIN following f ON f.user_id = n.follower AND f.target_id = n.target
 WHERE n.follower BETWEEN $1 AND $2
 """
 _VERDICTS = """
