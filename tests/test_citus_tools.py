@@ -185,11 +185,19 @@ async def _import_both(
 
 
 async def _snapshot(url: str) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of the service's per-user tables, in key order."""
+    """Every row of the service's per-user tables, in key order; each user's counts as the
+    service reads them (the counter row plus its delta rows: how they are split between the
+    two is not the graph, and `check --repair` folds deltas into the counter row)."""
     queries = {
         "accounts": "SELECT user_id, nick, face_url, profile_sequence FROM accounts",
-        "follow_counts": "SELECT * FROM follow_counts",
-        "follow_count_deltas": "SELECT * FROM follow_count_deltas",
+        "counts": """
+            SELECT c.user_id, c.following,
+                   c.followers + coalesce(d.followers, 0), c.mutual + coalesce(d.mutual, 0)
+            FROM follow_counts c
+            LEFT JOIN (SELECT user_id, sum(followers)::bigint AS followers,
+                              sum(mutual)::bigint AS mutual
+                       FROM follow_count_deltas GROUP BY user_id) d ON d.user_id = c.user_id
+        """,
         "following": "SELECT * FROM following",
         "followers": "SELECT * FROM followers",
     }
