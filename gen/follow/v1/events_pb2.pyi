@@ -224,9 +224,9 @@ class WatchResponse(_message.Message):
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
-        """The next events of the stream, in order: 1 to 500 of them (whole calls when they fit;
-        a call with more events than fit goes on in the next message), or none for a
-        heartbeat. A heartbeat is sent when the stream has had nothing to send for a while (15 s
+        """The next events of the stream, in order: 1 to 500 of them, from one or more calls (the
+        events of a call that does not fit in what is left of a message go on in the next one),
+        or none for a heartbeat. A heartbeat is sent when the stream has had nothing to send for a while (15 s
         by default, --watch-heartbeat-seconds), so that idle connections stay open through
         proxies and the client learns its position advanced (past events of users it did not
         ask for, or past none at all).
