@@ -22,7 +22,10 @@ The coordinator records each such transaction in pg_dist_transaction, with its i
 (outer_xid), in the committing transaction itself, and the record stays until Citus has
 confirmed the worker's commit (its recovery, every citus.recover_2pc_interval, or
 recover_prepared_transactions()). So there the horizon is the lesser of the snapshot's xmin
-and the oldest recorded outer_xid, read in one statement (one snapshot).
+and the oldest recorded outer_xid, read in one statement (one snapshot). Records whose
+outer_xid is not a normal transaction id (0: seen on test clusters, from transactions that
+had none on the coordinator) are left out: every transaction that writes an event has one
+(the txid default assigns it), so such a record cannot hold an event back.
 
 The cost: a long-running transaction anywhere in the cluster (PostgreSQL's xids are
 cluster-wide) holds the horizon, and so delivery, back until it ends.
@@ -77,12 +80,12 @@ class OutboxRow:
 _HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _HORIZON_CITUS = """
 SELECT least(pg_snapshot_xmin(pg_current_snapshot()),
-             (SELECT min(outer_xid) FROM pg_dist_transaction))::text::bigint
+             (SELECT min(outer_xid) FROM pg_dist_transaction WHERE outer_xid >= '3'))::text::bigint
 """
 
 _HORIZON_CITUS_PARTS = """
 SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-       (SELECT min(outer_xid) FROM pg_dist_transaction)::text::bigint
+       (SELECT min(outer_xid) FROM pg_dist_transaction WHERE outer_xid >= '3')::text::bigint
 """
 
 _COLUMNS = "user_id, id, txid::text::bigint, kind, others, mutual, at, client_ip, platform"

@@ -30,9 +30,24 @@ async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     await connection.close()
 
 
-async def read_all(conn: asyncpg.Connection, after: Position = START) -> list[OutboxRow]:
+async def settled_horizon(conn: asyncpg.Connection, wait: bool = True) -> int:
+    """The horizon, once it has passed every row visible now (up to 10 s): transaction ids
+    are cluster-wide, so another database's transaction on the same test cluster (a server
+    of the previous test still stopping) may hold it back for a moment."""
     distributed = await outbox.is_distributed(conn)
-    below = await outbox.horizon(conn, distributed)
+    newest = await conn.fetchval("SELECT max(txid)::text::bigint FROM follow_events")
+    deadline = asyncio.get_running_loop().time() + (10 if wait else 0)
+    while True:
+        below = await outbox.horizon(conn, distributed)
+        if newest is None or below > newest or asyncio.get_running_loop().time() >= deadline:
+            return below
+        await asyncio.sleep(0.05)
+
+
+async def read_all(
+    conn: asyncpg.Connection, after: Position = START, wait: bool = True
+) -> list[OutboxRow]:
+    below = await settled_horizon(conn, wait)
     return await outbox.read_after(conn, after, below, 10_000)
 
 
@@ -161,7 +176,7 @@ async def test_a_row_committed_late_is_not_skipped(db_url: str, conn: asyncpg.Co
         await slow_tx.start()
         await _insert_event(slow, "slow")  # the lower transaction id, not committed
         await _insert_event(fast, "fast")  # a higher id, committed at once
-        assert [r.user_id for r in await read_all(conn)] == []
+        assert [r.user_id for r in await read_all(conn, wait=False)] == []
         await slow_tx.commit()
         rows = await read_all(conn)
         assert [r.user_id for r in rows] == ["slow", "fast"]
@@ -236,7 +251,7 @@ async def test_reading_with_a_user_filter_and_limit(conn: asyncpg.Connection) ->
     """A reader may ask for some acting users only, and pages through with a limit."""
     for user in ["a", "b", "a", "c", "a"]:
         await _insert_event(conn, user)
-    below = await outbox.horizon(conn, await outbox.is_distributed(conn))
+    below = await settled_horizon(conn)
     first = await outbox.read_after(conn, START, below, 2, ["a", "c"])
     assert [r.user_id for r in first] == ["a", "a"]
     rest = await outbox.read_after(conn, first[-1].position, below, 10, ["a", "c"])
@@ -263,7 +278,7 @@ async def test_retention_deletes_the_old_prefix_and_raises_the_floor(
         "UPDATE follow_events SET at = now() - interval '8 days' WHERE user_id <> 'd'"
     )
     rows = await read_all(conn)
-    below = await outbox.horizon(conn, await outbox.is_distributed(conn))
+    below = await settled_horizon(conn)
     cutoff = datetime.now(UTC) - timedelta(days=7)
     # A consumer still needs everything after b: c stays though expired.
     assert await outbox.delete_expired(conn, cutoff, rows[1].position, below, 1) == 1
