@@ -72,8 +72,8 @@ MAX_RECEIVE_BYTES = 256 * 1024
 # HTTP/2 keepalive, for the long-lived Watch streams: the server pings an idle connection
 # every 30 s and drops it when no answer comes within 10 s (a vanished client's stream ends,
 # freeing its --max-watchers slot); clients may ping as often as every 10 s, also with no
-# call open. Heartbeat events (--watch-heartbeat-seconds) keep proxies from closing a quiet
-# stream.
+# call open. Heartbeats (a message with no events, --watch-heartbeat-seconds) keep proxies
+# from closing a quiet stream.
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
