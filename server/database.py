@@ -315,3 +315,9 @@ async def create_pool(
     if pool is None:  # asyncpg types it optional; it is only None when not awaited
         raise RuntimeError("asyncpg returned no pool")
     return pool
+
+
+async def has_citus(conn: Any) -> bool:
+    """Whether the database has the Citus extension: the service's tables are then
+    distributed (server.migrations) and its statements take the Citus forms."""
+    return bool(await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'citus'"))

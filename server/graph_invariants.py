@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
+from server.database import has_citus
+
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
@@ -41,9 +43,7 @@ if TYPE_CHECKING:
 async def graph_is_distributed(conn: Queryable) -> bool:
     """Whether Citus distributes the graph's tables (server.migrations does wherever the
     extension is), so that a statement may only join rows of one owner."""
-    if not await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')"
-    ):
+    if not await has_citus(conn):
         return False
     distributed: bool = await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM pg_dist_partition"

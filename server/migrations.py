@@ -22,6 +22,8 @@ from typing import Literal
 
 import asyncpg
 
+from server.database import has_citus
+
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x666F6C6C6F77  # "follow"
@@ -261,7 +263,7 @@ async def migrate_schema(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
                 )
             report.applied.append(version)
-        if await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'citus'"):
+        if await has_citus(conn):
             report.distributed.extend(await _distribute(conn))
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

@@ -41,6 +41,8 @@ from typing import Any
 
 import asyncpg
 
+from server.database import has_citus
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 FOLLOWED, UNFOLLOWED, ACCOUNT_DELETED = 1, 2, 3
@@ -117,7 +119,7 @@ WHERE (txid, id) < ($1::text::xid8, $2)
 
 async def is_distributed(conn: Any) -> bool:
     """Whether the database is a Citus cluster (the horizon then also waits for 2PC)."""
-    return bool(await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'citus'"))
+    return await has_citus(conn)
 
 
 async def horizon(conn: Any, distributed: bool) -> int:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
+from server.database import has_citus
 from server.deadline import call_deadline, remaining
 from server.errors import FollowType, ItemCode, Reason, ServiceError
 from server.origin import call_origin
@@ -463,9 +464,7 @@ class Store:
         """Whether the database is a Citus cluster (asked once): the writes of a call then
         go one owner-scoped statement at a time instead of one writing CTE."""
         if self._citus is None:
-            self._citus = bool(
-                await conn.fetchval("SELECT true FROM pg_extension WHERE extname = 'citus'")
-            )
+            self._citus = await has_citus(conn)
         return self._citus
 
     async def cursor_key(self) -> bytes:
