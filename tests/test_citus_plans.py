@@ -141,7 +141,6 @@ SAMPLES: dict[str, Sample] = {
     "Store.cursor_key[0]": Sample((b"\x01" * 32,), REFERENCE),
     "Store.cursor_key[1]": Sample((), REFERENCE),
     "Store.ping[0]": Sample((), NO_TABLE),
-    "Store._distributed[0]": Sample((), NO_TABLE),
     "Store.existing_accounts[0]": _theirs(FIVE),
     **{f"{builder}({n})": _rows_sample(builder, n) for builder in ROW_BUILDERS for n in ROW_COUNTS},
 }

@@ -27,7 +27,9 @@ from tests.helpers import error_info, follow_server, import_users
 from tests.invariants import assert_sound
 
 CELEBRITY = "celebrity"
-FANS = 30_000  # fans of the account that is deleted
+# Fans of the account that is deleted: more than the call's 3 s of cleanup removes on a quiet
+# machine (30,000 were all gone before the kill there, and the test proved nothing).
+FANS = 100_000
 OTHERS = [f"o{i:02d}" for i in range(20)]  # users who keep following meanwhile
 
 
@@ -71,7 +73,7 @@ async def wait_until_gone(conn: asyncpg.Connection, user_id: str, budget: float 
 
 
 async def test_big_deletion_survives_kill_and_others_keep_working(db_url: str) -> None:
-    """Deleting an account with 30,000 fans: the call answers after about a second with the
+    """Deleting an account with 100,000 fans: the call answers within seconds with the
     account already unknown; the server is killed (-9) while edges remain; a new server
     picks the job up and finishes it. Meanwhile other users follow and unfollow without
     pause, each call well under a second. Afterwards no edge of the account is left, counts
