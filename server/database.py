@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from server.embedded_conf import CONF_FILE, embedded_settings, machine_memory, write_embedded_conf
 from server.errors import ConfigError, StartupError
 
 log = logging.getLogger(__name__)
@@ -196,10 +197,19 @@ def _start_embedded(data_dir: Path) -> Database:
     server = None
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = get_server(data_dir.resolve(), cleanup_mode="stop")
-        # Two users acting on each other at once deadlock by design (see server.store); find
-        # that in 50 ms rather than the default second.
-        server.psql("ALTER SYSTEM SET deadlock_timeout = '50ms'; SELECT pg_reload_conf();")
+        server = get_server(data_dir.resolve(), cleanup_mode="stop", start=False)
+        with server._lock:  # initdb (once), as start() would; then our settings
+            server.ensure_pgdata_inited()
+            settings = embedded_settings(machine_memory())
+            write_embedded_conf(data_dir.resolve(), settings)
+        server.start()
+        # A server another process started already takes what a reload can change.
+        server.psql("SELECT pg_reload_conf();")
+        log.info(
+            "embedded PostgreSQL settings (%s): %s",
+            CONF_FILE,
+            ", ".join(f"{k} {v}" for k, v in settings.items()),
+        )
         exists = server.psql(
             f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"  # noqa: S608 - a constant
         )

@@ -69,7 +69,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.webhook_queue",
         ),
     ),
-    ("database", ("server.database",)),
+    ("database", ("server.database", "server.embedded_conf")),
     # Vocabulary and plumbing every layer may use; they import nothing of the layers above.
     (
         "shared",
