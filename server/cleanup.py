@@ -17,7 +17,7 @@ import logging
 
 import asyncpg
 
-from server.store import DELETION_BATCH, Store
+from server.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ POLL_SECONDS = 1.0
 class DeletionCleaner:
     """Runs until stop(); wake() after a deletion starts the work without waiting a poll."""
 
-    def __init__(self, store: Store, database_url: str, batch: int = DELETION_BATCH) -> None:
+    def __init__(self, store: Store, database_url: str, batch: int | None = None) -> None:
+        """`batch`: edges per batch; None: as many as fit the store's time budget."""
         self._store = store
         self._url = database_url
         self._batch = batch

@@ -130,8 +130,14 @@ SAMPLES: dict[str, Sample] = {
     "_DELETE_OWN[follow_count_deltas]": _one(ALICE),
     "_DELETE_OWN[follow_counts]": _one(ALICE),
     "_DELETE_OWN[accounts]": _one(ALICE),
-    "_FANS_BATCH": _one(ALICE, 500),
-    "_FOLLOWEES_BATCH": _one(ALICE, 500),
+    "_FANS_BATCH": _one(ALICE, "bob", 500),
+    "_FOLLOWEES_BATCH": _one(ALICE, "bob", 500),
+    "_TRY_GATE": Sample(([ALICE, *FIVE], True), NO_TABLE),
+    "_TRY_LOCK_FAN": _one(ALICE),
+    "_TRY_LOCK_FANS": _theirs(FIVE),  # single-node only
+    "_TRY_SHARE_LOCKS": _theirs(FIVE),  # single-node only
+    "_TRY_SHARE_LOCK": _one(ALICE),
+    "_EXISTING_AMONG": _theirs(FIVE),
     "_FOLLOWED_BY": _one(ALICE, FIVE),
     "_UNCOUNT_FOLLOWING": _theirs(FIVE),
     "_UNCOUNT_MUTUAL": _theirs(FIVE),

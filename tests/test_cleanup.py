@@ -313,3 +313,112 @@ async def test_check_finishes_pending_deletions_first(db_url: str) -> None:
         await assert_sound(conn, 5000)
     finally:
         await conn.close()
+
+
+async def fans_left(conn: asyncpg.Connection) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT follower_id FROM followers WHERE user_id = $1 ORDER BY 1", CELEBRITY
+    )
+    return [r[0] for r in rows]
+
+
+async def own_counts(conn: asyncpg.Connection, user_id: str) -> tuple[int, int]:
+    row = await conn.fetchrow(
+        "SELECT following, mutual FROM follow_counts WHERE user_id = $1", user_id
+    )
+    assert row is not None
+    return row[0], row[1]
+
+
+# What a concurrent transaction holds on a fan: its gate (a service call acting for it), or
+# only its counter row (the importer's merge shares the rows of users it adds followers to
+# without taking their gate).
+HOLDS = {
+    "gate": "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+    "row": "SELECT 1 FROM follow_counts WHERE user_id = $1 FOR SHARE",
+}
+
+
+@pytest.mark.parametrize("held", sorted(HOLDS))
+async def test_a_batch_skips_a_busy_fan_and_a_later_batch_removes_it(
+    db_url: str, held: str
+) -> None:
+    """A cleanup batch does not wait for a fan another transaction holds (its gate or its
+    counter row): it removes the others' edges and leaves that fan's edge and counts as
+    they are. Batches go on past it; once it is the only one left, a batch waits for it,
+    and removes it when it is free. Counts stay exact throughout."""
+    await seed(db_url, 300)
+    pool = await create_pool(db_url, 4)
+    store = Store(pool)
+    conn = await asyncpg.connect(db_url)
+    holder = await asyncpg.connect(db_url)
+    busy = "f000010"
+    try:
+        await store.delete_accounts([CELEBRITY])
+        assert await own_counts(conn, busy) == (1, 1)  # the celebrity followed it back
+        await holder.execute("BEGIN")
+        await holder.execute(HOLDS[held], busy)
+        assert not await store.clean_up_deletion(CELEBRITY, batch=100)
+        assert (await fans_left(conn))[:2] == [busy, "f000100"]
+        assert await own_counts(conn, busy) == (1, 1)
+        assert await own_counts(conn, "f000011") == (0, 0)
+        # The other 219 fans (OTHERS too), 100 a batch; then only the busy one is left.
+        for _ in range(3):
+            assert not await store.clean_up_deletion(CELEBRITY, batch=100)
+        assert await fans_left(conn) == [busy]
+        waiting = asyncio.create_task(store.clean_up_deletion(CELEBRITY, batch=100))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "the batch did not wait for the last fan"
+        await holder.execute("ROLLBACK")
+        assert not await waiting
+        assert await fans_left(conn) == []
+        assert await own_counts(conn, busy) == (0, 0)
+        while not await store.clean_up_deletion(CELEBRITY, batch=100):
+            pass
+        assert await edges_of(conn, CELEBRITY) == 0
+        await assert_sound(conn, 5000)
+        assert (await check(conn)).total == 0
+    finally:
+        await holder.close()
+        await conn.close()
+        await pool.close()
+
+
+async def test_cleanup_runs_on_while_one_fan_is_held_and_its_neighbours_stay_free(
+    db_url: str,
+) -> None:
+    """The runner removes every other fan while one fan's gate is held throughout (a long
+    call acting for it), and calls for the fans next to it in the same batch are never
+    held up by the cleanup (it does not keep their gates while waiting for the busy one).
+    When the busy fan is free, the deletion completes with exact counts."""
+    await seed(db_url, 2000)
+    pool = await create_pool(db_url, 6)
+    store = Store(pool)
+    cleaner = DeletionCleaner(store, db_url, batch=200)
+    conn = await asyncpg.connect(db_url)
+    holder = await asyncpg.connect(db_url)
+    busy, neighbour = "f000010", "f000011"
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute(HOLDS["gate"], busy)
+        cleaner.start()
+        await store.delete_accounts([CELEBRITY])
+        cleaner.wake()
+        async with asyncio.timeout(60):
+            while await fans_left(conn) != [busy]:
+                # A neighbour in the busy fan's batch follows and unfollows someone.
+                await store.follow(neighbour, ["f001999"], 5000)
+                await store.unfollow(neighbour, ["f001999"])
+                await asyncio.sleep(0.01)
+        assert await conn.fetchval("SELECT count(*) FROM account_tombstones") == 1
+        await holder.execute("ROLLBACK")
+        await wait_until_gone(conn, CELEBRITY)
+        assert await edges_of(conn, CELEBRITY) == 0
+        assert await own_counts(conn, busy) == (0, 0)
+        await assert_sound(conn, 5000)
+        assert (await check(conn)).total == 0
+    finally:
+        await cleaner.stop()
+        await holder.close()
+        await conn.close()
+        await pool.close()
