@@ -38,6 +38,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,24 +53,23 @@ import asyncpg
 
 from server import runner
 from server.database import Database, open_database
-from server.migrations import migrate
 from tests.bench import graph as graphs
 from tests.bench.load import USERS_FORMAT
 from tests.bench.report import render_ops_table
 from tests.bench.run import (
-    SEED_VERSION,
     V4_ADMIN,
     V4_APP,
     Profile,
+    SeedImporter,
     Server,
     _nan_safe,
     _usersig,
     db_url,
+    ensure_seed,
     git_revision,
     machine,
     seed_key,
     start_server,
-    upgrade_seed,
 )
 
 # The issue's target for other users' calls while an operation runs.
@@ -466,62 +466,27 @@ def importer_command(checkout: Path | None) -> tuple[list[str], dict[str, str], 
     return [sys.executable, "-m", "server", "import"], env, folder
 
 
+def checkout_importer(checkout: Path) -> SeedImporter:
+    """Seeds a template with the importer of `checkout` (the seed is only the starting
+    graph: any importer that works makes the same one)."""
+
+    async def seed(url: str, accounts: Path, edges: Path) -> dict[str, Any]:
+        done = run_import(url, (accounts, edges), checkout)
+        return {k: v for k, v in done.items() if k not in ("began", "ended")}
+
+    return seed
+
+
 async def ensure_ops_seed(
     database: Database, params: graphs.GraphParams, out: Path, checkout: Path | None
 ) -> tuple[str, dict[str, Any]]:
-    """The template database (seeded now unless cached) and its metadata. Seeded by the
-    importer of `checkout` when given (the seed is only the starting graph: any importer
-    that works makes the same one)."""
-    key = seed_key(params)
-    name, staging = f"ops_seed_{key}", f"ops_seeding_{key}"
-    await upgrade_seed(database, params, prefix="ops_seed_")
-    admin = await asyncpg.connect(database.url)
-    try:
-        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            await admin.execute(f"DROP DATABASE IF EXISTS {staging} WITH (FORCE)")
-            await admin.execute(f"CREATE DATABASE {staging}")
-    finally:
-        await admin.close()
-    if not exists:
-        url = db_url(database, staging)
-        print(f"bench-ops: generating the template graph {key} ...", file=sys.stderr)
-        graph = graphs.generate(params)
-        accounts, edges = graphs.write_csv(graph, out / "cache" / f"ops-{key}")
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-        print("bench-ops: importing it (follow-server import) ...", file=sys.stderr)
-        imported = run_import(url, (accounts, edges), checkout)
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute("VACUUM ANALYZE")
-            meta = graph.meta() | {
-                "import": {k: v for k, v in imported.items() if k not in ("began", "ended")},
-                "seed_version": SEED_VERSION,
-                "seeded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "load_average_at_import": [round(x, 2) for x in os.getloadavg()],
-            }
-            await conn.execute("CREATE TABLE bench_meta (doc text NOT NULL)")
-            await conn.execute("INSERT INTO bench_meta VALUES ($1)", json.dumps(meta))
-        finally:
-            await conn.close()
-        for path in (accounts, edges):
-            path.unlink()
-        admin = await asyncpg.connect(database.url)
-        try:
-            await admin.execute(f"ALTER DATABASE {staging} RENAME TO {name}")
-        finally:
-            await admin.close()
-    conn = await asyncpg.connect(db_url(database, name))
-    try:
-        meta = json.loads(await conn.fetchval("SELECT doc FROM bench_meta"))
-    finally:
-        await conn.close()
-    meta["cached"] = bool(exists)
-    return name, meta
+    """The template database (tests.bench.run.ensure_seed, its own name prefix) and its
+    metadata; seeded by the importer of `checkout` when given. The CSV files are only the
+    importer's input: dropped (the generator makes them again if needed)."""
+    importer = checkout_importer(checkout) if checkout else None
+    seeded = await ensure_seed(database, params, out, prefix="ops_seed_", importer=importer)
+    shutil.rmtree(out / "cache" / seed_key(params), ignore_errors=True)
+    return seeded
 
 
 # -- a run ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -168,13 +168,25 @@ async def upgrade_seed(
 # -- seeding --------------------------------------------------------------------------------
 
 
+# What seeds a template: (database URL, accounts CSV, edges CSV) -> the import's figures.
+SeedImporter = Callable[[str, Path, Path], Awaitable[dict[str, Any]]]
+
+
 async def ensure_seed(
-    database: Database, params: graphs.GraphParams, out: Path
+    database: Database,
+    params: graphs.GraphParams,
+    out: Path,
+    prefix: str = "seed_",
+    importer: SeedImporter | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The template database for `params` (seeded now unless cached) and its metadata."""
+    """The template database `prefix` + seed_key(params) (seeded now unless cached) and its
+    metadata. Seeded through `importer` when given (e.g. another checkout's importer), else
+    the bulk importer of this checkout in this process (import_csv); the CSV files are kept
+    in out/cache/<key>."""
     key = seed_key(params)
-    name, staging = f"seed_{key}", f"seeding_{key}"
-    await upgrade_seed(database, params)
+    name = f"{prefix}{key}"
+    staging = f"{name}_seeding"
+    await upgrade_seed(database, params, prefix=prefix)
     admin = await asyncpg.connect(database.url)
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
@@ -184,7 +196,8 @@ async def ensure_seed(
     finally:
         await admin.close()
     if not exists:
-        await _seed(db_url(database, staging), params, out / "cache" / key)
+        url = db_url(database, staging)
+        await _seed(url, params, out / "cache" / key, importer or import_csv)
         admin = await asyncpg.connect(database.url)
         try:
             await admin.execute(f"ALTER DATABASE {staging} RENAME TO {name}")
@@ -199,7 +212,7 @@ async def ensure_seed(
     return name, meta
 
 
-async def _seed(url: str, params: graphs.GraphParams, folder: Path) -> None:
+async def _seed(url: str, params: graphs.GraphParams, folder: Path, importer: SeedImporter) -> None:
     print(f"seeding {folder.name}: generating the graph ...", file=sys.stderr)
     generating = time.monotonic()
     graph = graphs.generate(params)
@@ -211,12 +224,13 @@ async def _seed(url: str, params: graphs.GraphParams, folder: Path) -> None:
     finally:
         await conn.close()
     print("seeding: importing (follow-server import) ...", file=sys.stderr)
-    imported = await import_csv(url, accounts, edges)
+    imported = await importer(url, accounts, edges)
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("VACUUM ANALYZE")
         meta = graph.meta() | {
             "import": imported,
+            "seed_version": SEED_VERSION,
             # When and under what machine load the seed was made (cached seeds keep them).
             "seeded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "load_average_at_import": [round(x, 2) for x in os.getloadavg()],
