@@ -251,11 +251,11 @@ async def _in_transaction(conn: Conn, report: ImportReport, work: Callable[[], A
 
 
 async def write_accounts(
-    conn: Conn, batches: int, report: ImportReport, options: ImportOptions
+    conn: Conn, batches: list[int], report: ImportReport, options: ImportOptions
 ) -> None:
     """import_profiles into `accounts` (and a counter row each), ACCOUNT_BATCH at a time."""
-    with progress_bar(options, "accounts", batches, "batch") as bar:
-        for batch in range(batches):
+    with progress_bar(options, "accounts", len(batches), "batch") as bar:
+        for batch in batches:
             rows = await conn.fetch(_PROFILE_IDS, batch)
             lines = {r[0]: r[1] for r in rows}
             ids = list(lines)

@@ -53,6 +53,7 @@ class ImportReport:
     largest_batch: int = 0  # edges in the largest of them
     longest_batch: float = 0.0  # seconds the longest of them held its locks
     refused_while_merging: int = 0  # bad rows found under the merge's locks (see merge)
+    swapped: bool = False  # the edge tables were built anew and swapped in (importer.swap)
     retries: int = 0  # merge transactions run again after a deadlock (none expected)
     bad_rows: list[BadRow] = field(default_factory=list)
     seconds: float = 0.0

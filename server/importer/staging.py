@@ -381,17 +381,23 @@ async def stage_accounts(
     report.lap("read accounts")
 
 
-async def check_accounts(conn: Conn, staging: Staging, report: ImportReport) -> int:
-    """Refuse the accounts being deleted; make import_profiles; how many batches."""
+async def check_accounts(conn: Conn, staging: Staging, report: ImportReport) -> None:
+    """Refuse the accounts being deleted; make import_profiles."""
     for line, user_id in await conn.fetch(_PENDING_DELETION):
         report.add_bad(BadRow("accounts", line, f"account {user_id} {BEING_DELETED}"))
-    profiles = await staging.make(conn, "import_profiles", _PROFILES)
+    await staging.make(conn, "import_profiles", _PROFILES)
     # Each merge batch reads its own rows: without an index every one of them read the whole
     # table, three times (an import of 1,000,000 accounts spent minutes on it).
     await conn.execute("CREATE INDEX ON import_profiles (batch)")
     await conn.execute("ANALYZE import_profiles")
     report.lap("check accounts")
-    return -(-profiles // ACCOUNT_BATCH)
+
+
+async def account_batches(conn: Conn) -> list[int]:
+    """The numbers of the account batches left to write (server.importer.bulk may have
+    written some accounts already)."""
+    rows = await conn.fetch("SELECT DISTINCT batch FROM import_profiles ORDER BY batch")
+    return [r[0] for r in rows]
 
 
 async def stage_edges(
@@ -424,9 +430,11 @@ async def check_edges(
     report: ImportReport,
     options: ImportOptions,
     staged: int,
-) -> list[Batch]:
-    """Find the bad edge rows SQL can see, fill import_new (the edges to add) and cut it
-    into the chunks the merge's batches are made of."""
+) -> bool:
+    """Find the bad edge rows SQL can see and fill import_new (the edges to add). Whether
+    the accounts table was empty as the checks ran (every good edge then names accounts of
+    the accounts file: server.importer.bulk needs no join to know it)."""
+    no_accounts = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accounts)")
     was_empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM following)")
     unknown = _NOT_AN_ACCOUNT
     if staging.citus:
@@ -453,6 +461,11 @@ async def check_edges(
     for row in await conn.fetch("SELECT line, problem FROM import_bad"):
         report.add_bad(BadRow("edges", row["line"], row["problem"]))
     report.lap("check edges")
+    return no_accounts
+
+
+async def plan_chunks(conn: Conn) -> list[Batch]:
+    """Cut import_new (the edges left for the locked batches) into the merge's chunks."""
     # Each batch reads its range of followers: a BRIN index suits rows written in that
     # order (small, built in one pass).
     await conn.execute(
@@ -460,7 +473,6 @@ async def check_edges(
     )
     await conn.execute("ANALYZE import_new")
     rows = await conn.fetch(_PLAN, CHUNK_EDGES, FOLLOWER_WEIGHT)
-    report.lap("plan batches")
     return [Batch(r["lo"], r["hi"], r["edges"], r["followers"]) for r in rows]
 
 

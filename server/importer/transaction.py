@@ -28,15 +28,17 @@ from typing import TextIO
 
 import asyncpg
 
+from server.importer.bulk import write_fresh
 from server.importer.csvread import IdChecker
 from server.importer.merge import write_accounts, write_edges
 from server.importer.options import ImportOptions
 from server.importer.report import ImportAbortedError, ImportIncompleteError, ImportReport
 from server.importer.staging import (
-    Batch,
     Staging,
+    account_batches,
     check_accounts,
     check_edges,
+    plan_chunks,
     stage_accounts,
     stage_edges,
 )
@@ -91,7 +93,7 @@ async def import_graph(
         staging = await Staging.detect(conn)
         await staging.create(conn)
         report.lap("prepare")
-        account_batches, edge_batches = await _stage(
+        no_accounts = await _stage(
             conn, staging, report, options, accounts, edges, accounts_size, edges_size
         )
         report.bad_rows.sort(key=lambda b: (b.source, b.line))
@@ -100,8 +102,14 @@ async def import_graph(
                 f"{report.bad_row_count} bad row(s); nothing was imported", report
             )
         sizes = await _table_sizes(conn)
-        await write_accounts(conn, account_batches, report, options)
-        await write_edges(conn, staging, edge_batches, report, options)
+        if accounts is not None and not staging.citus:
+            await write_fresh(conn, report, edges=edges is not None, only_file=no_accounts)
+        if accounts is not None:
+            await write_accounts(conn, await account_batches(conn), report, options)
+        if edges is not None:
+            chunks = await plan_chunks(conn)
+            report.lap("plan batches")
+            await write_edges(conn, staging, chunks, report, options)
         report.bad_rows.sort(key=lambda b: (b.source, b.line))
         await staging.drop(conn)
         staging = None
@@ -167,15 +175,14 @@ async def _stage(
     edges: TextIO | None,
     accounts_size: int | None,
     edges_size: int | None,
-) -> tuple[int, list[Batch]]:
-    """Read and check both files; the merge's account batches and edge batches."""
+) -> bool:
+    """Read and check both files into the staging tables. Whether the edges were checked
+    against the accounts file alone (the accounts table was empty)."""
     ids = IdChecker()
-    account_batches = 0
     if accounts is not None:
         await stage_accounts(conn, accounts, ids, report, options, accounts_size)
-        account_batches = await check_accounts(conn, staging, report)
-    edge_batches: list[Batch] = []
+        await check_accounts(conn, staging, report)
     if edges is not None:
         staged = await stage_edges(conn, edges, ids, report, edges_size, options)
-        edge_batches = await check_edges(conn, staging, report, options, staged)
-    return account_batches, edge_batches
+        return await check_edges(conn, staging, report, options, staged)
+    return False

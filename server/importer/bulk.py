@@ -1,0 +1,170 @@
+"""The accounts an import creates and the edges among them, written set-based in one
+transaction, without the merge's per-batch locks (one PostgreSQL; on Citus everything takes
+the batches of server.importer.merge).
+
+Why no locks are needed: an account this import creates is invisible to every other
+transaction until the one creating it commits, so no service call can follow it, be
+followed by it, count it, delete it or lock it meanwhile; an edge whose two users are both
+such accounts therefore meets nothing to wait for or to check again. So one transaction
+inserts the accounts (those not present, not being deleted), and in the same transaction
+every staged new edge between two of them, both copies, written in key order; mutual state
+by joining the edges with their reverses; and the counter rows of those accounts, with
+their exact counts by GROUP BY. It commits all of it at once: no edge is ever visible
+before its accounts, and an import killed before the commit leaves nothing of this step
+(running it again starts it over). The edges touching accounts that existed before the
+import then go through the locked batches, as do the profiles of existing accounts.
+
+Cost of the one transaction: it holds the visibility horizon the change event readers
+advance by (follow_events' txid), so event delivery to Watch streams and webhooks waits
+until it commits (seconds to a minute for millions of edges; the import itself writes no
+events). A service call that creates one of the same accounts at the same moment waits for
+it too (on the accounts key), then finds the account present.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.importer import swap
+from server.importer.report import ImportReport
+from server.importer.swap import EDGE_TABLES
+
+if TYPE_CHECKING:
+    from server.importer.staging import Conn
+
+# The accounts this transaction creates (new ids, none being deleted), in id order. An id a
+# service call is creating at the same moment is waited for, then skipped (present).
+_CREATE_ACCOUNTS = """
+WITH made AS (
+    INSERT INTO accounts (user_id, nick, face_url)
+    SELECT p.user_id, p.nick, p.face_url FROM import_profiles p
+    WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = p.user_id)
+      AND NOT EXISTS (SELECT 1 FROM account_tombstones t WHERE t.user_id = p.user_id)
+    ORDER BY p.user_id
+    ON CONFLICT (user_id) DO NOTHING
+    RETURNING user_id
+)
+INSERT INTO import_fresh (user_id) SELECT user_id FROM made
+"""
+_ANY_ACCOUNT = "SELECT EXISTS (SELECT 1 FROM accounts)"
+# A deletion of an earlier account of the same id that committed while the insert waited
+# for its key shows its tombstone now (a new statement, a new snapshot): that id is not
+# created after all (the locked account batches then refuse it as being deleted).
+_TOMBSTONED = """
+WITH t AS (
+    DELETE FROM import_fresh f USING account_tombstones t WHERE f.user_id = t.user_id
+    RETURNING f.user_id
+)
+DELETE FROM accounts a USING t WHERE a.user_id = t.user_id
+"""
+# The staged new edges between two created accounts, in (follower, target) order, each with
+# its mutual state: mutual when the reverse edge is among them too (both then created
+# here), since the later of the two follow times.
+# (A hash join with import_new outside keeps its order, (follower, target): no sort. When
+# every edge names created accounts, the joins with import_fresh are left out.)
+_BULK_EDGES = """
+INSERT INTO import_bulk (follower, target, at, mutual_since)
+SELECT n.follower, n.target, n.at,
+       CASE WHEN r.at IS NOT NULL THEN greatest(n.at, r.at) END
+FROM import_new n
+{fresh}
+LEFT JOIN import_new r ON r.follower = n.target AND r.target = n.follower
+"""
+_BOTH_FRESH = """JOIN import_fresh a ON a.user_id = n.follower
+JOIN import_fresh b ON b.user_id = n.target"""
+# Into the live tables, each in its key order (B-tree inserts close to the last one).
+_WRITE_EDGES = (
+    EDGE_TABLES[0].fill.format(table="following") + " ORDER BY follower, target",
+    EDGE_TABLES[1].fill.format(table="followers") + " ORDER BY target, follower",
+)
+# Every created account's counter row, with its counts. (A counter row already there would
+# be one a service call is creating with the same account: the counts add to it.)
+_WRITE_COUNTS = """
+INSERT INTO follow_counts AS c (user_id, following, followers, mutual)
+SELECT f.user_id, COALESCE(o.n, 0), COALESCE(i.n, 0), COALESCE(o.mutual, 0)
+FROM import_fresh f
+LEFT JOIN (SELECT follower, count(*) AS n, count(mutual_since) AS mutual
+           FROM import_bulk GROUP BY follower) o ON o.follower = f.user_id
+LEFT JOIN (SELECT target, count(*) AS n FROM import_bulk GROUP BY target) i
+       ON i.target = f.user_id
+ORDER BY f.user_id
+ON CONFLICT (user_id) DO UPDATE SET following = c.following + EXCLUDED.following,
+    followers = c.followers + EXCLUDED.followers, mutual = c.mutual + EXCLUDED.mutual
+"""
+# After the commit, what is left for the locked batches: the profiles of accounts that
+# existed, and the edges touching them.
+_LEFT_PROFILES = "DELETE FROM import_profiles p USING import_fresh f WHERE p.user_id = f.user_id"
+_LEFT_EDGES = """
+DELETE FROM import_new n USING import_fresh a, import_fresh b
+WHERE a.user_id = n.follower AND b.user_id = n.target
+"""
+
+
+async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_file: bool) -> None:
+    """Create the import's new accounts and write the new edges among them, in one
+    transaction (see the module's doc); leave the rest of import_profiles and import_new
+    to the locked batches. `only_file`: the edges were checked when the accounts table was
+    empty, so each names an account of the file."""
+    await conn.execute(
+        'CREATE TEMP TABLE IF NOT EXISTS import_fresh (user_id text COLLATE "C" NOT NULL);'
+        ' CREATE TEMP TABLE IF NOT EXISTS import_bulk (follower text COLLATE "C" NOT NULL,'
+        ' target text COLLATE "C" NOT NULL, at timestamptz NOT NULL, mutual_since timestamptz)'
+    )
+    async with conn.transaction():
+        await conn.execute("TRUNCATE import_fresh, import_bulk")
+        # The self-join of the new edges hashes them all: in memory, it keeps their order.
+        await conn.execute("SET LOCAL work_mem = '1GB'")
+        swappable = await swap.can_swap(conn)
+        # Every edge names an account created here when the accounts table was empty as the
+        # edges were checked and still is (nothing the service created meanwhile), and no
+        # id turned out to be being deleted.
+        all_fresh = only_file and not await conn.fetchval(_ANY_ACCOUNT)
+        created = _rowcount(await conn.execute(_CREATE_ACCOUNTS))
+        if created:
+            all_fresh = all_fresh and _rowcount(await conn.execute(_TOMBSTONED)) == 0
+            await conn.execute("ANALYZE import_fresh")
+        added = 0
+        if created and edges:
+            fresh_join = "" if all_fresh else _BOTH_FRESH
+            added = _rowcount(await conn.execute(_BULK_EDGES.format(fresh=fresh_join)))
+        if created:
+            report.swapped = swappable and added >= swap.SWAP_MIN_EDGES
+            if report.swapped:
+                report.swapped = await _build_and_swap(conn, report)
+            else:
+                for statement in _WRITE_EDGES:
+                    await conn.execute(statement)
+                await conn.execute(_WRITE_COUNTS)
+        fresh = await conn.fetchval("SELECT count(*) FROM import_fresh")
+    report.lap("write new accounts and their edges")
+    report.accounts_written += fresh
+    report.edges_added += added
+    if fresh:
+        await conn.execute(_LEFT_PROFILES)
+    if added:
+        left = await conn.fetchval("SELECT count(*) FROM import_new")
+        if left == added:
+            await conn.execute("TRUNCATE import_new")
+        else:
+            await conn.execute(_LEFT_EDGES)
+    report.lap("what is left for the batches")
+
+
+async def _build_and_swap(conn: Conn, report: ImportReport) -> bool:
+    """Write the edges into new tables and put them in the live ones' place (see
+    server.importer.swap); else into the live tables. Whether the swap was made."""
+    built = await swap.build(conn)
+    await conn.execute(_WRITE_COUNTS)
+    report.lap("build new edge tables")
+    if await swap.few_live_rows(conn) and await swap.lock_live(conn):
+        await swap.swap(conn, built)
+        report.lap("swap")
+        return True
+    await swap.drop_built(conn)
+    for statement in _WRITE_EDGES:
+        await conn.execute(statement)
+    return False
+
+
+def _rowcount(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])

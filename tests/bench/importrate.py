@@ -1,0 +1,107 @@
+"""`python -m tests.bench.importrate`: the bulk importer's rate on a graph from CSV files.
+
+Imports the graph in --graph (accounts.csv and edges.csv, as tests.bench.graph writes
+them) into a fresh database of a throwaway PostgreSQL (tests.support.pgcluster, default
+settings as the embedded server's), --runs times, each into an empty database, or with
+--base into a database that already holds the --base graph (imported first, not timed).
+Prints each run's seconds, edges/s and the importer's phases, then the median rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+from server.importer import ImportOptions, import_graph
+from tests.support.pgcluster import LocalPostgres
+
+
+async def _import(url: str, graph: Path, *, accounts: bool = True) -> dict[str, object]:
+    with (
+        (graph / "accounts.csv").open(newline="", encoding="utf-8") as a,
+        (graph / "edges.csv").open(newline="", encoding="utf-8") as e,
+    ):
+        began = time.perf_counter()
+        report = await import_graph(url, a if accounts else None, e, ImportOptions(progress=False))
+        seconds = time.perf_counter() - began
+    return {
+        "seconds": round(seconds, 2),
+        "edges_per_s": round(report.edges_read / seconds),
+        "edges_added": report.edges_added,
+        "present": report.edges_already_present,
+        "batches": report.batches,
+        "swapped": report.swapped,
+        "longest_batch": round(report.longest_batch, 3),
+        "phases": {k: round(v, 2) for k, v in report.phases.items()},
+    }
+
+
+async def _fresh(pg: LocalPostgres, name: str) -> str:
+    conn = await asyncpg.connect(pg.url())
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return pg.url(name)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="importrate-"))
+    settings = {}
+    if args.log_ms is not None:
+        settings = {"log_min_duration_statement": str(args.log_ms), "log_line_prefix": "''"}
+    pg = LocalPostgres(root, settings)
+    pg.init()
+    pg.start()
+    rates: list[float] = []
+    try:
+        for run in range(args.runs):
+            url = await _fresh(pg, "importrate")
+            if args.base is not None:
+                base = await _import(url, args.base)
+                print(f"base: {json.dumps(base)}", file=sys.stderr)
+            result = await _import(url, args.graph)
+            rates.append(float(result["edges_per_s"]))  # type: ignore[arg-type]
+            print(f"run {run + 1}: {json.dumps(result)}", file=sys.stderr)
+    finally:
+        pg.stop()
+        if args.log_ms is not None:
+            print(_slow_statements(pg.logfile), file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"median {statistics.median(rates):,.0f} edges/s over {len(rates)} run(s)")
+
+
+def _slow_statements(log: Path) -> str:
+    """The server log's statements that ran longer than --log-ms, one line each."""
+    out: list[str] = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("LOG:  duration:"):
+            out.append(line[len("LOG:  ") :][:160])
+        elif out and line.startswith(("\t", " ")) and len(out[-1]) < 160:
+            out[-1] = (out[-1] + " " + line.strip())[:160]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.importrate")
+    parser.add_argument("--graph", type=Path, required=True, help="folder with the CSV files")
+    parser.add_argument("--base", type=Path, help="a graph imported first, not timed")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--log-ms", type=int, help="print the statements that ran longer than this (ms)"
+    )
+    asyncio.run(_main(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
