@@ -209,10 +209,17 @@ async def fingerprint(url: str) -> dict[str, Any]:
     try:
         doc: dict[str, Any] = {}
         for table in TABLES:
-            doc[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")
+            if table != "follow_count_deltas":  # rows of partial counts: see below
+                doc[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        # Counts are the counter rows plus the delta rows (follow_totals); how much sits in
+        # each depends on who wrote them (the importer, the calls), not on the data.
         row = await conn.fetchrow(
-            "SELECT sum(following)::bigint, sum(followers)::bigint, sum(mutual)::bigint"
-            " FROM follow_counts"
+            "SELECT c.following, c.followers + d.followers, c.mutual + d.mutual"
+            " FROM (SELECT sum(following)::bigint AS following,"
+            " sum(followers)::bigint AS followers, sum(mutual)::bigint AS mutual"
+            " FROM follow_counts) c,"
+            " (SELECT coalesce(sum(followers), 0)::bigint AS followers,"
+            " coalesce(sum(mutual), 0)::bigint AS mutual FROM follow_count_deltas) d"
         )
         doc["sum_following_followers_mutual"] = list(row) if row else None
         doc["mutual_edges"] = await conn.fetchval(
