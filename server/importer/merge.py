@@ -40,6 +40,7 @@ follower's own rows, in the delta rows for rows of the users it follows.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 import time
@@ -260,7 +261,9 @@ async def write_accounts(
             lines = {r[0]: r[1] for r in rows}
             ids = list(lines)
 
-            async def work(batch: int = batch, ids: list[str] = ids) -> list[str]:
+            async def work(batch: int = batch, ids: list[str] = ids, busy: int = 0) -> list[str]:
+                if busy < BUSY_TRIES:  # as an edge batch does (see LOCK_WAIT_MS)
+                    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT_MS}ms'")
                 await conn.execute(_GATE, ids, None, True)
                 # Under the gate no deletion of these ids can commit; one committed before
                 # shows its tombstone.
@@ -269,7 +272,15 @@ async def write_accounts(
                     await conn.execute(statement, batch, refused)
                 return refused
 
-            refused = await _in_transaction(conn, report, work)
+            for busy in itertools.count():
+                try:
+                    refused = await _in_transaction(
+                        conn, report, functools.partial(work, busy=busy)
+                    )
+                    break
+                except asyncpg.LockNotAvailableError:
+                    report.retries += 1
+                    await asyncio.sleep(min(BUSY_PAUSE * (busy + 1), 1.0))
             for user_id in refused:
                 problem = f"account {user_id} {BEING_DELETED}"
                 report.add_bad(BadRow("accounts", lines[user_id], problem))
@@ -297,6 +308,15 @@ RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_memoize; RESET plan_
 # batch table needs no ANALYZE for these plans (the original cost ~15% of each batch): a
 # temporary table never analysed is estimated from its size, and a nested loop has it outside.
 _REPLAN = "DISCARD PLANS"
+
+# How long a batch waits for any one lock (the gate, a counter row, a key another
+# transaction is inserting) before it gives all of its locks up and is tried again, smaller,
+# after a pause (BUSY_PAUSE, growing with each try in a row): a batch holding many users'
+# gates while it waits for one that a call holds would make every call on those users wait
+# too. After BUSY_TRIES tries in a row it waits as long as it takes (so it always ends).
+LOCK_WAIT_MS = 50
+BUSY_PAUSE = 0.02
+BUSY_TRIES = 20
 
 MAX_BATCH_EDGES = 200_000  # whatever the time budget allows
 # Exclusive advisory locks per batch (one per follower): PostgreSQL's lock table is shared
@@ -336,12 +356,24 @@ async def write_edges(
     total = sum(b.edges for b in chunks)
     size = FIRST_BATCH_EDGES
     start = number = 0
+    busy = 0  # tries in a row that found a lock held
     with progress_bar(options, "merging", total, "edge") as bar:
         while start < len(chunks):
             end = _take(chunks, start, size)
             batch = Batch.join(chunks[start:end])
             began = time.perf_counter()
-            await _write_batch(conn, staging, number, batch, report, options)
+            try:
+                await _write_batch(conn, staging, number, batch, report, options, busy)
+            except asyncpg.LockNotAvailableError:
+                # A call holds one of the batch's users: the batch gave up its locks after
+                # LOCK_WAIT rather than hold the others while it waits (a convoy of the
+                # calls on them); again smaller, after a pause in which that call ends.
+                busy += 1
+                report.retries += 1
+                size = max(CHUNK_EDGES, batch.edges // 2)
+                await asyncio.sleep(min(BUSY_PAUSE * busy, 1.0))
+                continue
+            busy = 0
             seconds = time.perf_counter() - began
             report.largest_batch = max(report.largest_batch, batch.edges)
             report.longest_batch = max(report.longest_batch, seconds)
@@ -359,6 +391,7 @@ async def _write_batch(
     batch: Batch,
     report: ImportReport,
     options: ImportOptions,
+    busy: int = 0,
 ) -> None:
     if not staging.citus:
         await conn.execute(_REPLAN)
@@ -373,6 +406,8 @@ async def _write_batch(
     shard = number % DELTA_SHARDS
 
     async def work() -> tuple[int, list[asyncpg.Record]]:
+        if busy < BUSY_TRIES:
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT_MS}ms'")
         await staging.clear(conn)
         await conn.execute(_GATE, followers, None, True)
         following = await _lock_rows(conn, staging, ordered, acts)

@@ -1,0 +1,150 @@
+"""The importer's bulk path (server.importer.bulk, server.importer.swap): the accounts an
+import creates and the edges among them written in one transaction without the batches, into
+new edge tables swapped in when the live ones were empty; edges touching existing accounts
+still through the locked batches; exact counts and mutual state either way; re-runs change
+nothing; the swap waits for a transaction holding the live tables and keeps its rows."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from server.importer import ImportReport, swap
+from tests.conftest import skip_on_citus
+from tests.test_importer import T0, assert_counts_equal_lists, at, run, snapshot
+
+pytestmark = skip_on_citus("the bulk path runs on one PostgreSQL (Citus takes the batches)")
+
+ACCOUNTS = ["user_id,nick", "a,Alice", "b,Bob", "c", "d"]
+EDGES = [
+    "follower_id,target_id,followed_at",
+    f"a,b,{T0}",
+    f"b,a,{T0 + 5}",
+    f"c,a,{T0 + 1}",
+    f"d,c,{T0 + 2}",
+    f"c,d,{T0 + 1}",
+]
+FOLLOWING = [
+    ("a", "b", at(T0), at(T0 + 5)),
+    ("b", "a", at(T0 + 5), at(T0 + 5)),
+    ("c", "a", at(T0 + 1), None),
+    ("c", "d", at(T0 + 1), at(T0 + 2)),
+    ("d", "c", at(T0 + 2), at(T0 + 2)),
+]
+COUNTS = [("a", 1, 2, 1), ("b", 1, 1, 1), ("c", 2, 1, 1), ("d", 1, 1, 1)]
+
+_INDEXES = """
+SELECT c.relname::text, i.indexrelid::regclass::text, con.conname::text
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid
+WHERE c.relname IN ('following', 'followers') ORDER BY 1, 2
+"""
+
+
+@pytest.fixture
+def swap_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swap even for a handful of edges (normally only from SWAP_MIN_EDGES on)."""
+    monkeypatch.setattr(swap, "SWAP_MIN_EDGES", 1)
+
+
+async def _fetch(db_url: str, sql: str) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+async def _check(db_url: str, report: ImportReport) -> None:
+    assert report.edges_added == len(FOLLOWING)
+    assert report.batches == 0  # no locked batch: every edge is between created accounts
+    await assert_counts_equal_lists(db_url)
+    rows = await snapshot(db_url)
+    assert rows["following"] == FOLLOWING
+    assert rows["follow_counts"] == COUNTS
+    assert [r[0] for r in rows["accounts"]] == ["a", "b", "c", "d"]
+
+
+async def test_edges_among_created_accounts_go_in_bulk_into_the_live_tables(
+    db_url: str,
+) -> None:
+    """A few edges among new accounts: one transaction into the live tables, no batches,
+    both copies, mutual state and exact counts."""
+    report = await run(db_url, ACCOUNTS, EDGES)
+    assert not report.swapped
+    await _check(db_url, report)
+
+
+async def test_into_empty_edge_tables_new_ones_are_built_and_swapped_in(
+    db_url: str, swap_always: None
+) -> None:
+    """Into empty edge tables the edges go into new tables, swapped in with the live ones'
+    index and primary key names; a re-run then finds every edge present, changes nothing."""
+    before = await _fetch(db_url, _INDEXES)
+    report = await run(db_url, ACCOUNTS, EDGES)
+    assert report.swapped
+    await _check(db_url, report)
+    assert await _fetch(db_url, _INDEXES) == before
+    rows = await snapshot(db_url)
+    again = await run(db_url, ACCOUNTS, EDGES)
+    assert (again.edges_added, again.edges_already_present) == (0, len(FOLLOWING))
+    assert await snapshot(db_url) == rows
+
+
+async def test_edges_touching_existing_accounts_take_the_batches(
+    db_url: str, swap_always: None
+) -> None:
+    """With an account present before the import, the edges among the new accounts go in
+    bulk (no swap: the edge tables are not empty) and those touching it through the locked
+    batches, with their mutual state (a <-> z) and exact counts."""
+    await run(db_url, ["user_id", "z", "y"], ["follower_id,target_id,followed_at", f"y,z,{T0}"])
+    report = await run(
+        db_url,
+        ACCOUNTS,
+        [*EDGES, f"a,z,{T0 + 7}", f"z,a,{T0 + 3}", f"z,c,{T0 + 4}"],
+    )
+    assert not report.swapped
+    assert report.edges_added == len(FOLLOWING) + 3
+    assert report.batches >= 1
+    await assert_counts_equal_lists(db_url)
+    following = (await snapshot(db_url))["following"]
+    assert ("a", "z", at(T0 + 7), at(T0 + 7)) in following
+    assert ("z", "a", at(T0 + 3), at(T0 + 7)) in following
+    assert ("z", "c", at(T0 + 4), None) in following
+
+
+async def test_the_swap_waits_for_a_transaction_on_the_live_tables_and_keeps_its_rows(
+    db_url: str, swap_always: None
+) -> None:
+    """A transaction holding the live edge tables (here one following x -> y as a Follow
+    does) makes the swap's lock tries fail until it commits; its edge is then copied into
+    the new tables, beside the import's."""
+    await run(db_url, ["user_id", "x", "y"], None)
+    call = await asyncpg.connect(db_url)
+    watcher = await asyncpg.connect(db_url)
+    try:
+        tx = call.transaction()
+        await tx.start()
+        await call.execute("INSERT INTO following VALUES ('x', 'y', now(), NULL)")
+        await call.execute("INSERT INTO followers VALUES ('y', 'x', now())")
+        await call.execute("UPDATE follow_counts SET following = following + 1 WHERE user_id = 'x'")
+        await call.execute("UPDATE follow_counts SET followers = followers + 1 WHERE user_id = 'y'")
+        importing = asyncio.create_task(run(db_url, ACCOUNTS, EDGES))
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'"
+        for _ in range(600):  # until the import asks for the lock (at most a minute)
+            if await watcher.fetchval(waiting) or importing.done():
+                break
+            await asyncio.sleep(0.1)
+        assert not importing.done()
+        await tx.commit()
+        report = await importing
+    finally:
+        await call.close()
+        await watcher.close()
+    assert report.swapped
+    assert report.edges_added == len(FOLLOWING)
+    await assert_counts_equal_lists(db_url)
+    following = (await snapshot(db_url))["following"]
+    assert [r[:2] for r in following] == [*(r[:2] for r in FOLLOWING), ("x", "y")]
