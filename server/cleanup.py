@@ -6,7 +6,12 @@ DeletionCleaner, but only the one holding a session-level advisory lock does the
 that process dies (kill -9 included) its session ends, the lock is free, and another picks it
 up at its next poll. The job itself is the tombstone row the deletion wrote, so nothing is
 lost across restarts of the server or of the database; each batch reads what is left, so a
-batch cut short is simply done again.
+batch cut short (or lost in a crash: batches commit without waiting for the WAL flush) is
+simply done again.
+
+What other users' calls may wait for: a batch holds the locks of the users in it from its
+first lock to its commit, sized to about DELETION_BATCH_SECONDS, and it never waits for a
+busy user while holding others (server.store's _hold): a busy one is left for a later batch.
 """
 
 from __future__ import annotations

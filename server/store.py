@@ -383,7 +383,7 @@ _CLEANUP_SETTINGS = (
 # at most twice the last size (growth is gradual, a slow batch shrinks the next at once).
 DELETION_BATCH = 500  # the first batch's size
 DELETION_BATCH_SECONDS = 0.1
-MIN_DELETION_BATCH, MAX_DELETION_BATCH = 20, 5000
+MIN_DELETION_BATCH, MAX_DELETION_BATCH = 20, 2000
 
 
 @functools.cache
