@@ -372,9 +372,9 @@ async def test_every_store_statement_is_routed_or_pruned(citus_conn: asyncpg.Con
         except asyncpg.PostgresError as e:
             # A single-node-only statement may be one Citus refuses (FOR UPDATE of rows of
             # several shards): shown, not judged, like its plan would be.
-            problem = (f"{type(e).__name__}: {e}",)
+            refusal = (f"{type(e).__name__}: {e}",)
             judged = name not in SINGLE_NODE_ONLY
-            verdicts.append(Verdict(name, "refused", 0, 0, problem, judged=judged))
+            verdicts.append(Verdict(name, "refused", 0, 0, refusal, judged=judged))
             continue
         shards = len({shard_of[u] for u in owners})
         verdict = _judge(name, sample, plans, list(debug), shards)
