@@ -184,6 +184,20 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             ON webhook_deliveries (parked_at) WHERE parked_at IS NOT NULL;
         """,
     ),
+    (
+        6,
+        "webhooks: a URL's pending deliveries indexed in queue order (the senders' due heads)",
+        """
+        -- Senders claim the due heads of a URL oldest first (server.webhook_queue): a scan
+        -- of this index in (txid, event_id) order, probing the primary key for an older
+        -- pending row of the same user. It replaces the (url, user_id, ...) index, whose
+        -- only reader was the old per-user DISTINCT ON search of heads; the primary key
+        -- (user_id, url, txid, event_id) serves every per-user lookup.
+        CREATE INDEX webhook_deliveries_queue
+            ON webhook_deliveries (url, txid, event_id) WHERE parked_at IS NULL;
+        DROP INDEX webhook_deliveries_pending;
+        """,
+    ),
 ]
 
 

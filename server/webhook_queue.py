@@ -8,14 +8,17 @@ only read).
 
 The claim protocol. A user's deliveries to one URL go out one at a time, oldest (txid, id)
 first: only the user's oldest row not parked (its head) may be claimed, and only when it is
-due (next_at) and not claimed by a live lease (claimed_until). A claim is one UPDATE of that
-row with the user's id in its WHERE (a single-shard router query on Citus) that sets a new
-lease and a random claim token; two senders racing for the same head serialise on its row
-lock, and the second finds the lease set and claims nothing (the equivalent of FOR UPDATE
-SKIP LOCKED, without a transaction around it). Marking the outcome (delete on a 2xx; a
-backoff, or parked past the budget, otherwise) checks the token, so a sender whose lease ran
-out cannot overwrite the work of the one that took over. A sender that dies mid-request
-leaves its lease to run out: the row is claimed and sent again (at least once).
+due (next_at) and not claimed by a live lease (claimed_until). A sender claims a batch of
+heads at once: it reads the due heads of the URL oldest first (one read-only statement,
+index webhook_deliveries_queue), then claims them in one UPDATE that sets a lease and the
+batch's random claim token, its WHERE repeating every condition (head, due, free) on each
+row; the user ids in it prune it to their shards on Citus. Two senders racing for the same
+head serialise on its row lock and the second finds the lease set and claims nothing (the
+equivalent of FOR UPDATE SKIP LOCKED, without a transaction around it). Marking the outcome
+(delete on a 2xx, several users' at once; a backoff, or parked past the budget, otherwise)
+checks the token, so a sender whose lease ran out cannot overwrite the work of the one that
+took over. A sender that dies mid-request leaves its lease to run out: the row is claimed and
+sent again (at least once).
 
 Timestamps are int Unix microseconds (the connections use server.database's
 use_int_timestamps).
@@ -43,32 +46,58 @@ INSERT INTO webhook_deliveries
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT DO NOTHING
 """
-# Users whose head (oldest row not parked) is due and not under a live lease.
-_HEADS = """
-SELECT user_id FROM (
-    SELECT DISTINCT ON (user_id) user_id, next_at, claimed_until
-    FROM webhook_deliveries
-    WHERE url = $1 AND parked_at IS NULL
-    ORDER BY user_id, txid, event_id
-) head
-WHERE next_at <= now() AND (claimed_until IS NULL OR claimed_until < now())
+
+
+def _is_head(d: str) -> str:
+    """Row `d` is its user's head: its oldest delivery to the URL not parked. Deliveries are
+    queued in outbox order (the feeder's position only moves forward), so no row older than
+    a head ever appears after it."""
+    return f"""NOT EXISTS (
+    SELECT FROM webhook_deliveries o
+    WHERE o.user_id = {d}.user_id AND o.url = {d}.url AND o.parked_at IS NULL
+      AND (o.txid, o.event_id) < ({d}.txid, {d}.event_id))"""
+
+
+def _free(d: str) -> str:
+    """Row `d` is due and not under a live lease."""
+    return f"{d}.next_at <= now() AND ({d}.claimed_until IS NULL OR {d}.claimed_until < now())"
+
+
+# Due heads, oldest first (index webhook_deliveries_queue): a scan in queue order that probes
+# the primary key for an older pending row of the same user.
+_DUE = f"""
+SELECT h.user_id, h.txid, h.event_id FROM webhook_deliveries h
+WHERE h.url = $1 AND h.parked_at IS NULL AND {_free("h")} AND {_is_head("h")}
+ORDER BY h.txid, h.event_id
 LIMIT $2
+"""  # noqa: S608 - made of constants
+_CLAIMED = """
+RETURNING d.user_id, d.txid, d.event_id, d.command, d.body, d.client_ip, d.platform,
+          d.event_at, d.attempts, d.queued_at
 """
-_CLAIM = """
+# One statement: claim the due heads found by _DUE. A row another sender claimed or marked
+# meanwhile is re-read after its lock and left out (the lease and due conditions are on d).
+_CLAIM_DUE = f"""
 UPDATE webhook_deliveries d
 SET claimed_until = now() + $3 * interval '1 second', claim = $4
-WHERE d.user_id = $1 AND d.url = $2 AND d.parked_at IS NULL
-  AND (d.txid, d.event_id) = (
-      SELECT txid, event_id FROM webhook_deliveries
-      WHERE user_id = $1 AND url = $2 AND parked_at IS NULL
-      ORDER BY txid, event_id LIMIT 1)
-  AND d.next_at <= now() AND (d.claimed_until IS NULL OR d.claimed_until < now())
-RETURNING d.txid, d.event_id, d.command, d.body, d.client_ip, d.platform, d.event_at,
-          d.attempts, d.queued_at
-"""
+FROM ({_DUE}) due
+WHERE d.user_id = due.user_id AND d.url = $1 AND d.txid = due.txid
+  AND d.event_id = due.event_id AND d.parked_at IS NULL AND {_free("d")}
+{_CLAIMED}"""  # noqa: S608 - made of constants
+# On Citus, where _CLAIM_DUE would be a multi-shard UPDATE of every shard: claim the heads a
+# first statement found (event_id names a URL's delivery: one outbox event, one row) if each
+# is still a head, due and free; the user ids prune it to their shards.
+_CLAIM = f"""
+UPDATE webhook_deliveries d
+SET claimed_until = now() + $4 * interval '1 second', claim = $5
+WHERE d.url = $1 AND d.user_id = ANY($2::text[]) AND d.event_id = ANY($3::bigint[])
+  AND d.parked_at IS NULL AND {_free("d")} AND {_is_head("d")}
+{_CLAIMED}"""  # noqa: S608 - made of constants
+# Delivered (2xx): the rows of one claim go, if the claim is still theirs.
 _DELIVERED = """
 DELETE FROM webhook_deliveries
-WHERE user_id = $1 AND url = $2 AND txid = $3 AND event_id = $4 AND claim = $5
+WHERE url = $1 AND user_id = ANY($2::text[]) AND event_id = ANY($3::bigint[]) AND claim = $4
+RETURNING event_id
 """
 # A failure: the next try's time, or parked (the times are computed by the caller: Citus
 # refuses now() beside a column in an UPDATE's SET).
@@ -94,24 +123,6 @@ WHERE user_id = ANY($1::text[]) AND parked_at < now() - $2 * interval '1 second'
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
-    """One claimed delivery: the webhook to send for one event to one URL."""
-
-    user_id: str
-    url: str
-    txid: int
-    event_id: int
-    command: str
-    body: str
-    client_ip: str
-    platform: str
-    event_at_us: int
-    attempts: int  # failed tries before this one
-    queued_at_us: int  # when the feeder queued it: the retry budget counts from here
-    claim: int  # this sender's claim token
-
-
-@dataclass(frozen=True, slots=True)
 class Queued:
     """One outbox event's webhook, ready to queue for a URL."""
 
@@ -123,6 +134,16 @@ class Queued:
     client_ip: str
     platform: str
     event_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery(Queued):
+    """One claimed delivery: a queued webhook, the URL it goes to, and the claim on it."""
+
+    url: str
+    attempts: int  # failed tries before this one
+    queued_at_us: int  # when the feeder queued it: the retry budget counts from here
+    claim: int  # the claim token of the batch that claimed it
 
 
 async def ensure_positions(conn: Any, urls: Sequence[str], start: Position) -> None:
@@ -174,26 +195,44 @@ async def queue(
     return True
 
 
-async def heads(conn: Any, url: str, limit: int) -> list[str]:
-    """Up to `limit` users with a delivery to `url` that may be claimed now."""
-    rows = await conn.fetch(_HEADS, url, limit)
-    return [r[0] for r in rows]
-
-
 async def claim(
-    conn: Any, user_id: str, url: str, lease_seconds: float, token: int
-) -> Delivery | None:
-    """Claim `user_id`'s oldest delivery to `url` for `lease_seconds`, if it is due and free."""
-    r = await conn.fetchrow(_CLAIM, user_id, url, lease_seconds, token)
-    if r is None:
-        return None
-    return Delivery(user_id, url, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], token)
+    conn: Any, url: str, limit: int, lease_seconds: float, token: int, distributed: bool = False
+) -> list[Delivery]:
+    """Claim up to `limit` users' heads to `url` that are due and free, oldest first, for
+    `lease_seconds` under `token`: at most one delivery per user. One short autocommitted
+    statement; on Citus (`distributed`) two, each pruned to the shards it needs: find the
+    due heads (read-only), then claim them if still free (a sender elsewhere may have taken
+    some meanwhile: those are left out)."""
+    if distributed:
+        due = await conn.fetch(_DUE, url, limit)
+        if not due:
+            return []
+        users = [r[0] for r in due]
+        events = [r[2] for r in due]
+        rows = await conn.fetch(_CLAIM, url, users, events, lease_seconds, token)
+    else:
+        rows = await conn.fetch(_CLAIM_DUE, url, limit, lease_seconds, token)
+    claimed = [
+        Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], url, r[8], r[9], token)
+        for r in rows
+    ]
+    claimed.sort(key=lambda d: (d.txid, d.event_id))
+    return claimed
 
 
-async def delivered(conn: Any, d: Delivery) -> bool:
-    """Done (a 2xx): the row goes. False when the claim had been lost meanwhile."""
-    status: str = await conn.execute(_DELIVERED, d.user_id, d.url, d.txid, d.event_id, d.claim)
-    return status == "DELETE 1"
+async def delivered(conn: Any, url: str, done: Sequence[Delivery]) -> set[int]:
+    """Delivered (a 2xx): their rows go, one statement per claim token. The event ids of the
+    rows deleted; a delivery missing from it had lost its claim meanwhile."""
+    by_claim: dict[int, list[Delivery]] = {}
+    for d in done:
+        by_claim.setdefault(d.claim, []).append(d)
+    gone: set[int] = set()
+    for token, ds in by_claim.items():
+        rows = await conn.fetch(
+            _DELIVERED, url, [d.user_id for d in ds], [d.event_id for d in ds], token
+        )
+        gone.update(r[0] for r in rows)
+    return gone
 
 
 async def failed(

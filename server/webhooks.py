@@ -9,10 +9,12 @@ Two parts, started with the service (server.app) when --callback-url is given:
   one short transaction, queues a delivery row per event (the request body made now) and
   moves the position past them (server.webhook_queue.queue). Exactly once per (URL, event),
   across crashes: the position and the rows commit together.
-- Senders, in every process, one loop per URL: find users whose oldest queued delivery is
-  due (server.webhook_queue.heads), claim it with a lease, POST it, mark the outcome; then
-  claim that user's next one at once. At most --callback-concurrency requests per URL per
-  process are on the wire. No transaction is open during a request.
+- Senders, in every process, one loop per URL: each round it records the outcomes of the
+  requests that finished (the 2xx ones deleted in one statement), claims a batch of due
+  heads (each user's oldest queued delivery, oldest first, at most one per user) with a
+  lease (server.webhook_queue.claim), and starts a POST per claimed delivery; a user's next
+  delivery becomes its head once the last one is recorded. At most --callback-concurrency
+  requests per URL per process are on the wire. No transaction is open during a request.
 
 A 2xx deletes the row. Anything else (another status, a timeout, no connection) retries
 after an exponential backoff with jitter (between --callback-backoff-min and -max), until
@@ -38,7 +40,7 @@ import asyncpg
 
 from server import outbox, webhook_queue
 from server.config import Settings
-from server.database import create_pool, use_int_timestamps
+from server.database import use_int_timestamps
 from server.leader import Leader
 from server.outbox import ACCOUNT_DELETED, FOLLOWED, UNFOLLOWED, OutboxRow
 from server.webhook_metrics import WebhookMetrics, url_label
@@ -195,7 +197,14 @@ class Feeder(_Wakeable):
 
 class Sender(_Wakeable):
     """Delivers one URL's queued webhooks from this process: up to config.concurrency
-    requests at once, one per user, each user's in order."""
+    requests at once, one per user, each user's in order.
+
+    One loop per URL does all the database work, a few statements per round however many
+    webhooks the round covers: it marks the outcomes of the requests that finished since the
+    last round (the 2xx ones deleted in one statement), then claims as many due heads as
+    requests may start (two statements), and starts a request per claimed delivery. Requests
+    run as tasks of their own and only hand their outcome back; the loop sleeps until one
+    does, the feeder queues more, or POLL_SECONDS pass."""
 
     def __init__(
         self,
@@ -204,18 +213,27 @@ class Sender(_Wakeable):
         url: str,
         config: WebhookConfig,
         metrics: WebhookMetrics,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
         self._pool = pool
+        self._distributed = distributed
         self._session = session
         self._url = url
         self._label = url_label(url)
         self._config = config
         self._metrics = metrics
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._flying: dict[int, asyncio.Task[None]] = {}  # by event id
+        self._done: list[tuple[Delivery, str]] = []  # outcomes not marked yet ('' = a 2xx)
+        self._look = True  # there may be due heads: claim at the next round
         self._last_backlog = 0.0
         self._last_warning = 0.0
         self._failures_unsaid = 0
+
+    def wake(self) -> None:
+        """More may be due (the feeder queued some): claim at the next round."""
+        self._look = True
+        super().wake()
 
     async def run(self) -> None:
         while not self.stopping:
@@ -230,19 +248,35 @@ class Sender(_Wakeable):
                 with contextlib.suppress(Exception):
                     await self._pool.expire_connections()
                 await self.pause(1.0)
-            await self.pause()
+                self._look = True
+                continue
+            free = self._config.concurrency - len(self._flying)
+            if not self._done and not (self._look and free > 0):
+                await self.pause()
+                self._look = True
 
     async def stop(self) -> None:
         """Stop claiming; let requests on the wire finish (within the request timeout) and
         mark them, so a clean stop sends nothing twice."""
         self.stopping = True
-        active = set(self._active.values())
-        if active:
-            _, late = await asyncio.wait(active, timeout=self._config.timeout + 2.0)
+        flying = set(self._flying.values())
+        if flying:
+            _, late = await asyncio.wait(flying, timeout=self._config.timeout + 2.0)
             for task in late:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=2.0)
+        if self._done:
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._mark()
+            except Exception as exc:  # their leases run out and they are sent again
+                log.warning(
+                    "webhook sender for %s: outcomes not recorded at stop: %s: %s",
+                    self._label,
+                    type(exc).__name__,
+                    exc,
+                )
 
     async def _round(self) -> None:
         now = time.monotonic()
@@ -251,40 +285,30 @@ class Sender(_Wakeable):
             pending, parked = await webhook_queue.backlog(self._pool, self._url)
             self._metrics.backlog.labels(self._label).set(pending)
             self._metrics.parked_now.labels(self._label).set(parked)
-        free = self._config.concurrency - len(self._active)
-        if free <= 0:
+        if self._done:
+            await self._mark()
+            self._look = True  # those users' next webhooks may be due now
+        free = self._config.concurrency - len(self._flying)
+        if free <= 0 or not self._look or self.stopping:
             return
-        users = await webhook_queue.heads(self._pool, self._url, free + len(self._active))
-        random.shuffle(users)  # several processes race for the same heads: spread them
-        for user in users:
-            if free <= 0 or self.stopping:
-                break
-            if user in self._active:
-                continue
-            self._active[user] = asyncio.create_task(self._chain(user))
-            free -= 1
+        token = secrets.randbits(63)
+        batch = await webhook_queue.claim(
+            self._pool, self._url, free, self._config.lease, token, self._distributed
+        )
+        self._look = len(batch) == free  # a full batch: more may be due
+        for d in batch:
+            self._flying[d.event_id] = asyncio.create_task(self._send(d))
 
-    async def _chain(self, user: str) -> None:
-        """Deliver `user`'s due webhooks one after another, until none is due."""
+    async def _send(self, d: Delivery) -> None:
+        """One request; its outcome goes to the loop, which marks it."""
         try:
-            while not self.stopping:
-                token = secrets.randbits(63)
-                delivery = await webhook_queue.claim(
-                    self._pool, user, self._url, self._config.lease, token
-                )
-                if delivery is None:
-                    return
-                error = await self._post(delivery)
-                await self._mark(delivery, error)
-                if error:
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # its lease runs out and it is tried again
-            log.warning("webhook to %s for %s: %s: %s", self._label, user, type(exc).__name__, exc)
+            error = await self._post(d)
+        except Exception as exc:  # not the receiver's answer: retried like one
+            error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._active.pop(user, None)
-            self.wake()
+            self._flying.pop(d.event_id, None)
+        self._done.append((d, error))
+        super().wake()
 
     async def _post(self, d: Delivery) -> str:
         """Send one webhook; '' on a 2xx, else what went wrong."""
@@ -307,15 +331,28 @@ class Sender(_Wakeable):
         except aiohttp.ClientError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
-    async def _mark(self, d: Delivery, error: str) -> None:
-        if not error:
-            if await webhook_queue.delivered(self._pool, d):
-                self._metrics.delivered.labels(self._label).inc()
-                lag = max(0.0, time.time() - d.event_at_us / 1e6)
-                self._metrics.lag.labels(self._label).observe(lag)
-            else:
-                log.warning("webhook to %s: a claim ran out during its request", self._label)
-            return
+    async def _mark(self) -> None:
+        """Record the outcomes handed back so far: the 2xx ones in one statement per claim,
+        each failure in its own (rare). An outcome leaves the list once recorded, so a
+        database error leaves the rest for the next round (their leases still hold)."""
+        ok = [d for d, error in self._done if not error]
+        if ok:
+            gone = await webhook_queue.delivered(self._pool, self._url, ok)
+            marked = {id(d) for d in ok}
+            self._done = [x for x in self._done if id(x[0]) not in marked]
+            now = time.time()
+            for d in ok:
+                if d.event_id in gone:
+                    self._metrics.delivered.labels(self._label).inc()
+                    lag = max(0.0, now - d.event_at_us / 1e6)
+                    self._metrics.lag.labels(self._label).observe(lag)
+                else:
+                    log.warning("webhook to %s: a claim ran out during its request", self._label)
+        for item in [x for x in self._done if x[1]]:
+            await self._failed(*item)
+            self._done.remove(item)
+
+    async def _failed(self, d: Delivery, error: str) -> None:
         wait = backoff(self._config, d.attempts + 1)
         outcome = await webhook_queue.failed(self._pool, d, error, wait, self._config.retry_budget)
         if outcome is None:
@@ -349,6 +386,36 @@ class Sender(_Wakeable):
             self._last_warning, self._failures_unsaid = now, 0
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """The pool's reset between uses: nothing (the senders set no session state), instead of
+    asyncpg's default statement per release."""
+
+
+async def sender_pool(database_url: str, size: int) -> asyncpg.Pool:
+    """The senders' connections: timestamps as int microseconds, and synchronous_commit off.
+    A claim, a delete on a 2xx or a backoff then returns without waiting for its WAL flush
+    (PostgreSQL writes it within wal_writer_delay); a PostgreSQL crash can lose the last of
+    them, and always a suffix (a later synchronous commit flushes every earlier one). A lost
+    claim or delete means a webhook sent again: the crash window at-least-once allows, never
+    a loss, and never a reordering (a lost delete keeps its user's later webhooks behind it).
+    The feeder's queueing stays synchronous on its own connection."""
+    pool = await asyncpg.create_pool(
+        database_url,
+        min_size=1,
+        max_size=size,
+        command_timeout=30,
+        server_settings={
+            "application_name": "follow-server webhooks",
+            "synchronous_commit": "off",
+        },
+        init=use_int_timestamps,
+        reset=_no_reset,
+    )
+    if pool is None:  # asyncpg types it optional; it is only None when not awaited
+        raise RuntimeError("asyncpg returned no pool")
+    return pool
+
+
 class Webhooks:
     """The feeder and this process's senders, started and stopped with the service."""
 
@@ -371,7 +438,7 @@ class Webhooks:
     ) -> Webhooks:
         """Give every URL a position (a new one starts at the events committing from now on)
         before the service takes calls, so none of its first events is missed; then run."""
-        pool = await create_pool(database_url, 4, int_timestamps=True, min_size=1)
+        pool = await sender_pool(database_url, 4)
         try:
             async with pool.acquire() as conn:
                 distributed = await outbox.is_distributed(conn)
@@ -382,7 +449,7 @@ class Webhooks:
             raise
         connector = aiohttp.TCPConnector(limit=config.concurrency * len(config.urls))
         session = aiohttp.ClientSession(connector=connector)
-        senders = [Sender(pool, session, url, config, metrics) for url in config.urls]
+        senders = [Sender(pool, session, url, config, metrics, distributed) for url in config.urls]
         feeder = Feeder(database_url, config.urls, metrics, senders)
         running = cls(pool, session, feeder, senders)
         running._tasks = [

@@ -1,0 +1,109 @@
+"""The webhook delivery queue's claim protocol (server.webhook_queue) on a real database (also
+under make test-citus): a batch claims each user's oldest due delivery, oldest first, at most
+one per user; a leased, backing-off or parked head holds its user's later deliveries back
+(a parked one lets them go); a claim that ran out deletes nothing when its request ends."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from server import webhook_queue
+from server.database import has_citus, use_int_timestamps
+from server.outbox import START, Position
+from server.webhook_queue import Delivery, Queued
+
+URL = "http://127.0.0.1:9/hook"
+LEASE = 30.0
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(db_url)
+    await use_int_timestamps(connection)
+    yield connection
+    await connection.close()
+
+
+async def _queue(conn: asyncpg.Connection, *events: tuple[str, int]) -> None:
+    """Queue one delivery per (user, event id), in that order (the outbox order)."""
+    items = [
+        Queued(user, event_id, event_id, "c", f'{{"e":{event_id}}}', "", "gRPC", 1_000_000)
+        for user, event_id in events
+    ]
+    await webhook_queue.ensure_positions(conn, [URL], START)
+    last = events[-1][1]
+    assert await webhook_queue.queue(conn, URL, START, Position(last, last), items)
+
+
+async def _claim(
+    conn: asyncpg.Connection, limit: int, token: int, lease: float = LEASE
+) -> list[Delivery]:
+    """A sender's claim: one statement, or on Citus the pruned two."""
+    return await webhook_queue.claim(conn, URL, limit, lease, token, await has_citus(conn))
+
+
+def _keys(batch: list[Delivery]) -> list[tuple[str, int]]:
+    return [(d.user_id, d.event_id) for d in batch]
+
+
+async def test_a_batch_claims_each_users_oldest_delivery_oldest_first(
+    conn: asyncpg.Connection,
+) -> None:
+    """Up to the limit, in queue order, one per user: a user's second delivery waits for
+    its first even when the batch has room; the claimed ones carry the batch's token."""
+    await _queue(conn, ("a", 1), ("b", 2), ("a", 3), ("c", 4), ("d", 5))
+    first = await _claim(conn, 2, 11)
+    assert _keys(first) == [("a", 1), ("b", 2)]
+    assert {d.claim for d in first} == {11}
+    assert (first[0].body, first[0].url, first[0].attempts) == ('{"e":1}', URL, 0)
+    rest = await _claim(conn, 10, 12)
+    assert _keys(rest) == [("c", 4), ("d", 5)]
+    assert await _claim(conn, 10, 13) == []
+
+
+async def test_delivered_deletes_a_batch_and_frees_each_users_next(
+    conn: asyncpg.Connection,
+) -> None:
+    """Marking several 2xx at once deletes their rows (the event ids returned); each user's
+    next delivery is then its head and is claimed."""
+    await _queue(conn, ("a", 1), ("b", 2), ("a", 3), ("b", 4))
+    batch = await _claim(conn, 10, 21)
+    assert await webhook_queue.delivered(conn, URL, batch) == {1, 2}
+    assert _keys(await _claim(conn, 10, 22)) == [("a", 3), ("b", 4)]
+
+
+async def test_a_claim_that_ran_out_deletes_nothing(conn: asyncpg.Connection) -> None:
+    """A lease that ran out lets another sender claim the row under its own token; the first
+    sender's 2xx then deletes nothing (it is not counted twice), the second's does."""
+    await _queue(conn, ("a", 1))
+    (stale,) = await _claim(conn, 10, 31, lease=-1.0)  # a lease already over
+    (taken,) = await _claim(conn, 10, 32)
+    assert taken.event_id == stale.event_id
+    assert await webhook_queue.delivered(conn, URL, [stale]) == set()
+    assert await webhook_queue.delivered(conn, URL, [taken]) == {1}
+    forged = dataclasses.replace(taken, claim=33)
+    assert await webhook_queue.delivered(conn, URL, [forged]) == set()
+
+
+async def test_a_backing_off_head_holds_its_user_back(conn: asyncpg.Connection) -> None:
+    """A failed delivery waits for its backoff, and its user's later ones wait behind it;
+    other users go on."""
+    await _queue(conn, ("a", 1), ("a", 2), ("b", 3))
+    (a1, b3) = await _claim(conn, 10, 41)
+    assert await webhook_queue.failed(conn, a1, "HTTP 500", 60.0, 3600.0) == (False, 1)
+    assert await webhook_queue.delivered(conn, URL, [b3]) == {3}
+    assert await _claim(conn, 10, 42) == []
+
+
+async def test_a_parked_head_lets_its_users_next_go(conn: asyncpg.Connection) -> None:
+    """Past the retry budget a failure parks the row; the user's next delivery becomes its
+    head, and the parked row is never claimed again."""
+    await _queue(conn, ("a", 1), ("a", 2))
+    (a1,) = await _claim(conn, 10, 51)
+    assert await webhook_queue.failed(conn, a1, "HTTP 500", 60.0, 0.0) == (True, 1)
+    assert _keys(await _claim(conn, 10, 52)) == [("a", 2)]
+    assert await webhook_queue.backlog(conn, URL) == (1, 1)
