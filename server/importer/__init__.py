@@ -11,29 +11,39 @@ duplicate edges and the cap are found in SQL over the staging tables, which lock
 the service's calls wait on. Any bad row then aborts the import, having changed nothing,
 unless `--skip-bad-rows`.
 
-The merge then runs beside the live service in bounded batches, each its own short
-transaction sized to a time budget (ImportOptions.batch_seconds, how long a batch may hold
-its users' locks) that locks its users as a Follow call does (server.importer.merge): both
-copies of each edge, mutual state on both sides (`mutual_since` is the later of the two
-follow times) and exact count increments (followers' counter rows, targets' delta rows).
-An import is therefore resumable rather than one transaction: an interrupted one leaves
-whole batches, a sound graph, and running it again completes it (edges already present are
-skipped, their first follow time kept; accounts already present get their nick / face URL
-updated where the file gives one). Rows the merge refuses because the service changed
+The writing then runs beside the live service. First (one PostgreSQL) the accounts the
+import creates and every new edge between two of them, in one set-based transaction without
+per-user locks, since no service call can see those accounts before it commits
+(server.importer.bulk); into edge tables that were empty, those edges go into new tables
+whose indexes are built in one pass, swapped in under a lock held for milliseconds
+(server.importer.swap). That transaction holds back the delivery of change events until it
+commits. Then the rest (profiles of accounts already present, edges touching them; on Citus
+everything) in bounded batches, each its own short transaction sized to a time budget
+(ImportOptions.batch_seconds, how long a batch may hold its users' locks) that locks its
+users as a Follow call does, waiting at most 50 ms for any lock before it lets all of them
+go and tries again smaller (server.importer.merge). Either way: both copies of each edge,
+mutual state on both sides (`mutual_since` is the later of the two follow times) and exact
+counts (counter rows; targets' delta rows in the batches). An import is therefore resumable
+rather than one transaction: an interrupted one leaves the bulk step whole or not at all
+and whole batches, a sound graph, and running it again completes it (edges already present
+are skipped, their first follow time kept; accounts already present get their nick / face
+URL updated where the file gives one). Rows the merge refuses because the service changed
 their users since the checks (the cap reached meanwhile, an account deleted meanwhile) are
 reported like bad rows (ImportIncompleteError unless `--skip-bad-rows`). Accounts whose
 deletion is still being cleaned up are bad rows, not waited for. The importer writes no
 change events (follow_events): it is an operator's bulk tool.
 
-The same statements run on one PostgreSQL and on Citus (tables distributed on user_id):
-every join pairs rows of one owner; the rows that must move to another owner (each new
-edge's followers copy, the targets to look up) are moved by a re-partitioning INSERT ...
-SELECT on Citus and are views on one PostgreSQL (server.importer.staging).
+The staging and merge statements run on one PostgreSQL and on Citus (tables distributed on
+user_id): every join pairs rows of one owner; the rows that must move to another owner (each
+new edge's followers copy, the targets to look up) are moved by a re-partitioning INSERT
+... SELECT on Citus and are views on one PostgreSQL (server.importer.staging).
 
 The modules, each depending only on those below it: cli (the command line) -> transaction
-(import_graph: staging, then the merge) -> merge (staging tables into the live ones, batch
-by batch) -> staging (COPY into staging tables, the checks SQL makes there, the chunks)
--> csvread (CSV into COPY records) -> report (counts, bad rows, progress bars) -> options.
+(import_graph: staging, then the writing) -> bulk (created accounts and their edges in one
+transaction) -> swap (new edge tables built and put in place) and merge (staging tables
+into the live ones, batch by batch) -> staging (COPY into staging tables, the checks SQL
+makes there, the chunks) -> csvread (CSV into COPY records) -> report (counts, bad rows,
+progress bars) -> options.
 """
 
 from __future__ import annotations

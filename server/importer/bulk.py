@@ -112,8 +112,10 @@ async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_fil
     )
     async with conn.transaction():
         await conn.execute("TRUNCATE import_fresh, import_bulk")
-        # The self-join of the new edges hashes them all: in memory, it keeps their order.
-        await conn.execute("SET LOCAL work_mem = '1GB'")
+        # The self-join of the new edges hashes them all: in memory, it keeps their order,
+        # and costs half what the merge join the planner prefers does (two sorts of all
+        # of them: 16 s against 31 s for 5,000,000 edges on a loaded box).
+        await conn.execute("SET LOCAL work_mem = '1GB'; SET LOCAL enable_mergejoin = off")
         swappable = await swap.can_swap(conn)
         # Every edge names an account created here when the accounts table was empty as the
         # edges were checked and still is (nothing the service created meanwhile), and no

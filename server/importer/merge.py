@@ -1,6 +1,8 @@
 """From the staging tables into the live ones, in bounded batches, each its own short
 transaction, while the service keeps serving: accounts first (ACCOUNT_BATCH ids at a time),
-then the new edges a range of followers at a time.
+then the new edges a range of followers at a time. (On one PostgreSQL the accounts the
+import creates and the edges among them were written before, in bulk: server.importer.bulk;
+what is left here touches accounts that existed before the import.)
 
 An edge batch is a run of the plan's consecutive chunks (server.importer.staging, about
 CHUNK_EDGES edges each), sized to a time budget (ImportOptions.batch_seconds, 0.2 s): each
@@ -10,6 +12,11 @@ followed by a smaller one at once, and growth is gradual), at most MAX_BATCH_EDG
 and MAX_BATCH_FOLLOWERS followers (one advisory lock each, in the shared lock table).
 So the locks a service call may wait for stay bounded by about the budget, on a loaded box
 as on an idle one, while an idle box writes bigger batches (fewer round trips per edge).
+
+A batch waits at most LOCK_WAIT_MS for any one lock; when a call holds one, the batch
+rolls back, letting go of the locks it took, and is tried again at half the size after a
+short pause, so it never holds many users' gates while it queues behind one call (which
+made the calls on all those users wait: a convoy).
 
 Each batch takes its locks the way a service call does (server.store's lock discipline: a
 transaction touches rows owned by user U only while it holds a lock on U's follow_counts

@@ -3,17 +3,22 @@
 Two stages on one connection of its own. Staging (server.importer.staging) reads, parses
 and checks everything into staging tables, locking nothing the service's calls wait on. If
 it found bad rows and --skip-bad-rows was not given, the import stops there having changed
-nothing (ImportAbortedError). Otherwise the merge (server.importer.merge) writes the
-accounts, then the edges, in bounded batches, each its own short transaction holding only
-its users' locks, taken the way the service's calls take theirs.
+nothing (ImportAbortedError). Otherwise, on one PostgreSQL, server.importer.bulk writes the
+accounts the import creates and the edges among them in one transaction (no service call
+can see them before it commits, so it takes no per-user lock); then the merge
+(server.importer.merge) writes the rest, accounts, then edges, in bounded batches, each its
+own short transaction holding only its users' locks, taken the way the service's calls take
+theirs. On Citus everything goes through the batches.
 
 So an import is all-or-nothing as far as bad rows go, and resumable beyond that: an import
-interrupted during the merge (killed, connection lost) has committed whole batches, each
-leaving the graph sound with exact counts, and running the same import again completes it
-(edges already present are skipped, accounts are written again unchanged). Rows the merge
-finds bad under its locks because the service changed their users since the checks (a
-follower that reached the cap meanwhile, an account deleted meanwhile) are skipped and
-reported; the import then ends with ImportIncompleteError unless --skip-bad-rows.
+interrupted during the writing (killed, connection lost) has committed the bulk step whole
+or not at all and whole batches, each leaving the graph sound with exact counts, and
+running the same import again completes it (the accounts are then present, so what is left
+takes the batches; edges already present are skipped, accounts are written again
+unchanged). Rows the merge finds bad under its locks because the service changed their
+users since the checks (a follower that reached the cap meanwhile, an account deleted
+meanwhile) are skipped and reported; the import then ends with ImportIncompleteError unless
+--skip-bad-rows.
 
 One import runs per database at a time (a session advisory lock): on Citus the staging
 tables are ordinary distributed tables, and an import killed earlier leaves them for the
