@@ -148,3 +148,19 @@ async def test_the_swap_waits_for_a_transaction_on_the_live_tables_and_keeps_its
     await assert_counts_equal_lists(db_url)
     following = (await snapshot(db_url))["following"]
     assert [r[:2] for r in following] == [*(r[:2] for r in FOLLOWING), ("x", "y")]
+
+
+async def test_no_swap_when_something_hangs_on_the_live_tables(
+    db_url: str, swap_always: None
+) -> None:
+    """A view over `following` (or a trigger, a grant, a publication) would be lost or
+    would block with a swap: the edges then go into the live tables, all the same."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("CREATE VIEW following_view AS SELECT * FROM following")
+    finally:
+        await conn.close()
+    report = await run(db_url, ACCOUNTS, EDGES)
+    assert not report.swapped
+    await _check(db_url, report)
+    assert len(await _fetch(db_url, "SELECT * FROM following_view")) == len(FOLLOWING)

@@ -74,11 +74,19 @@ ORDER BY c.relname
 """
 _DEF = re.compile(r"^(CREATE (?:UNIQUE )?INDEX) (\S+) ON (\S+) (.*)$")
 _HOLDS_ROWS = "SELECT EXISTS (SELECT 1 FROM following) OR EXISTS (SELECT 1 FROM followers)"
-# A table replaced must be one the importer's role owns and has granted nothing on (the new
-# one gets its owner and no grants).
+# A table replaced must be one the importer's role owns and has granted nothing on, with no
+# trigger, row security, publication or view over it: the new one gets its owner and none of
+# those (and a view would make DROP TABLE fail).
 _OWNED_PLAIN = """
-SELECT bool_and(pg_get_userbyid(relowner) = current_user AND relacl IS NULL)
-FROM pg_class WHERE oid = ANY(ARRAY['following', 'followers']::regclass[])
+WITH t AS (SELECT unnest(ARRAY['following', 'followers']::regclass[]) AS oid)
+SELECT bool_and(pg_get_userbyid(c.relowner) = current_user AND c.relacl IS NULL
+                AND NOT c.relrowsecurity)
+   AND NOT EXISTS (SELECT 1 FROM pg_trigger g JOIN t ON g.tgrelid = t.oid)
+   AND NOT EXISTS (SELECT 1 FROM pg_publication_rel p JOIN t ON p.prrelid = t.oid)
+   AND NOT EXISTS (SELECT 1 FROM pg_publication WHERE puballtables)
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d JOIN t ON d.refobjid = t.oid
+                   WHERE d.classid = 'pg_rewrite'::regclass)
+FROM pg_class c JOIN t ON c.oid = t.oid
 """
 
 
@@ -91,7 +99,7 @@ class _Index:
 
 async def can_swap(conn: Conn) -> bool:
     """Whether the live edge tables may be replaced: empty (in this transaction's view),
-    owned by the importer's role, with no grants."""
+    owned by the importer's role, with nothing attached that the new tables would lack."""
     return bool(await conn.fetchval(_OWNED_PLAIN)) and not await conn.fetchval(_HOLDS_ROWS)
 
 
