@@ -21,7 +21,13 @@ from server.checker import check, finish_pending_deletions
 from server.cleanup import DeletionCleaner
 from server.database import create_pool
 from server.importer import ImportOptions, import_graph
-from server.store import Store
+from server.store import (
+    DELETION_BATCH_SECONDS,
+    MAX_DELETION_BATCH,
+    MIN_DELETION_BATCH,
+    Store,
+    _next_batch_size,
+)
 from tests.conftest import ServiceFactory
 from tests.helpers import error_info, follow_server, import_users
 from tests.invariants import assert_sound
@@ -422,3 +428,15 @@ async def test_cleanup_runs_on_while_one_fan_is_held_and_its_neighbours_stay_fre
         await holder.close()
         await conn.close()
         await pool.close()
+
+
+def test_batch_size_follows_the_time_budget() -> None:
+    """The next batch removes what the last one's rate removes in the budget: at most twice
+    the last size (a fast batch grows the next gradually), shrunk at once after a slow one,
+    and within the bounds whatever the measurement."""
+    budget = DELETION_BATCH_SECONDS
+    assert _next_batch_size(500, budget / 10) == 1000
+    assert _next_batch_size(500, budget) == 500
+    assert _next_batch_size(1000, budget * 4) == 250
+    assert _next_batch_size(100, 1000.0) == MIN_DELETION_BATCH
+    assert _next_batch_size(MAX_DELETION_BATCH, 0.0) == MAX_DELETION_BATCH
