@@ -64,12 +64,12 @@ def _free(d: str) -> str:
 
 
 # Due heads, oldest first (index webhook_deliveries_queue): a scan in queue order that probes
-# the primary key for an older pending row of the same user.
+# the primary key for an older pending row of the same user; at most {limit} of them.
 _DUE = f"""
 SELECT h.user_id, h.txid, h.event_id FROM webhook_deliveries h
 WHERE h.url = $1 AND h.parked_at IS NULL AND {_free("h")} AND {_is_head("h")}
 ORDER BY h.txid, h.event_id
-LIMIT $2
+LIMIT {{limit}}
 """  # noqa: S608 - made of constants
 _CLAIMED = """
 RETURNING d.user_id, d.txid, d.event_id, d.command, d.body, d.client_ip, d.platform,
@@ -77,9 +77,11 @@ RETURNING d.user_id, d.txid, d.event_id, d.command, d.body, d.client_ip, d.platf
 """
 # One statement: claim the due heads found by _DUE. A row another sender claimed or marked
 # meanwhile is re-read after its lock and left out (the lease and due conditions are on d).
+# The limit is written into the text, one prepared statement per batch size: with LIMIT $n
+# PostgreSQL's generic plan guesses a tenth of the table and hash-joins a scan of all of it.
 _CLAIM_DUE = f"""
 UPDATE webhook_deliveries d
-SET claimed_until = now() + $3 * interval '1 second', claim = $4
+SET claimed_until = now() + $2 * interval '1 second', claim = $3
 FROM ({_DUE}) due
 WHERE d.user_id = due.user_id AND d.url = $1 AND d.txid = due.txid
   AND d.event_id = due.event_id AND d.parked_at IS NULL AND {_free("d")}
@@ -204,14 +206,15 @@ async def claim(
     due heads (read-only), then claim them if still free (a sender elsewhere may have taken
     some meanwhile: those are left out)."""
     if distributed:
-        due = await conn.fetch(_DUE, url, limit)
+        due = await conn.fetch(_DUE.format(limit=int(limit)), url)
         if not due:
             return []
         users = [r[0] for r in due]
         events = [r[2] for r in due]
         rows = await conn.fetch(_CLAIM, url, users, events, lease_seconds, token)
     else:
-        rows = await conn.fetch(_CLAIM_DUE, url, limit, lease_seconds, token)
+        sql = _CLAIM_DUE.format(limit=int(limit))
+        rows = await conn.fetch(sql, url, lease_seconds, token)
     claimed = [
         Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], url, r[8], r[9], token)
         for r in rows
