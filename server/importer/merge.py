@@ -322,6 +322,10 @@ _REPLAN = "DISCARD PLANS"
 # gates while it waits for one that a call holds would make every call on those users wait
 # too. After BUSY_TRIES tries in a row it waits as long as it takes (so it always ends).
 LOCK_WAIT_MS = 50
+# A statement of an edge batch that runs past STATEMENT_BUDGETS times the time budget is
+# cancelled and the batch tried again smaller, in the same way: it bounds how long the calls
+# on the batch's users wait when a batch runs far slower than the last one did.
+STATEMENT_BUDGETS = 2
 BUSY_PAUSE = 0.02
 BUSY_TRIES = 20
 
@@ -371,10 +375,12 @@ async def write_edges(
             began = time.perf_counter()
             try:
                 await _write_batch(conn, staging, number, batch, report, options, busy)
-            except asyncpg.LockNotAvailableError:
+            except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError):
                 # A call holds one of the batch's users: the batch gave up its locks after
                 # LOCK_WAIT rather than hold the others while it waits (a convoy of the
-                # calls on them); again smaller, after a pause in which that call ends.
+                # calls on them); or one statement ran past its limit (a checkpoint, a
+                # burst of evictions, a starved CPU) while every call on the batch's users
+                # waited: again smaller, after a pause in which that call ends.
                 busy += 1
                 report.retries += 1
                 size = max(CHUNK_EDGES, batch.edges // 2)
@@ -414,7 +420,12 @@ async def _write_batch(
 
     async def work() -> tuple[int, list[asyncpg.Record]]:
         if busy < BUSY_TRIES:
-            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT_MS}ms'")
+            # (and each statement at most twice the budget: see STATEMENT_BUDGETS)
+            limit = max(int(options.batch_seconds * STATEMENT_BUDGETS * 1000), LOCK_WAIT_MS)
+            await conn.execute(
+                f"SET LOCAL lock_timeout = '{LOCK_WAIT_MS}ms';"
+                f" SET LOCAL statement_timeout = '{limit}ms'"
+            )
         await staging.clear(conn)
         await conn.execute(_GATE, followers, None, True)
         following = await _lock_rows(conn, staging, ordered, acts)
