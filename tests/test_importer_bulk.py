@@ -164,3 +164,37 @@ async def test_no_swap_when_something_hangs_on_the_live_tables(
     assert not report.swapped
     await _check(db_url, report)
     assert len(await _fetch(db_url, "SELECT * FROM following_view")) == len(FOLLOWING)
+
+
+async def test_a_batch_whose_user_a_call_holds_lets_its_locks_go_and_is_tried_again(
+    db_url: str,
+) -> None:
+    """A batch finding a follower's gate held (a call acting for it) waits at most
+    merge.LOCK_WAIT_MS, rolls back and is tried again after a pause (no convoy behind it),
+    and completes once the call is over."""
+    await run(db_url, ["user_id", "z"], None)
+    call = await asyncpg.connect(db_url)
+    watcher = await asyncpg.connect(db_url)
+    try:
+        tx = call.transaction()
+        await tx.start()
+        await call.execute("SELECT pg_advisory_xact_lock(hashtextextended('z', 0))")
+        importing = asyncio.create_task(
+            run(db_url, ACCOUNTS, [*EDGES, f"z,a,{T0 + 9}", f"a,z,{T0 + 9}"])
+        )
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        for _ in range(6000):  # until the batch has tried the gate (at most a minute)
+            if await watcher.fetchval(waiting) or importing.done():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1)  # past LOCK_WAIT_MS: that try gives up
+        await tx.commit()
+        report = await importing
+    finally:
+        await call.close()
+        await watcher.close()
+    assert report.retries >= 1
+    assert report.edges_added == len(FOLLOWING) + 2
+    await assert_counts_equal_lists(db_url)
+    following = (await snapshot(db_url))["following"]
+    assert ("z", "a", at(T0 + 9), at(T0 + 9)) in following
