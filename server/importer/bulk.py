@@ -129,6 +129,7 @@ async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_fil
         if created and edges:
             fresh_join = "" if all_fresh else _BOTH_FRESH
             added = _rowcount(await conn.execute(_BULK_EDGES.format(fresh=fresh_join)))
+        report.lap("create accounts, pick their edges")
         if created:
             report.swapped = swappable and added >= swap.SWAP_MIN_EDGES
             if report.swapped:
@@ -144,8 +145,8 @@ async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_fil
     if fresh:
         await conn.execute(_LEFT_PROFILES)
     if added:
-        left = await conn.fetchval("SELECT count(*) FROM import_new")
-        if left == added:
+        staged = await conn.fetchval("SELECT count(*) FROM import_new")
+        if staged == added:  # every new edge was written here
             await conn.execute("TRUNCATE import_new")
         else:
             await conn.execute(_LEFT_EDGES)

@@ -8,10 +8,11 @@ in import_bad). The checks (accounts being deleted, self-follows, unknown accoun
 duplicate edges in the file, followers the import would take over the cap) are set-based
 statements over the staged rows, made against the live tables as they are at that moment,
 and leave import_profiles (the accounts to write) and import_new (the edges to add, written in
-(follower, target) order), cut into chunks of about CHUNK_EDGES edges (ranges of
-followers); server.importer.merge writes them in batches of consecutive chunks and checks
-again, under the locks, what the service may have changed since (the cap, deletions, edges
-it added).
+(follower, target) order). server.importer.bulk takes from them the accounts the import
+creates and the edges among them; what is left of import_new is then cut into chunks of
+about CHUNK_EDGES edges (ranges of followers: plan_chunks), which server.importer.merge
+writes in batches of consecutive chunks, checking again, under the locks, what the service
+may have changed since (the cap, deletions, edges it added).
 
 Where the staging tables live (Staging): on one PostgreSQL they are temporary tables of the
 import's session (gone with it, so a killed import leaves nothing). On Citus a temporary
