@@ -101,6 +101,11 @@ DELETE FROM webhook_deliveries
 WHERE url = $1 AND user_id = ANY($2::text[]) AND event_id = ANY($3::bigint[]) AND claim = $4
 RETURNING event_id
 """
+# Given back unsent (a clean stop): the rows of one claim are free again at once.
+_RELEASE = """
+UPDATE webhook_deliveries SET claimed_until = NULL, claim = NULL
+WHERE url = $1 AND user_id = ANY($2::text[]) AND event_id = ANY($3::bigint[]) AND claim = $4
+"""
 # A failure: the next try's time, or parked (the times are computed by the caller: Citus
 # refuses now() beside a column in an UPDATE's SET).
 _FAILED = """
@@ -223,19 +228,29 @@ async def claim(
     return claimed
 
 
+def _by_claim(deliveries: Sequence[Delivery]) -> dict[int, list[Delivery]]:
+    by_claim: dict[int, list[Delivery]] = {}
+    for d in deliveries:
+        by_claim.setdefault(d.claim, []).append(d)
+    return by_claim
+
+
 async def delivered(conn: Any, url: str, done: Sequence[Delivery]) -> set[int]:
     """Delivered (a 2xx): their rows go, one statement per claim token. The event ids of the
     rows deleted; a delivery missing from it had lost its claim meanwhile."""
-    by_claim: dict[int, list[Delivery]] = {}
-    for d in done:
-        by_claim.setdefault(d.claim, []).append(d)
     gone: set[int] = set()
-    for token, ds in by_claim.items():
+    for token, ds in _by_claim(done).items():
         rows = await conn.fetch(
             _DELIVERED, url, [d.user_id for d in ds], [d.event_id for d in ds], token
         )
         gone.update(r[0] for r in rows)
     return gone
+
+
+async def release(conn: Any, url: str, unsent: Sequence[Delivery]) -> None:
+    """Give claimed deliveries back unsent (their leases end now, where still theirs)."""
+    for token, ds in _by_claim(unsent).items():
+        await conn.execute(_RELEASE, url, [d.user_id for d in ds], [d.event_id for d in ds], token)
 
 
 async def failed(

@@ -20,13 +20,14 @@ A 2xx deletes the row. Anything else (another status, a timeout, no connection) 
 after an exponential backoff with jitter (between --callback-backoff-min and -max), until
 the retry budget (--callback-retry-budget, counted from when the event was queued) is spent:
 then the row is parked (kept with parked_at set, logged, counted) and the user's next event
-goes. A crash (kill -9) mid-request leaves a lease (LEASE_MARGIN_SECONDS + twice the
-request timeout) that runs out, and the webhook is sent again: the one duplicate window.
+goes. A crash (kill -9) mid-request leaves a lease (LEASE_MARGIN_SECONDS + PREFETCH + 1 request
+timeouts) that runs out, and the webhook is sent again: the one duplicate window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -53,6 +54,10 @@ _FEEDER_LOCK = 0x666F6C6C6F79  # one webhook feeder per database
 POLL_SECONDS = 0.25
 FEED_BATCH = 500
 LEASE_MARGIN_SECONDS = 10.0
+# A sender claims up to PREFETCH times --callback-concurrency deliveries at once, so one
+# round's statements serve several requests' worth; at most --callback-concurrency of them
+# are on the wire, the rest wait their turn (the lease covers the wait).
+PREFETCH = 4
 BACKLOG_EVERY_SECONDS = 5.0
 _KINDS = {FOLLOWED: "follow", UNFOLLOWED: "unfollow", ACCOUNT_DELETED: "account_deleted"}
 _WARN_EVERY_SECONDS = 30.0
@@ -73,9 +78,10 @@ class WebhookConfig:
 
     @property
     def lease(self) -> float:
-        """How long a claim lasts: the request and marking its outcome fit in it with room
-        to spare, so only a sender that died lets it run out."""
-        return LEASE_MARGIN_SECONDS + 2 * self.timeout
+        """How long a claim lasts: the wait behind the rest of its batch (at most PREFETCH - 1
+        requests per slot), the request and marking its outcome fit in it with room to
+        spare, so only a sender that died lets it run out."""
+        return LEASE_MARGIN_SECONDS + (PREFETCH + 1) * self.timeout
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebhookConfig | None:
@@ -201,10 +207,11 @@ class Sender(_Wakeable):
 
     One loop per URL does all the database work, a few statements per round however many
     webhooks the round covers: it marks the outcomes of the requests that finished since the
-    last round (the 2xx ones deleted in one statement), then claims as many due heads as
-    requests may start (two statements), and starts a request per claimed delivery. Requests
-    run as tasks of their own and only hand their outcome back; the loop sleeps until one
-    does, the feeder queues more, or POLL_SECONDS pass."""
+    last round (the 2xx ones deleted in one statement), then claims due heads until
+    PREFETCH * concurrency are claimed and unfinished (one statement; two on Citus). Claimed
+    deliveries go on the wire in claim order, config.concurrency at a time: a request that
+    ends hands its outcome to the loop and starts the next one waiting. The loop sleeps until
+    an outcome comes back, the feeder queues more, or POLL_SECONDS pass."""
 
     def __init__(
         self,
@@ -224,6 +231,7 @@ class Sender(_Wakeable):
         self._config = config
         self._metrics = metrics
         self._flying: dict[int, asyncio.Task[None]] = {}  # by event id
+        self._waiting: collections.deque[Delivery] = collections.deque()  # claimed, not sent
         self._done: list[tuple[Delivery, str]] = []  # outcomes not marked yet ('' = a 2xx)
         self._look = True  # there may be due heads: claim at the next round
         self._last_backlog = 0.0
@@ -250,8 +258,7 @@ class Sender(_Wakeable):
                 await self.pause(1.0)
                 self._look = True
                 continue
-            free = self._config.concurrency - len(self._flying)
-            if not self._done and not (self._look and free > 0):
+            if not self._done and not (self._look and self._room() > 0):
                 await self.pause()
                 self._look = True
 
@@ -259,6 +266,12 @@ class Sender(_Wakeable):
         """Stop claiming; let requests on the wire finish (within the request timeout) and
         mark them, so a clean stop sends nothing twice."""
         self.stopping = True
+        unsent = list(self._waiting)
+        self._waiting.clear()
+        if unsent:
+            with contextlib.suppress(Exception):  # else their leases run out
+                async with asyncio.timeout(5.0):
+                    await webhook_queue.release(self._pool, self._url, unsent)
         flying = set(self._flying.values())
         if flying:
             _, late = await asyncio.wait(flying, timeout=self._config.timeout + 2.0)
@@ -288,7 +301,7 @@ class Sender(_Wakeable):
         if self._done:
             await self._mark()
             self._look = True  # those users' next webhooks may be due now
-        free = self._config.concurrency - len(self._flying)
+        free = self._room()
         if free <= 0 or not self._look or self.stopping:
             return
         token = secrets.randbits(63)
@@ -296,7 +309,20 @@ class Sender(_Wakeable):
             self._pool, self._url, free, self._config.lease, token, self._distributed
         )
         self._look = len(batch) == free  # a full batch: more may be due
-        for d in batch:
+        self._waiting.extend(batch)
+        self._start()
+
+    def _room(self) -> int:
+        """How many more deliveries this sender may claim now."""
+        outstanding = len(self._flying) + len(self._waiting)
+        return PREFETCH * self._config.concurrency - outstanding
+
+    def _start(self) -> None:
+        """Put claimed deliveries on the wire while fewer than config.concurrency are."""
+        while self._waiting and len(self._flying) < self._config.concurrency:
+            if self.stopping:
+                return
+            d = self._waiting.popleft()
             self._flying[d.event_id] = asyncio.create_task(self._send(d))
 
     async def _send(self, d: Delivery) -> None:
@@ -308,6 +334,7 @@ class Sender(_Wakeable):
         finally:
             self._flying.pop(d.event_id, None)
         self._done.append((d, error))
+        self._start()
         super().wake()
 
     async def _post(self, d: Delivery) -> str:
