@@ -150,12 +150,23 @@ FROM (SELECT id FROM unnest($1::text[]) AS u(id) ORDER BY id OFFSET 0) AS s
 # them all in one round trip and answers with the users that exist.
 _SHARE_LOCK = "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR SHARE"
 
-# Citus: the other side of each edge one owner per statement. A multi-shard UPDATE or
-# DELETE makes Citus lock every shard it touches against other multi-shard modifications
-# until commit, which serialises concurrent calls (measured: unfollow20 at 0.03 of one
-# PostgreSQL, 11 of 16 coordinator backends waiting on those locks).
-_SET_THEIR_MUTUAL = "UPDATE following SET mutual_since = $3 WHERE user_id = $1 AND target_id = $2"
-_DELETE_THEIR_FOLLOWER = "DELETE FROM followers WHERE user_id = $1 AND follower_id = $2"
+# Citus: the gate (_GATE, the same locks in the same order) also answers each user's shard
+# (a lookup in the coordinator's metadata cache), so that a call's statements about other
+# users go one per shard rather than one per user (_by_shard): a statement costs the
+# coordinator about the same for one row as for several of one shard.
+_GATE_SHARDS = _GATE.replace(
+    "SELECT CASE", "SELECT s.id, get_shard_id_for_distribution_column('follow_counts', s.id), CASE"
+).replace("END::text", "END::text AS locked")
+# The users of one shard (Citus refuses FOR SHARE over several shards).
+_SHARE_LOCKS = "SELECT user_id FROM follow_counts WHERE user_id = ANY($1::text[]) FOR SHARE"
+
+# Citus: the other side of each edge one shard per statement ($1 the users of one shard). A
+# multi-shard UPDATE or DELETE makes Citus lock every shard it touches against other
+# multi-shard modifications until commit, which serialises concurrent calls (measured:
+# unfollow20 at 0.03 of one PostgreSQL, 11 of 16 coordinator backends waiting on those locks).
+_SET_THEIR_MUTUALS = (
+    "UPDATE following SET mutual_since = $3 WHERE user_id = ANY($1::text[]) AND target_id = $2"
+)
 
 _DELETE_FOLLOWING = "DELETE FROM following WHERE user_id = $1 AND target_id = ANY($2::text[])"
 _DELETE_THEIR_FOLLOWERS = (
@@ -416,6 +427,20 @@ def _insert_followers(rows: int) -> str:
     )
 
 
+def _add_deltas(rows: int) -> str:
+    """Delta rows of one acting user's shard ($1) for several users, each by $2 followers
+    and its own mutual change: the Citus form of _WRITE_FOLLOWS' their_counts, one
+    statement per shard of the targets."""
+    return _values(
+        "INSERT INTO follow_count_deltas AS d (user_id, shard, followers, mutual)",
+        "{0}, $1, $2, {1}",
+        rows,
+        2,
+        " ON CONFLICT (user_id, shard) DO UPDATE"
+        " SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.mutual",
+    )
+
+
 def _insert_counters(rows: int) -> str:
     return _values("INSERT INTO follow_counts (user_id)", "{0}", rows, 0, " ON CONFLICT DO NOTHING")
 
@@ -546,7 +571,8 @@ class Store:
         """Follow distinct, valid, non-self `targets` in order; the result code of each."""
 
         async def work(conn: Conn) -> dict[str, ItemCode]:
-            owner, known = await _lock_users(conn, user_id, targets)
+            citus = await self._distributed(conn)
+            owner, known, shard_of = await _lock_users(conn, user_id, targets, citus)
             own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
             followed = {r[1] for r in own if r[0] == 1}
             fans = {r[1] for r in own if r[0] == 2}
@@ -566,8 +592,8 @@ class Store:
                 mutual = [t for t in new if t in fans]
                 now = owner["now"]
                 ip, platform = origin.client_ip, origin.platform
-                if await self._distributed(conn):
-                    await _write_follows_per_owner(conn, user_id, new, now, fans)
+                if citus:
+                    await _write_follows_per_owner(conn, user_id, new, now, fans, shard_of)
                     await conn.execute(
                         _WRITE_EVENT, user_id, FOLLOWED, new, mutual, now, ip, platform
                     )
@@ -586,7 +612,8 @@ class Store:
         """Stop following `targets` (distinct, valid); not following one is no error."""
 
         async def work(conn: Conn) -> None:
-            owner, known = await _lock_users(conn, user_id, targets)
+            citus = await self._distributed(conn)
+            owner, known, shard_of = await _lock_users(conn, user_id, targets, citus)
             own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
             # An edge to an account being deleted is the background cleanup's to remove.
             gone = sorted(r[1] for r in own if r[0] == 1 and r[1] in known)
@@ -594,23 +621,21 @@ class Store:
                 return
             mutual = [r[1] for r in own if r[0] == 1 and r[2] and r[1] in known]
             now, ip, platform = owner["now"], origin.client_ip, origin.platform
-            if not await self._distributed(conn):
+            if not citus:
                 shard = delta_shard(user_id)
                 await conn.execute(
                     _WRITE_UNFOLLOWS, user_id, gone, mutual, shard, now, ip, platform
                 )
                 return
             await conn.execute(_DELETE_FOLLOWING, user_id, gone)
-            await conn.executemany(_DELETE_THEIR_FOLLOWER, [(t, user_id) for t in gone])
+            await conn.executemany(
+                _DELETE_THEIR_FOLLOWERS, [(user_id, g) for g in _by_shard(gone, shard_of)]
+            )
             if mutual:
                 await conn.executemany(
-                    _SET_THEIR_MUTUAL, [(t, user_id, None) for t in sorted(mutual)]
+                    _SET_THEIR_MUTUALS, [(g, user_id, None) for g in _by_shard(mutual, shard_of)]
                 )
-            shard = delta_shard(user_id)
-            mutual_set = set(mutual)
-            await conn.executemany(
-                _ADD_DELTA, [(t, shard, -1, -int(t in mutual_set)) for t in gone]
-            )
+            await _add_their_deltas(conn, user_id, gone, -1, set(mutual), shard_of)
             await conn.execute(_ADD_OWN_COUNTS, user_id, -len(gone), -len(mutual))
             await conn.execute(_WRITE_EVENT, user_id, UNFOLLOWED, gone, mutual, now, ip, platform)
 
@@ -864,11 +889,11 @@ async def _remove_followees(
 
 
 async def _lock_users(
-    conn: Conn, user_id: str, targets: Sequence[str]
-) -> tuple[asyncpg.Record, set[str]]:
-    """Lock the acting user's counter row FOR UPDATE and the targets' FOR SHARE, all in id
-    order (the one global lock order: no two calls wait for each other in a circle). The
-    owner's row (following count, the time now) and the targets that exist.
+    conn: Conn, user_id: str, targets: Sequence[str], citus: bool
+) -> tuple[asyncpg.Record, set[str], dict[str, int]]:
+    """Lock the acting user's counter row FOR UPDATE and the targets' FOR SHARE. The
+    owner's row (following count, the time now), the targets that exist, and on Citus each
+    user's shard (empty on one PostgreSQL).
 
     First, in the same order and in one statement (_GATE), advisory locks: exclusive on the
     acting user, shared on each target. Two things rest on it. Fairness: a celebrity's own
@@ -876,8 +901,22 @@ async def _lock_users(
     waiting for a moment with no share lock on its row. Event order: the gate takes no
     transaction id, and every call that writes an event for a user (its follows, unfollows,
     its deletion) holds that user's exclusive gate until commit, so the transaction ids of
-    one user's events grow in commit order (readers of follow_events rely on it)."""
+    one user's events grow in commit order (readers of follow_events rely on it).
+
+    The counter rows are locked only under the gate, and so in any order without a
+    deadlock: a row lock one gate holder waits for is held by another that holds no gate it
+    waits for (a user's row is locked FOR UPDATE only by a holder of its exclusive gate, and
+    every gate is taken before any row). One PostgreSQL takes them in id order, one user per
+    statement, in one round trip; Citus one statement per shard (_by_shard)."""
     ids = sorted({user_id, *targets})
+    if citus:
+        shard_of = {r[0]: r[1] for r in await conn.fetch(_GATE_SHARDS, ids, user_id, False)}
+        owner = await conn.fetchrow(_LOCK_OWNER, user_id)
+        if owner is None:
+            raise _user_not_found()
+        groups = _by_shard([u for u in ids if u != user_id], shard_of)
+        locked = await conn.fetchmany(_SHARE_LOCKS, [(g,) for g in groups]) if groups else []
+        return owner, {r[0] for r in locked}, shard_of
     await conn.execute(_GATE, ids, user_id, False)
     at = ids.index(user_id)
     before, after = ids[:at], ids[at + 1 :]
@@ -889,14 +928,28 @@ async def _lock_users(
         raise _user_not_found()
     if after:
         known.update(r[0] for r in await conn.fetchmany(_SHARE_LOCK, [(u,) for u in after]))
-    return owner, known
+    return owner, known, {}
+
+
+def _by_shard(users: Sequence[str], shard_of: dict[str, int]) -> list[list[str]]:
+    """Users grouped by their Citus shard, groups in shard order, ids sorted in each: the
+    one order every call writes other users' delta rows in (no two wait in a circle)."""
+    groups: dict[int, list[str]] = {}
+    for u in sorted(users):
+        groups.setdefault(shard_of[u], []).append(u)
+    return [groups[k] for k in sorted(groups)]
 
 
 async def _write_follows_per_owner(
-    conn: Conn, user_id: str, new: list[str], now: object, fans: set[str]
+    conn: Conn,
+    user_id: str,
+    new: list[str],
+    now: object,
+    fans: set[str],
+    shard_of: dict[str, int],
 ) -> None:
     """Both copies of each new edge, mutual state on both sides, and the counts: the
-    acting user's own row, and one delta row per target in id order."""
+    acting user's own row, and a delta row per target, one statement per shard."""
     mutual = [t for t in new if t in fans]
     following_rows: list[object] = []
     for t in new:
@@ -904,10 +957,27 @@ async def _write_follows_per_owner(
     await conn.execute(_insert_following(len(new)), user_id, now, *following_rows)
     await conn.execute(_insert_followers(len(new)), user_id, now, *new)
     if mutual:
-        await conn.executemany(_SET_THEIR_MUTUAL, [(t, user_id, now) for t in sorted(mutual)])
-    shard = delta_shard(user_id)
-    await conn.executemany(_ADD_DELTA, [(t, shard, 1, int(t in fans)) for t in sorted(new)])
+        await conn.executemany(
+            _SET_THEIR_MUTUALS, [(g, user_id, now) for g in _by_shard(mutual, shard_of)]
+        )
+    await _add_their_deltas(conn, user_id, new, 1, fans, shard_of)
     await conn.execute(_ADD_OWN_COUNTS, user_id, len(new), len(mutual))
+
+
+async def _add_their_deltas(
+    conn: Conn,
+    user_id: str,
+    users: list[str],
+    followers: int,
+    mutual: set[str],
+    shard_of: dict[str, int],
+) -> None:
+    """`followers` (+1 or -1) on each user's delta row under the acting user's delta shard,
+    and as much on its mutual count for those in `mutual`: one statement per Citus shard."""
+    shard = delta_shard(user_id)
+    for group in _by_shard(users, shard_of):
+        rows = [v for u in group for v in (u, followers if u in mutual else 0)]
+        await conn.execute(_add_deltas(len(group)), shard, followers, *rows)
 
 
 def _deadline_exceeded() -> ServiceError:

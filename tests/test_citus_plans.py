@@ -85,6 +85,8 @@ def _rows_sample(builder: str, n: int) -> Sample:
         return Sample((ALICE, AT, *rows), (ALICE,))
     if builder == "_insert_followers":  # each gains ALICE as a follower: their rows
         return Sample((ALICE, AT, *users), tuple(users))
+    if builder == "_add_deltas":  # one delta row each (ALICE's delta shard 3): their rows
+        return Sample((3, 1, *(v for i, u in enumerate(users) for v in (u, i % 2))), tuple(users))
     if builder == "_insert_counters":
         return Sample(tuple(users), tuple(users))
     if builder == "_upsert_accounts":
@@ -92,16 +94,23 @@ def _rows_sample(builder: str, n: int) -> Sample:
     raise KeyError(builder)
 
 
-ROW_BUILDERS = ("_insert_following", "_insert_followers", "_insert_counters", "_upsert_accounts")
+ROW_BUILDERS = (
+    "_insert_following",
+    "_insert_followers",
+    "_add_deltas",
+    "_insert_counters",
+    "_upsert_accounts",
+)
 
 SAMPLES: dict[str, Sample] = {
     "_LOCK_OWNER": _one(ALICE),
     "_SHARE_LOCK": _one(ALICE),
+    "_SHARE_LOCKS": Sample(([ALICE],), (ALICE,)),  # the users of one shard
     # Advisory locks, no table: on Citus it stays on the coordinator.
     "_GATE": Sample(([ALICE, *FIVE], ALICE, False), NO_TABLE),
+    "_GATE_SHARDS": Sample(([ALICE, *FIVE], ALICE, False), NO_TABLE),
     "_OWN_EDGES_AMONG": _one(ALICE, FIVE),
-    "_SET_THEIR_MUTUAL": Sample(("bob", ALICE, AT), ("bob",)),
-    "_DELETE_THEIR_FOLLOWER": Sample(("bob", ALICE), ("bob",)),
+    "_SET_THEIR_MUTUALS": Sample((["bob"], ALICE, AT), ("bob",)),  # the users of one shard
     # Single-node only (store.SINGLE_NODE_ONLY): EXPLAINed and shown, not judged.
     "_WRITE_FOLLOWS": Sample((ALICE, FIVE, AT, FIVE[:2], 3, "::1", "gRPC"), (ALICE, *FIVE)),
     "_WRITE_UNFOLLOWS": Sample((ALICE, FIVE, FIVE[:2], 3, AT, "::1", "gRPC"), (ALICE, *FIVE)),
