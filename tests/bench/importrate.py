@@ -1,16 +1,18 @@
 """`python -m tests.bench.importrate`: the bulk importer's rate on a graph from CSV files.
 
-Imports the graph in --graph (accounts.csv and edges.csv, as tests.bench.graph writes
-them) into a fresh database of a throwaway PostgreSQL (tests.support.pgcluster, default
-settings as the embedded server's), --runs times, each into an empty database, or with
---base into a database that already holds the --base graph (imported first, not timed).
-Prints each run's seconds, edges/s and the importer's phases, then the median rate.
+Imports the graph in --graph (edges.csv and, when present, accounts.csv, as
+tests.bench.graph writes them) into a fresh database of a throwaway PostgreSQL
+(tests.support.pgcluster, default settings as the embedded server's), --runs times, each
+into an empty database, or with --base into a database that already holds the --base graph
+(imported first, not timed). Prints each run's seconds, edges/s and the importer's phases,
+then the median rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -25,13 +27,15 @@ from server.importer import ImportOptions, import_graph
 from tests.support.pgcluster import LocalPostgres
 
 
-async def _import(url: str, graph: Path, *, accounts: bool = True) -> dict[str, object]:
-    with (
-        (graph / "accounts.csv").open(newline="", encoding="utf-8") as a,
-        (graph / "edges.csv").open(newline="", encoding="utf-8") as e,
-    ):
+async def _import(url: str, graph: Path) -> dict[str, object]:
+    """Import the graph's edges.csv, with its accounts.csv when there is one."""
+    with contextlib.ExitStack() as files:
+        accounts = None
+        if (graph / "accounts.csv").exists():
+            accounts = files.enter_context((graph / "accounts.csv").open(newline=""))
+        edges = files.enter_context((graph / "edges.csv").open(newline=""))
         began = time.perf_counter()
-        report = await import_graph(url, a if accounts else None, e, ImportOptions(progress=False))
+        report = await import_graph(url, accounts, edges, ImportOptions(progress=False))
         seconds = time.perf_counter() - began
     return {
         "seconds": round(seconds, 2),
