@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server.importer import swap
+import server.importer.swap as swap
 from server.importer.report import ImportReport
 from server.importer.swap import EDGE_TABLES
 
