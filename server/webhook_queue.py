@@ -9,16 +9,16 @@ only read).
 The claim protocol. A user's deliveries to one URL go out one at a time, oldest (txid, id)
 first: only the user's oldest row not parked (its head) may be claimed, and only when it is
 due (next_at) and not claimed by a live lease (claimed_until). A sender claims a batch of
-heads at once: it reads the due heads of the URL oldest first (one read-only statement,
-index webhook_deliveries_queue), then claims them in one UPDATE that sets a lease and the
-batch's random claim token, its WHERE repeating every condition (head, due, free) on each
-row; the user ids in it prune it to their shards on Citus. Two senders racing for the same
-head serialise on its row lock and the second finds the lease set and claims nothing (the
-equivalent of FOR UPDATE SKIP LOCKED, without a transaction around it). Marking the outcome
-(delete on a 2xx, several users' at once; a backoff, or parked past the budget, otherwise)
-checks the token, so a sender whose lease ran out cannot overwrite the work of the one that
-took over. A sender that dies mid-request leaves its lease to run out: the row is claimed and
-sent again (at least once).
+heads at once: one UPDATE finds the due heads of the URL oldest first (index
+webhook_deliveries_queue) and sets on each a lease and the batch's random claim token (on
+Citus: a read-only search, then one single-shard UPDATE per user repeating every condition:
+head, due, free). Two senders racing for the same head serialise on its row lock and the
+second finds the lease set and claims nothing (the equivalent of FOR UPDATE SKIP LOCKED,
+without a transaction around it). Marking the outcome (delete on a 2xx, several users' at
+once off Citus; a backoff, or parked past the budget, otherwise) checks the token, so a
+sender whose lease ran out cannot overwrite the work of the one that took over. A sender
+that dies mid-request leaves its lease to run out: the row is claimed and sent again (at
+least once).
 
 Timestamps are int Unix microseconds (the connections use server.database's
 use_int_timestamps).
@@ -86,13 +86,15 @@ FROM ({_DUE}) due
 WHERE d.user_id = due.user_id AND d.url = $1 AND d.txid = due.txid
   AND d.event_id = due.event_id AND d.parked_at IS NULL AND {_free("d")}
 {_CLAIMED}"""  # noqa: S608 - made of constants
-# On Citus, where _CLAIM_DUE would be a multi-shard UPDATE of every shard: claim the heads a
-# first statement found (event_id names a URL's delivery: one outbox event, one row) if each
-# is still a head, due and free; the user ids prune it to their shards.
-_CLAIM = f"""
+# On Citus, where _CLAIM_DUE would be a multi-shard UPDATE of every shard (and one pruned by
+# user_id = ANY(...) is not a router query either: its first run on a connection took 1-5 s
+# on the test clusters): claim each head a first statement found, one single-shard statement
+# per user (event_id names a URL's delivery: one outbox event, one row), if it is still a
+# head, due and free.
+_CLAIM_ONE = f"""
 UPDATE webhook_deliveries d
 SET claimed_until = now() + $4 * interval '1 second', claim = $5
-WHERE d.url = $1 AND d.user_id = ANY($2::text[]) AND d.event_id = ANY($3::bigint[])
+WHERE d.user_id = $2 AND d.url = $1 AND d.event_id = $3
   AND d.parked_at IS NULL AND {_free("d")} AND {_is_head("d")}
 {_CLAIMED}"""  # noqa: S608 - made of constants
 # Delivered (2xx): the rows of one claim go, if the claim is still theirs.
@@ -101,10 +103,16 @@ DELETE FROM webhook_deliveries
 WHERE url = $1 AND user_id = ANY($2::text[]) AND event_id = ANY($3::bigint[]) AND claim = $4
 RETURNING event_id
 """
-# Given back unsent (a clean stop): the rows of one claim are free again at once.
-_RELEASE = """
+# On Citus, one user's (a router query).
+_DELIVERED_ONE = """
+DELETE FROM webhook_deliveries
+WHERE url = $1 AND user_id = $2 AND event_id = $3 AND claim = $4
+RETURNING event_id
+"""
+# Given back unsent (a clean stop): free again at once, if the claim is still theirs.
+_RELEASE_ONE = """
 UPDATE webhook_deliveries SET claimed_until = NULL, claim = NULL
-WHERE url = $1 AND user_id = ANY($2::text[]) AND event_id = ANY($3::bigint[]) AND claim = $4
+WHERE url = $1 AND user_id = $2 AND event_id = $3 AND claim = $4
 """
 # A failure: the next try's time, or parked (the times are computed by the caller: Citus
 # refuses now() beside a column in an UPDATE's SET).
@@ -207,16 +215,16 @@ async def claim(
 ) -> list[Delivery]:
     """Claim up to `limit` users' heads to `url` that are due and free, oldest first, for
     `lease_seconds` under `token`: at most one delivery per user. One short autocommitted
-    statement; on Citus (`distributed`) two, each pruned to the shards it needs: find the
-    due heads (read-only), then claim them if still free (a sender elsewhere may have taken
-    some meanwhile: those are left out)."""
+    statement; on Citus (`distributed`) a search of the due heads (read-only), then a
+    single-shard claim per user if it is still free (a sender elsewhere may have taken some
+    meanwhile: those are left out)."""
     if distributed:
         due = await conn.fetch(_DUE.format(limit=int(limit)), url)
-        if not due:
-            return []
-        users = [r[0] for r in due]
-        events = [r[2] for r in due]
-        rows = await conn.fetch(_CLAIM, url, users, events, lease_seconds, token)
+        rows = []
+        for head in due:
+            row = await conn.fetchrow(_CLAIM_ONE, url, head[0], head[2], lease_seconds, token)
+            if row is not None:
+                rows.append(row)
     else:
         sql = _CLAIM_DUE.format(limit=int(limit))
         rows = await conn.fetch(sql, url, lease_seconds, token)
@@ -235,10 +243,18 @@ def _by_claim(deliveries: Sequence[Delivery]) -> dict[int, list[Delivery]]:
     return by_claim
 
 
-async def delivered(conn: Any, url: str, done: Sequence[Delivery]) -> set[int]:
-    """Delivered (a 2xx): their rows go, one statement per claim token. The event ids of the
-    rows deleted; a delivery missing from it had lost its claim meanwhile."""
+async def delivered(
+    conn: Any, url: str, done: Sequence[Delivery], distributed: bool = False
+) -> set[int]:
+    """Delivered (a 2xx): their rows go, one statement per claim token (on Citus, per row).
+    The event ids of the rows deleted; a delivery missing from it had lost its claim."""
     gone: set[int] = set()
+    if distributed:
+        for d in done:
+            event_id = await conn.fetchval(_DELIVERED_ONE, url, d.user_id, d.event_id, d.claim)
+            if event_id is not None:
+                gone.add(event_id)
+        return gone
     for token, ds in _by_claim(done).items():
         rows = await conn.fetch(
             _DELIVERED, url, [d.user_id for d in ds], [d.event_id for d in ds], token
@@ -248,9 +264,10 @@ async def delivered(conn: Any, url: str, done: Sequence[Delivery]) -> set[int]:
 
 
 async def release(conn: Any, url: str, unsent: Sequence[Delivery]) -> None:
-    """Give claimed deliveries back unsent (their leases end now, where still theirs)."""
-    for token, ds in _by_claim(unsent).items():
-        await conn.execute(_RELEASE, url, [d.user_id for d in ds], [d.event_id for d in ds], token)
+    """Give claimed deliveries back unsent (their leases end now, where still theirs); one
+    short statement each (a clean stop's few)."""
+    for d in unsent:
+        await conn.execute(_RELEASE_ONE, url, d.user_id, d.event_id, d.claim)
 
 
 async def failed(

@@ -364,7 +364,7 @@ class Sender(_Wakeable):
         database error leaves the rest for the next round (their leases still hold)."""
         ok = [d for d, error in self._done if not error]
         if ok:
-            gone = await webhook_queue.delivered(self._pool, self._url, ok)
+            gone = await webhook_queue.delivered(self._pool, self._url, ok, self._distributed)
             marked = {id(d) for d in ok}
             self._done = [x for x in self._done if id(x[0]) not in marked]
             now = time.time()

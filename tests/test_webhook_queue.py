@@ -46,6 +46,10 @@ async def _claim(
     return await webhook_queue.claim(conn, URL, limit, lease, token, await has_citus(conn))
 
 
+async def _delivered(conn: asyncpg.Connection, done: list[Delivery]) -> set[int]:
+    return await webhook_queue.delivered(conn, URL, done, await has_citus(conn))
+
+
 def _keys(batch: list[Delivery]) -> list[tuple[str, int]]:
     return [(d.user_id, d.event_id) for d in batch]
 
@@ -72,7 +76,7 @@ async def test_delivered_deletes_a_batch_and_frees_each_users_next(
     next delivery is then its head and is claimed."""
     await _queue(conn, ("a", 1), ("b", 2), ("a", 3), ("b", 4))
     batch = await _claim(conn, 10, 21)
-    assert await webhook_queue.delivered(conn, URL, batch) == {1, 2}
+    assert await _delivered(conn, batch) == {1, 2}
     assert _keys(await _claim(conn, 10, 22)) == [("a", 3), ("b", 4)]
 
 
@@ -83,10 +87,10 @@ async def test_a_claim_that_ran_out_deletes_nothing(conn: asyncpg.Connection) ->
     (stale,) = await _claim(conn, 10, 31, lease=-1.0)  # a lease already over
     (taken,) = await _claim(conn, 10, 32)
     assert taken.event_id == stale.event_id
-    assert await webhook_queue.delivered(conn, URL, [stale]) == set()
-    assert await webhook_queue.delivered(conn, URL, [taken]) == {1}
+    assert await _delivered(conn, [stale]) == set()
+    assert await _delivered(conn, [taken]) == {1}
     forged = dataclasses.replace(taken, claim=33)
-    assert await webhook_queue.delivered(conn, URL, [forged]) == set()
+    assert await _delivered(conn, [forged]) == set()
 
 
 async def test_a_backing_off_head_holds_its_user_back(conn: asyncpg.Connection) -> None:
@@ -95,7 +99,7 @@ async def test_a_backing_off_head_holds_its_user_back(conn: asyncpg.Connection) 
     await _queue(conn, ("a", 1), ("a", 2), ("b", 3))
     (a1, b3) = await _claim(conn, 10, 41)
     assert await webhook_queue.failed(conn, a1, "HTTP 500", 60.0, 3600.0) == (False, 1)
-    assert await webhook_queue.delivered(conn, URL, [b3]) == {3}
+    assert await _delivered(conn, [b3]) == {3}
     assert await _claim(conn, 10, 42) == []
 
 
@@ -107,3 +111,14 @@ async def test_a_parked_head_lets_its_users_next_go(conn: asyncpg.Connection) ->
     assert await webhook_queue.failed(conn, a1, "HTTP 500", 60.0, 0.0) == (True, 1)
     assert _keys(await _claim(conn, 10, 52)) == [("a", 2)]
     assert await webhook_queue.backlog(conn, URL) == (1, 1)
+
+
+async def test_released_deliveries_are_claimed_again_at_once(conn: asyncpg.Connection) -> None:
+    """Deliveries given back unsent (a clean stop) are free at once, not after their lease;
+    a release under a claim that is no longer theirs changes nothing."""
+    await _queue(conn, ("a", 1), ("b", 2))
+    batch = await _claim(conn, 10, 61)
+    await webhook_queue.release(conn, URL, [dataclasses.replace(batch[0], claim=62)])
+    assert await _claim(conn, 10, 63) == []
+    await webhook_queue.release(conn, URL, batch)
+    assert _keys(await _claim(conn, 10, 64)) == [("a", 1), ("b", 2)]
