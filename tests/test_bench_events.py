@@ -12,7 +12,7 @@ import aiohttp
 from tests.bench.events import (
     FOLLOW_ADD,
     FOLLOW_DELETE,
-    Consumer,
+    Consumers,
     Hook,
     Received,
     Seen,
@@ -138,7 +138,9 @@ def test_summary_medians_ratio_and_table() -> None:
 
 
 def test_the_receiver_answers_a_signed_webhook_and_refuses_a_forged_one() -> None:
-    consumer = Consumer(TOKEN)
+    """The receiver (the webhook process of the two consumers) answers 200 to a signed
+    webhook and 403 to a forged one, and what it recorded comes back from stop()."""
+    consumer = Consumers(TOKEN)
     try:
         body = {"CallbackCommand": FOLLOW_ADD, "From_Account": "a", "EventTime": 1}
         body["FollowList"] = [{"To_Account": "b"}]

@@ -10,9 +10,10 @@ and how late they arrive.
      be turned off, so "off" measures the service without delivery, not without the outbox.
    - "on": `follow-server --callback-url http://127.0.0.1:PORT/hook --callback-token T`, the URL
      a real aiohttp receiver run by the bench (a process of its own: it checks each request's
-     Sign, answers 200 and records when each webhook arrived), and, in that same process, one
-     follow.v1.EventService/Watch stream read by a real gRPC client (every event, resuming
-     from its last position if the stream breaks).
+     Sign, answers 200 and records when each webhook arrived), and, in a second process (as a
+     separate system would be: its decoding of 20 events per Follow call does not delay the
+     receiver's answers), one follow.v1.EventService/Watch stream read by a real gRPC client
+     (every event, resuming from its last position if the stream breaks).
 3. In each run the write scenarios of the bench (grpc:follow20, grpc:unfollow20 replaying its
    calls, grpc:follow1@celebrity; the bench has no v4 write scenario) run with the bench's load
    generators (tests.bench.load), warm-up and window. After each scenario's load the backlog
@@ -89,7 +90,7 @@ EVENT_SCENARIOS: list[tuple[str, str, int]] = [  # (name, description, plan seed
 ]
 
 
-# -- the consumer: webhook receiver and Watch client, in a process of their own ---------------
+# -- the consumers: webhook receiver and Watch client, each in a process of its own ----------
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +262,44 @@ class Consumer:
             self._proc.join(timeout=10)
 
 
+class Consumers:
+    """The webhook receiver and the Watch client in two consumer processes, as two
+    independent systems would be: a Watch stream busy decoding 20 events per Follow call
+    does not hold back the receiver's answers, so each lag is its own consumer's."""
+
+    def __init__(self, token: str) -> None:
+        self._hooks = Consumer(token)
+        try:
+            self._watcher = Consumer(token)  # its receiver stays idle
+        except BaseException:
+            self._hooks.kill()
+            raise
+
+    @property
+    def url(self) -> str:
+        return self._hooks.url
+
+    def watch(self, grpc_address: str) -> None:
+        self._watcher.watch(grpc_address)
+
+    def counts(self) -> tuple[int, int]:
+        return self._hooks.counts()[0], self._watcher.counts()[1]
+
+    def stop(self) -> Received:
+        hooks, watched = self._hooks.stop(), self._watcher.stop()
+        return Received(
+            hooks.hooks,
+            watched.seen,
+            watched.heartbeats,
+            watched.resumes,
+            hooks.errors + watched.errors,
+        )
+
+    def kill(self) -> None:
+        self._hooks.kill()
+        self._watcher.kill()
+
+
 # -- what the outbox says should arrive -------------------------------------------------------
 
 
@@ -375,7 +414,7 @@ async def _drop(database: Database) -> None:
         await admin.close()
 
 
-def _drain(consumer: Consumer, hooks_want: int, seen_want: int) -> tuple[float, bool]:
+def _drain(consumer: Consumers, hooks_want: int, seen_want: int) -> tuple[float, bool]:
     """Wait until the consumer has at least this many webhooks and Watch events."""
     t0 = time.monotonic()
     while True:
@@ -400,7 +439,7 @@ def one_run(
 ) -> dict[str, Any]:
     """A fresh copy, a server (events on or off), the write scenarios; its figures."""
     url = asyncio.run(_copy(database, seed))
-    consumer: Consumer | None = None
+    consumer: Consumers | None = None
     server: Server | None = None
     workers: Workers | None = None
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -408,7 +447,7 @@ def one_run(
     try:
         extra: list[str] = []
         if events_on:
-            consumer = Consumer(TOKEN)
+            consumer = Consumers(TOKEN)
             if "webhooks" in consumers:
                 extra = ["--callback-url", consumer.url, "--callback-token", TOKEN]
         log = out / f"bench-events-server-{'on' if events_on else 'off'}.log"
