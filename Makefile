@@ -118,6 +118,13 @@ bench-scale: $(STAMP)
 bench-ops: $(STAMP)
 	$(BIN)/python -m tests.bench --ops $(ARGS)
 
+# The importer's rate alone (tests/bench/importrate.py): a graph's CSV files (ARGS="--graph DIR";
+# make one with `python -m tests.bench.graph --out DIR --users 1000000 --edges 5000000`)
+# imported into a throwaway PostgreSQL, with its phases; --base DIR imports another one first.
+.PHONY: bench-importrate
+bench-importrate: $(STAMP)
+	$(BIN)/python -m tests.bench.importrate $(ARGS)
+
 # What change events cost the writers: the write scenarios with webhooks (to an aiohttp receiver
 # run by the bench, checking Sign) and one Watch stream on, against the same server without them,
 # runs alternating on fresh copies of the bench's data; calls/s on / off (target >= 0.8), delivery
