@@ -5,7 +5,7 @@ import creates and the edges among them were written before, in bulk: server.imp
 what is left here touches accounts that existed before the import.)
 
 An edge batch is a run of the plan's consecutive chunks (server.importer.staging, about
-CHUNK_EDGES edges each), sized to a time budget (ImportOptions.batch_seconds, 0.2 s): each
+CHUNK_EDGES edges each), sized to a time budget (ImportOptions.batch_seconds, 0.1 s): each
 batch's hold time (gate to commit) gives the rate, and the next batch gets the edges that
 rate writes in the budget, at most twice the last size (so a batch that ran slow is
 followed by a smaller one at once, and growth is gradual), at most MAX_BATCH_EDGES edges

@@ -8,7 +8,7 @@ from server import rules
 
 # How long one merge batch should hold its users' locks (what a service call on one of them
 # may wait): the merge sizes its batches to it (server.importer.merge).
-DEFAULT_BATCH_SECONDS = 0.2
+DEFAULT_BATCH_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
