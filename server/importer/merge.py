@@ -322,9 +322,10 @@ _REPLAN = "DISCARD PLANS"
 # gates while it waits for one that a call holds would make every call on those users wait
 # too. After BUSY_TRIES tries in a row it waits as long as it takes (so it always ends).
 LOCK_WAIT_MS = 50
-# A statement of an edge batch that runs past STATEMENT_BUDGETS times the time budget is
-# cancelled and the batch tried again smaller, in the same way: it bounds how long the calls
-# on the batch's users wait when a batch runs far slower than the last one did.
+# An edge batch whose statements run past STATEMENT_BUDGETS times the time budget, counted
+# from its first statement (each statement gets what is left of it as its statement_timeout),
+# is cancelled and tried again smaller, in the same way: it bounds how long the calls on the
+# batch's users wait when a batch runs far slower than the last one did.
 STATEMENT_BUDGETS = 2
 BUSY_PAUSE = 0.02
 BUSY_TRIES = 20
@@ -419,9 +420,11 @@ async def _write_batch(
     shard = number % DELTA_SHARDS
 
     async def work() -> tuple[int, list[asyncpg.Record]]:
+        clock: _BatchClock | None = None
         if busy < BUSY_TRIES:
-            # (and each statement at most twice the budget: see STATEMENT_BUDGETS)
+            # (and its statements together at most twice the budget: see STATEMENT_BUDGETS)
             limit = max(int(options.batch_seconds * STATEMENT_BUDGETS * 1000), LOCK_WAIT_MS)
+            clock = _BatchClock(conn, limit)
             await conn.execute(
                 f"SET LOCAL lock_timeout = '{LOCK_WAIT_MS}ms';"
                 f" SET LOCAL statement_timeout = '{limit}ms'"
@@ -431,14 +434,18 @@ async def _write_batch(
         following = await _lock_rows(conn, staging, ordered, acts)
         gone = [u for u in ordered if following.get(u, 0) is None]
         cap = options.max_following
+        await _left(clock)
         if any((following.get(u) or 0) + n > cap for u, n in new_edges.items()):
             await conn.execute(_VERDICTS, batch.lo, batch.hi, cap, gone)
         else:
             await conn.execute(_VERDICTS_UNCAPPED, batch.lo, batch.hi, gone)
         await staging.fill(conn, "import_batch_rev")
+        await _left(clock)
         await conn.execute(_INSERT_FOLLOWERS)
         if not staging.citus:
+            await _left(clock)
             counted = await conn.fetch(_INSERT_FOLLOWING_COUNTED)
+            await _left(clock)
             await conn.execute(_THEIR_MUTUAL_COUNTED, shard)
             return sum(r[0] for r in counted), await conn.fetch(_NOT_ADDED)
         added = await conn.fetch(_INSERT_FOLLOWING)
@@ -461,6 +468,27 @@ async def _write_batch(
         report.add_bad(BadRow("edges", line, problem))
         report.refused_while_merging += 1
     report.batches += 1
+
+
+class _BatchClock:
+    """What is left of an edge batch's time (limit_ms from its start), given to each of its
+    statements as their statement_timeout."""
+
+    def __init__(self, conn: Conn, limit_ms: int) -> None:
+        self.conn = conn
+        self.ends = time.monotonic() + limit_ms / 1000
+
+    async def give_the_rest(self) -> None:
+        left_ms = int((self.ends - time.monotonic()) * 1000)
+        if left_ms <= 0:  # as a statement past its statement_timeout would be
+            raise asyncpg.QueryCanceledError("the batch ran past its time budget")
+        await self.conn.execute(f"SET LOCAL statement_timeout = '{left_ms}ms'")
+
+
+async def _left(clock: _BatchClock | None) -> None:
+    """Bound the next statement by what is left of the batch's time (no bound: None)."""
+    if clock is not None:
+        await clock.give_the_rest()
 
 
 async def _lock_rows(
