@@ -129,6 +129,18 @@ SELECT 2, follower_id, false FROM followers
 WHERE user_id = $1 AND follower_id = ANY($2::text[])
 """
 
+# Unfollow's read of the acting user's edges to the targets, each with whether the target is
+# being deleted (its edges are the background cleanup's to remove). account_tombstones is a
+# reference table: the join stays on the acting user's shard. Read under the targets' gates
+# (shared): no deletion of a target can commit or end meanwhile, so unfollow takes no lock on
+# the targets' counter rows, which it does not write (their counts go to delta rows).
+_OWN_FOLLOWS_AMONG = """
+SELECT f.target_id, f.mutual_since IS NOT NULL AS mutual,
+       EXISTS (SELECT 1 FROM account_tombstones x WHERE x.user_id = f.target_id) AS deleting
+FROM following f
+WHERE f.user_id = $1 AND f.target_id = ANY($2::text[])
+"""
+
 # Before any row lock, advisory locks in the same id order, in one statement (on Citus it
 # runs on the coordinator alone, where every session of the service is). Row locks alone let
 # a stream of followers starve a celebrity's own call: a share request is granted at once
@@ -172,6 +184,23 @@ _DELETE_FOLLOWING = "DELETE FROM following WHERE user_id = $1 AND target_id = AN
 _DELETE_THEIR_FOLLOWERS = (
     "DELETE FROM followers WHERE user_id = ANY($2::text[]) AND follower_id = $1"
 )
+
+# Citus, unfollow: a writing CTE whose statements are all DELETE or UPDATE of one shard's
+# rows is one router task (an INSERT in it, or beside it, is planned separately and its
+# rows pass through the coordinator: not used; so is a statement of it that prunes to no
+# shard, an empty array). The acting user's edges and its own counts ($3 following, $4
+# mutual: negative) in one statement; on each shard of the targets, their copies of the
+# edges and their mutual state in one (a target's edge back to the acting user is mutual
+# exactly when its mutual_since is set).
+_UNFOLLOW_OWN = """
+WITH gone AS (DELETE FROM following WHERE user_id = $1 AND target_id = ANY($2::text[]))
+UPDATE follow_counts SET following = following + $3, mutual = mutual + $4 WHERE user_id = $1
+"""
+_UNFOLLOW_THEIRS = """
+WITH gone AS (DELETE FROM followers WHERE user_id = ANY($1::text[]) AND follower_id = $2)
+UPDATE following SET mutual_since = NULL
+WHERE user_id = ANY($1::text[]) AND target_id = $2 AND mutual_since IS NOT NULL
+"""
 
 # One PostgreSQL: each call's writes in one statement (one round trip). The delta rows are
 # written in id order (ORDER BY), so two followers sharing a delta shard never lock them in
@@ -615,13 +644,13 @@ class Store:
 
         async def work(conn: Conn) -> None:
             citus = await self._distributed(conn)
-            owner, known, shard_of = await _lock_users(conn, user_id, targets, citus)
-            own = await conn.fetch(_OWN_EDGES_AMONG, user_id, list(targets))
+            owner, _, shard_of = await _lock_users(conn, user_id, targets, citus, share=False)
+            own = await conn.fetch(_OWN_FOLLOWS_AMONG, user_id, list(targets))
             # An edge to an account being deleted is the background cleanup's to remove.
-            gone = sorted(r[1] for r in own if r[0] == 1 and r[1] in known)
+            gone = sorted(r[0] for r in own if not r[2])
             if not gone:
                 return
-            mutual = [r[1] for r in own if r[0] == 1 and r[2] and r[1] in known]
+            mutual = sorted(r[0] for r in own if r[1] and not r[2])
             now, ip, platform = owner["now"], origin.client_ip, origin.platform
             if not citus:
                 shard = delta_shard(user_id)
@@ -629,16 +658,11 @@ class Store:
                     _WRITE_UNFOLLOWS, user_id, gone, mutual, shard, now, ip, platform
                 )
                 return
-            await conn.execute(_DELETE_FOLLOWING, user_id, gone)
+            await conn.execute(_UNFOLLOW_OWN, user_id, gone, -len(gone), -len(mutual))
             await conn.executemany(
-                _DELETE_THEIR_FOLLOWERS, [(user_id, g) for g in _by_shard(gone, shard_of)]
+                _UNFOLLOW_THEIRS, [(g, user_id) for g in _by_shard(gone, shard_of)]
             )
-            if mutual:
-                await conn.executemany(
-                    _SET_THEIR_MUTUALS, [(g, user_id, None) for g in _by_shard(mutual, shard_of)]
-                )
             await _add_their_deltas(conn, user_id, gone, -1, set(mutual), shard_of)
-            await conn.execute(_ADD_OWN_COUNTS, user_id, -len(gone), -len(mutual))
             await conn.execute(_WRITE_EVENT, user_id, UNFOLLOWED, gone, mutual, now, ip, platform)
 
         origin = call_origin.get()
@@ -891,11 +915,14 @@ async def _remove_followees(
 
 
 async def _lock_users(
-    conn: Conn, user_id: str, targets: Sequence[str], citus: bool
+    conn: Conn, user_id: str, targets: Sequence[str], citus: bool, *, share: bool = True
 ) -> tuple[asyncpg.Record, set[str], dict[str, int]]:
-    """Lock the acting user's counter row FOR UPDATE and the targets' FOR SHARE. The
-    owner's row (following count, the time now), the targets that exist, and on Citus each
-    user's shard (empty on one PostgreSQL).
+    """Lock the acting user's counter row FOR UPDATE and, if `share`, the targets' FOR
+    SHARE. The owner's row (following count, the time now), the targets that exist (with
+    `share`; else empty), and on Citus each user's shard (empty on one PostgreSQL). A
+    Follow shares the targets' rows: it must know they exist, and keep them so until it
+    commits. An Unfollow does not: it writes none of their counter rows, and the gate
+    alone keeps their deletion out (see _OWN_FOLLOWS_AMONG).
 
     First, in the same order and in one statement (_GATE), advisory locks: exclusive on the
     acting user, shared on each target. Two things rest on it. Fairness: a celebrity's own
@@ -916,10 +943,15 @@ async def _lock_users(
         owner = await conn.fetchrow(_LOCK_OWNER, user_id)
         if owner is None:
             raise _user_not_found()
-        groups = _by_shard([u for u in ids if u != user_id], shard_of)
+        groups = _by_shard([u for u in ids if u != user_id], shard_of) if share else []
         locked = await conn.fetchmany(_SHARE_LOCKS, [(g,) for g in groups]) if groups else []
         return owner, {r[0] for r in locked}, shard_of
     await conn.execute(_GATE, ids, user_id, False)
+    if not share:
+        owner = await conn.fetchrow(_LOCK_OWNER, user_id)
+        if owner is None:
+            raise _user_not_found()
+        return owner, set(), {}
     at = ids.index(user_id)
     before, after = ids[:at], ids[at + 1 :]
     known: set[str] = set()
