@@ -23,7 +23,7 @@ from server.config import (
     positive_int,
 )
 from server.database import Database, open_database, redact
-from server.importer.options import DEFAULT_BATCH_SECONDS, ImportOptions
+from server.importer.options import DEFAULT_BATCH_SECONDS, DEFAULT_PAUSE_RATIO, ImportOptions
 from server.importer.report import ImportAbortedError, ImportIncompleteError, ImportReport
 from server.importer.transaction import ImportBusyError, import_graph
 
@@ -31,6 +31,17 @@ from server.importer.transaction import ImportBusyError, import_graph
 log = logging.getLogger("server.importer")
 
 MAX_REPORTED_ROWS = 50
+
+
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (--pause-ratio)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long each merge transaction should hold its users' locks; batches grow "
         "or shrink to it (default %(default)s)",
     )
+    parser.add_argument(
+        "--pause-ratio",
+        type=non_negative_float,
+        default=DEFAULT_PAUSE_RATIO,
+        help="after each merge batch, rest this many times as long as it took, leaving the"
+        " CPU to the service's calls (0: no rest; default %(default)s)",
+    )
+    parser.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="for a maintenance window: merge the edges in large batches that hold the edge"
+        " tables EXCLUSIVE (the service's reads go on, its writes wait for each batch,"
+        " seconds); no per-user locks, several times faster into a populated graph"
+        " (one PostgreSQL; on Citus the live batches run)",
+    )
+    parser.add_argument(
+        "--batch-log",
+        metavar="FILE",
+        help="write one CSV line per try of a merge batch of edges: when it began"
+        " (monotonic clock), its seconds, edges, followers, follower range and outcome",
+    )
     add_progress_flags(parser)
     return parser
 
@@ -106,7 +138,13 @@ async def _run(args: argparse.Namespace) -> int:
             time.perf_counter() - started,
         )
         options = ImportOptions(
-            args.skip_bad_rows, args.max_following, args.progress, args.batch_seconds
+            args.skip_bad_rows,
+            args.max_following,
+            args.progress,
+            args.batch_seconds,
+            args.pause_ratio,
+            exclusive=args.exclusive,
+            batch_log=args.batch_log,
         )
         try:
             report = await import_graph(

@@ -56,9 +56,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
+from server.importer.batchlog import BatchLog
 from server.importer.options import ImportOptions
 from server.importer.report import BadRow, ImportReport, progress_bar
-from server.importer.staging import BEING_DELETED, CHUNK_EDGES, Batch, Staging
+from server.importer.staging import BEING_DELETED, Batch, Staging
 from server.store import _GATE, DELTA_SHARDS
 
 if TYPE_CHECKING:
@@ -132,10 +133,10 @@ _LOCK_ONE = {
 # present (the service or an earlier run added it), 2 over the follower's cap (its
 # earliest new follows are kept), 3 the follower or 4 the target deleted meanwhile. The
 # cap is counted only for a batch with a follower whose locked count plus its new edges
-# passes it (the service added follows since the checks); otherwise _VERDICTS_UNCAPPED.
+# passes it (the service added follows since the checks); otherwise VERDICTS_UNCAPPED.
 # (A join, not EXISTS: the planner made that a hashed subplan over all of `following`.)
 PRESENT, OVER_CAP, FOLLOWER_GONE, TARGET_GONE = 1, 2, 3, 4
-_VERDICTS_UNCAPPED = """
+VERDICTS_UNCAPPED = """
 INSERT INTO import_batch (line, follower, target, at, verdict)
 SELECT n.line, n.follower, n.target, n.at,
        CASE WHEN n.follower = ANY($3::text[]) THEN 3
@@ -146,7 +147,7 @@ FROM import_new n
 LEFT JOIN following f ON f.user_id = n.follower AND f.target_id = n.target
 WHERE n.follower BETWEEN $1 AND $2
 """
-_VERDICTS = """
+VERDICTS = """
 INSERT INTO import_batch (line, follower, target, at, verdict)
 SELECT line, follower, target, at,
        CASE WHEN v = 0 AND row_number() OVER (PARTITION BY follower, v ORDER BY at, line) > room
@@ -167,7 +168,7 @@ FROM (
 # The followers copy first: then the following rows can be written with their mutual
 # state, the reverse edge (old, or added by this batch) being the followers row under this
 # edge's follower. Each row tells its owner and whether it is mutual, for the counts.
-_INSERT_FOLLOWERS = """
+INSERT_FOLLOWERS = """
 INSERT INTO followers (user_id, follower_id, followed_at)
 SELECT target, follower, at FROM import_batch_rev ORDER BY target, follower
 """
@@ -190,13 +191,13 @@ RETURNING g.user_id
 """
 _PER_TARGET = "SELECT target, count(*) FROM import_batch_rev GROUP BY target"
 # The edges not added: present (counted) or refused (reported).
-_NOT_ADDED = "SELECT line, follower, target, verdict FROM import_batch WHERE verdict >= 1"
+NOT_ADDED = "SELECT line, follower, target, verdict FROM import_batch WHERE verdict >= 1"
 
 # One PostgreSQL: the rows written and the counts they change, in two statements (one for
 # each side), the counting done where the rows are. The followers' own counter rows (held
 # FOR UPDATE) get what each added; the targets' delta rows (a shard per batch), upserted in
 # id order as a Follow's are, what was added under them and the old edges made mutual.
-_INSERT_FOLLOWING_COUNTED = f"""
+INSERT_FOLLOWING_COUNTED = f"""
 WITH added AS ({_INSERT_FOLLOWING.strip()}
 ), own AS (
     SELECT user_id, count(*) AS n, count(*) FILTER (WHERE mutual) AS mutual
@@ -206,7 +207,7 @@ UPDATE follow_counts c SET following = c.following + own.n, mutual = c.mutual + 
 FROM own WHERE c.user_id = own.user_id
 RETURNING own.n
 """  # noqa: S608 - constant text
-_THEIR_MUTUAL_COUNTED = f"""
+THEIR_MUTUAL_COUNTED = f"""
 WITH made AS ({_THEIR_MUTUAL.strip()}
 ), theirs AS (
     SELECT target AS user_id, 1 AS followers, 0 AS mutual FROM import_batch_rev
@@ -231,7 +232,7 @@ SET followers = d.followers + EXCLUDED.followers, mutual = d.mutual + EXCLUDED.m
 """
 
 
-def _refusal(verdict: int, follower: str, target: str, cap: int) -> str:
+def refusal(verdict: int, follower: str, target: str, cap: int) -> str:
     if verdict == OVER_CAP:
         return (
             f"following limit reached: {follower} would follow more than {cap} users"
@@ -242,7 +243,7 @@ def _refusal(verdict: int, follower: str, target: str, cap: int) -> str:
     return f"{field}: account {gone} was deleted while the import ran"
 
 
-async def _in_transaction(conn: Conn, report: ImportReport, work: Callable[[], Awaitable[T]]) -> T:
+async def in_transaction(conn: Conn, report: ImportReport, work: Callable[[], Awaitable[T]]) -> T:
     """Run one batch in its own transaction, again after a deadlock or serialisation
     failure (none is expected: the locks are taken in the service's orders; a distributed
     deadlock on Citus is the one to expect, found late)."""
@@ -281,9 +282,7 @@ async def write_accounts(
 
             for busy in itertools.count():
                 try:
-                    refused = await _in_transaction(
-                        conn, report, functools.partial(work, busy=busy)
-                    )
+                    refused = await in_transaction(conn, report, functools.partial(work, busy=busy))
                     break
                 except asyncpg.LockNotAvailableError:
                     report.retries += 1
@@ -330,18 +329,35 @@ STATEMENT_BUDGETS = 2
 BUSY_PAUSE = 0.02
 BUSY_TRIES = 20
 
+_OUTCOME = {asyncpg.LockNotAvailableError: "busy", asyncpg.QueryCanceledError: "slow"}
+
 MAX_BATCH_EDGES = 200_000  # whatever the time budget allows
 # Exclusive advisory locks per batch (one per follower): PostgreSQL's lock table is shared
 # by every session (max_locks_per_transaction x max_connections entries, 6,400+ by default).
 MAX_BATCH_FOLLOWERS = 2_000
 FIRST_BATCH_EDGES = 2_500  # before any batch has been timed
+MAX_PAUSE = 1.0  # seconds: a batch slowed by a stall must not make the merge sleep long
+
+
+# The least a batch is asked to hold (it always takes at least one of the plan's chunks):
+# on a starved CPU one chunk (~500 edges, up to ~100 followers and ~500 other users to
+# lock) ran past the batch's time limit again and again (bench-ops at load 13: half the
+# tries were cancelled, their work lost), so a slowed batch shrinks below a chunk's size
+# and _take gives it the smallest chunk it can.
+MIN_BATCH_EDGES = 50
 
 
 def next_batch_edges(size: int, edges: int, seconds: float, budget: float) -> int:
     """The next batch's size: what the last one's rate (`edges` in `seconds`) writes in
-    `budget`, at most twice `size`, at least one chunk, at most MAX_BATCH_EDGES."""
+    `budget`, at most twice `size`, at least MIN_BATCH_EDGES, at most MAX_BATCH_EDGES."""
     want = edges * budget / seconds if seconds > 0 else 2 * size
-    return int(max(CHUNK_EDGES, min(2 * size, want, MAX_BATCH_EDGES)))
+    return int(max(MIN_BATCH_EDGES, min(2 * size, want, MAX_BATCH_EDGES)))
+
+
+def pause_after(seconds: float, ratio: float) -> float:
+    """How long the merge rests after a batch that took `seconds` (ImportOptions.pause_ratio
+    times as long, at most MAX_PAUSE): the duty cycle that leaves the CPU to the service."""
+    return min(seconds * ratio, MAX_PAUSE)
 
 
 def _take(chunks: list[Batch], start: int, size: int) -> int:
@@ -369,14 +385,17 @@ async def write_edges(
     size = FIRST_BATCH_EDGES
     start = number = 0
     busy = 0  # tries in a row that found a lock held
+    log = BatchLog(options.batch_log)
     with progress_bar(options, "merging", total, "edge") as bar:
         while start < len(chunks):
             end = _take(chunks, start, size)
             batch = Batch.join(chunks[start:end])
             began = time.perf_counter()
+            at = time.monotonic()
             try:
                 await _write_batch(conn, staging, number, batch, report, options, busy)
-            except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError):
+            except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
+                log.write(at, batch, _OUTCOME.get(type(exc), "?"), 0.0)
                 # A call holds one of the batch's users: the batch gave up its locks after
                 # LOCK_WAIT rather than hold the others while it waits (a convoy of the
                 # calls on them); or one statement ran past its limit (a checkpoint, a
@@ -384,16 +403,21 @@ async def write_edges(
                 # waited: again smaller, after a pause in which that call ends.
                 busy += 1
                 report.retries += 1
-                size = max(CHUNK_EDGES, batch.edges // 2)
+                size = max(MIN_BATCH_EDGES, batch.edges // 2)
                 await asyncio.sleep(min(BUSY_PAUSE * busy, 1.0))
                 continue
             busy = 0
             seconds = time.perf_counter() - began
+            pause = pause_after(seconds, options.pause_ratio)
+            log.write(at, batch, "ok", pause)
             report.largest_batch = max(report.largest_batch, batch.edges)
             report.longest_batch = max(report.longest_batch, seconds)
             size = next_batch_edges(size, batch.edges, seconds, options.batch_seconds)
             bar.update(batch.edges)
             start, number = end, number + 1
+            if pause > 0 and start < len(chunks):
+                await asyncio.sleep(pause)
+    log.close()
     await conn.execute(_RESET_PLANS)
     report.lap("write edges")
 
@@ -436,18 +460,18 @@ async def _write_batch(
         cap = options.max_following
         await _left(clock)
         if any((following.get(u) or 0) + n > cap for u, n in new_edges.items()):
-            await conn.execute(_VERDICTS, batch.lo, batch.hi, cap, gone)
+            await conn.execute(VERDICTS, batch.lo, batch.hi, cap, gone)
         else:
-            await conn.execute(_VERDICTS_UNCAPPED, batch.lo, batch.hi, gone)
+            await conn.execute(VERDICTS_UNCAPPED, batch.lo, batch.hi, gone)
         await staging.fill(conn, "import_batch_rev")
         await _left(clock)
-        await conn.execute(_INSERT_FOLLOWERS)
+        await conn.execute(INSERT_FOLLOWERS)
         if not staging.citus:
             await _left(clock)
-            counted = await conn.fetch(_INSERT_FOLLOWING_COUNTED)
+            counted = await conn.fetch(INSERT_FOLLOWING_COUNTED)
             await _left(clock)
-            await conn.execute(_THEIR_MUTUAL_COUNTED, shard)
-            return sum(r[0] for r in counted), await conn.fetch(_NOT_ADDED)
+            await conn.execute(THEIR_MUTUAL_COUNTED, shard)
+            return sum(r[0] for r in counted), await conn.fetch(NOT_ADDED)
         added = await conn.fetch(_INSERT_FOLLOWING)
         their_mutual = Counter(r[0] for r in await conn.fetch(_THEIR_MUTUAL))
         per_target = await conn.fetch(_PER_TARGET)
@@ -456,15 +480,15 @@ async def _write_batch(
         own = sorted((u, n, own_mutual[u]) for u, n in own_added.items())
         theirs = sorted((r[0], r[1], their_mutual[r[0]]) for r in per_target)
         await _add_counts(conn, own, theirs, shard)
-        return len(added), await conn.fetch(_NOT_ADDED)
+        return len(added), await conn.fetch(NOT_ADDED)
 
-    added, not_added = await _in_transaction(conn, report, work)
+    added, not_added = await in_transaction(conn, report, work)
     report.edges_added += added
     for line, follower, target, verdict in not_added:
         if verdict == PRESENT:
             report.edges_already_present += 1
             continue
-        problem = _refusal(verdict, follower, target, options.max_following)
+        problem = refusal(verdict, follower, target, options.max_following)
         report.add_bad(BadRow("edges", line, problem))
         report.refused_while_merging += 1
     report.batches += 1

@@ -9,6 +9,10 @@ from server import rules
 # How long one merge batch should hold its users' locks (what a service call on one of them
 # may wait): the merge sizes its batches to it (server.importer.merge).
 DEFAULT_BATCH_SECONDS = 0.1
+# After each merge batch, the merge rests this many times as long as the batch took, so that
+# on a small machine the import (its process and its PostgreSQL backend) leaves CPU to the
+# service's calls between batches; 0: no rest.
+DEFAULT_PAUSE_RATIO = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,3 +24,9 @@ class ImportOptions:
     max_following: int = rules.DEFAULT_MAX_FOLLOWING
     progress: bool = True
     batch_seconds: float = DEFAULT_BATCH_SECONDS
+    pause_ratio: float = DEFAULT_PAUSE_RATIO
+    # A maintenance window: the edges merge holding the edge tables EXCLUSIVE, no per-user
+    # locks (server.importer.exclusive); one PostgreSQL only.
+    exclusive: bool = False
+    # Where to write one line per edge batch try (server.importer.merge.BatchLog), or None.
+    batch_log: str | None = None

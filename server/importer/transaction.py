@@ -35,6 +35,7 @@ import asyncpg
 
 from server.importer.bulk import write_fresh
 from server.importer.csvread import IdChecker
+from server.importer.exclusive import write_edges_exclusive
 from server.importer.merge import write_accounts, write_edges
 from server.importer.options import ImportOptions
 from server.importer.report import ImportAbortedError, ImportIncompleteError, ImportReport
@@ -114,7 +115,10 @@ async def import_graph(
         if edges is not None:
             chunks = await plan_chunks(conn)
             report.lap("plan batches")
-            await write_edges(conn, staging, chunks, report, options)
+            if options.exclusive and not staging.citus:
+                await write_edges_exclusive(conn, staging, chunks, report, options)
+            else:
+                await write_edges(conn, staging, chunks, report, options)
         report.bad_rows.sort(key=lambda b: (b.source, b.line))
         await staging.drop(conn)
         staging = None

@@ -54,6 +54,7 @@ import asyncpg
 from server import runner
 from server.database import Database, open_database
 from tests.bench import graph as graphs
+from tests.bench import opslocks
 from tests.bench.load import USERS_FORMAT
 from tests.bench.report import render_ops_table
 from tests.bench.run import (
@@ -129,6 +130,8 @@ class ClientRecords:
     latencies: list[float] = field(default_factory=list)  # seconds
     kinds: list[int] = field(default_factory=list)
     failed: list[bool] = field(default_factory=list)
+    actors: list[int] = field(default_factory=list)  # the acting user's number
+    targets: list[int] = field(default_factory=list)  # Follow/Unfollow's target, else -1
     error_sample: str = ""
 
 
@@ -180,12 +183,12 @@ async def _clients(index: int, job: ClientJob, stop: Event) -> ClientRecords:
                     pb.UnfollowRequest(user_id=actor, target_ids=[target]), timeout=CALL_TIMEOUT_S
                 )
             elif kind == CHECK:
-                request = pb.CheckRequest(
-                    user_id=uid(rng), target_ids=[uid(rng) for _ in range(20)]
-                )
+                actor, target = uid(rng), ""
+                request = pb.CheckRequest(user_id=actor, target_ids=[uid(rng) for _ in range(20)])
                 call = stub.Check(request, timeout=CALL_TIMEOUT_S)
             else:
-                info = pb.GetInfoRequest(user_id=uid(rng), target_ids=[uid(rng) for _ in range(20)])
+                actor, target = uid(rng), ""
+                info = pb.GetInfoRequest(user_id=actor, target_ids=[uid(rng) for _ in range(20)])
                 call = stub.GetInfo(info, timeout=CALL_TIMEOUT_S)
             started = time.monotonic()
             failed = False
@@ -199,6 +202,8 @@ async def _clients(index: int, job: ClientJob, stop: Event) -> ClientRecords:
             records.latencies.append(time.monotonic() - started)
             records.kinds.append(kind)
             records.failed.append(failed)
+            records.actors.append(int(actor[1:]))
+            records.targets.append(int(target[1:]) if target else -1)
 
     delay = job.start - time.monotonic()
     if delay > 0:
@@ -238,6 +243,8 @@ class Clients:
             merged.latencies += part.latencies
             merged.kinds += part.kinds
             merged.failed += part.failed
+            merged.actors += part.actors
+            merged.targets += part.targets
             merged.error_sample = merged.error_sample or part.error_sample
         for proc in self._procs:
             proc.join(timeout=10)
@@ -427,12 +434,20 @@ def write_import_files(size: OpsSize, folder: Path) -> tuple[Path, Path]:
     return accounts, edges
 
 
-def run_import(url: str, files: tuple[Path, Path], checkout: Path | None) -> dict[str, Any]:
+def run_import(
+    url: str,
+    files: tuple[Path, Path],
+    checkout: Path | None,
+    batch_log: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
     accounts, edges = files
     command, env, cwd = importer_command(checkout)
     command += ["--database-url", url]
     command += ["--accounts", str(accounts.resolve()), "--edges", str(edges.resolve())]
-    command += ["--no-progress", "--log-level", "WARNING"]
+    command += ["--no-progress", "--log-level", "WARNING", *extra]
+    if batch_log is not None:
+        command += ["--batch-log", str(batch_log)]
     began = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     ended = time.monotonic()
@@ -492,6 +507,16 @@ async def ensure_ops_seed(
 # -- a run ----------------------------------------------------------------------------------
 
 
+# Interleaved A/B of the importer's flags: "FLAGS|FLAGS|..." (e.g. "|--batch-seconds 0.05"),
+# repetition i running variant i modulo their number.
+IMPORT_VARIANTS_ENV = "FOLLOW_BENCH_OPS_IMPORT_FLAGS"
+
+
+def import_variants(text: str) -> tuple[tuple[str, ...], ...]:
+    """The importer flag variants of IMPORT_VARIANTS_ENV; one empty variant by default."""
+    return tuple(tuple(v.split()) for v in text.split("|")) if text.strip() else ((),)
+
+
 @dataclass(frozen=True, slots=True)
 class OpsConfig:
     """One bench-ops run's sizes, load and options."""
@@ -504,6 +529,8 @@ class OpsConfig:
     tail: float
     door: str
     import_checkout: Path | None
+    # More `follow-server import` flags per repetition, in turn (IMPORT_VARIANTS_ENV).
+    import_variants: tuple[tuple[str, ...], ...] = ((),)
 
 
 async def _copy(database: Database, seed: str) -> None:
@@ -547,10 +574,16 @@ def run_once(
         base_begin = t0 + cfg.warmup
         base_end = base_begin + cfg.baseline
         time.sleep(max(0.0, base_end - time.monotonic()))
+        batch_log = out / f"bench-ops-batches-{rep + 1}.csv"
+        batch_log.unlink(missing_ok=True)
         if op == "delete":
             result = run_delete(server, url, meta["celebrity"], cfg.door)
         else:
-            result = run_import(url, files, cfg.import_checkout)
+            # another checkout's importer may not know --batch-log
+            log_to = None if cfg.import_checkout else batch_log
+            variant = cfg.import_variants[rep % len(cfg.import_variants)]
+            result = run_import(url, files, cfg.import_checkout, log_to, variant)
+            result["import_flags"] = " ".join(variant)
         time.sleep(cfg.tail)
         tail_end = time.monotonic()
         records = clients.stop(budget=60)
@@ -560,6 +593,9 @@ def run_once(
     baseline = window_stats(records, base_begin, base_end)
     during = window_stats(records, result["began"], result["ended"])
     after = window_stats(records, result["ended"], tail_end)
+    if op == "import" and batch_log.exists():
+        result["slow_calls"] = _slow_calls(records, result, batch_log, files[1])
+        print(f"  slowest calls: {json.dumps(result['slow_calls'])}", file=sys.stderr)
     line = (
         f"  {op} #{rep + 1}: during {during['seconds']:.1f}s: max {during['max_ms']:.0f} ms"
         f" (baseline {baseline['max_ms']:.0f}), p99 {during['p99_ms']:.0f} ms"
@@ -580,6 +616,27 @@ def run_once(
         "load_average_start": load_start,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _slow_calls(
+    records: ClientRecords, result: dict[str, Any], batch_log: Path, edges: Path
+) -> dict[str, Any]:
+    """What the slowest calls in flight during the import met (tests.bench.opslocks)."""
+    began, ended = result["began"], result["ended"]
+    calls = [
+        c
+        for c in zip(
+            records.starts,
+            records.latencies,
+            records.kinds,
+            records.actors,
+            records.targets,
+            strict=True,
+        )
+        if c[0] < ended and c[0] + c[1] >= began
+    ]
+    tries = opslocks.read_batches(batch_log, opslocks.read_edges(edges))
+    return opslocks.slow_calls(calls, OP_NAMES, frozenset((FOLLOW, UNFOLLOW)), tries, began)
 
 
 def _median(values: list[Any]) -> float | None:
@@ -625,6 +682,7 @@ def run_ops(args: argparse.Namespace) -> None:
         tail=2.0,
         door=args.ops_door,
         import_checkout=args.ops_import_checkout,
+        import_variants=import_variants(os.environ.get(IMPORT_VARIANTS_ENV, "")),
     )
     ops = [o for o in args.ops_only.split(",") if o] if args.ops_only else list(OPS)
     if unknown := set(ops) - set(OPS):
