@@ -36,7 +36,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aiohttp
 import asyncpg
 
 from server import outbox, webhook_queue
@@ -44,6 +43,7 @@ from server.config import Settings
 from server.database import use_int_timestamps
 from server.leader import Leader
 from server.outbox import ACCOUNT_DELETED, FOLLOWED, UNFOLLOWED, OutboxRow
+from server.webhook_http import HttpClient, HttpError
 from server.webhook_metrics import WebhookMetrics, url_label
 from server.webhook_queue import Delivery, Queued
 from server.webhook_request import command_and_body, query
@@ -216,7 +216,7 @@ class Sender(_Wakeable):
     def __init__(
         self,
         pool: asyncpg.Pool,
-        session: aiohttp.ClientSession,
+        http: HttpClient,
         url: str,
         config: WebhookConfig,
         metrics: WebhookMetrics,
@@ -225,7 +225,7 @@ class Sender(_Wakeable):
         super().__init__()
         self._pool = pool
         self._distributed = distributed
-        self._session = session
+        self._http = http
         self._url = url
         self._label = url_label(url)
         self._config = config
@@ -342,21 +342,12 @@ class Sender(_Wakeable):
         c = self._config
         params = query(c.sdkappid, d.command, d.client_ip, d.platform, c.token, int(time.time()))
         try:
-            async with self._session.post(
-                self._url,
-                params=params,
-                data=d.body.encode(),
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=c.timeout),
-                allow_redirects=False,
-            ) as response:
-                if 200 <= response.status < 300:
-                    return ""
-                return f"HTTP {response.status}"
+            status = await self._http.post(self._url, params, d.body.encode(), c.timeout)
         except TimeoutError:
             return f"no answer within {c.timeout:g}s"
-        except aiohttp.ClientError as exc:
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except HttpError as exc:
+            return str(exc) or type(exc).__name__
+        return "" if 200 <= status < 300 else f"HTTP {status}"
 
     async def _mark(self) -> None:
         """Record the outcomes handed back so far: the 2xx ones in one statement per claim,
@@ -453,12 +444,12 @@ class Webhooks:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        session: aiohttp.ClientSession,
+        http: HttpClient,
         feeder: Feeder,
         senders: list[Sender],
     ) -> None:
         self._pool = pool
-        self._session = session
+        self._http = http
         self.feeder = feeder
         self.senders = senders
         self._tasks: list[asyncio.Task[None]] = []
@@ -478,11 +469,10 @@ class Webhooks:
         except BaseException:
             await pool.close()
             raise
-        connector = aiohttp.TCPConnector(limit=config.concurrency * len(config.urls))
-        session = aiohttp.ClientSession(connector=connector)
-        senders = [Sender(pool, session, url, config, metrics, distributed) for url in config.urls]
+        http = HttpClient(config.concurrency * len(config.urls))
+        senders = [Sender(pool, http, url, config, metrics, distributed) for url in config.urls]
         feeder = Feeder(database_url, config.urls, metrics, senders)
-        running = cls(pool, session, feeder, senders)
+        running = cls(pool, http, feeder, senders)
         running._tasks = [
             asyncio.create_task(feeder.run(), name="webhook-feeder"),
             *(asyncio.create_task(s.run(), name="webhook-sender") for s in senders),
@@ -497,7 +487,7 @@ class Webhooks:
             task.cancel()
         await asyncio.wait(self._tasks, timeout=5)
         await asyncio.gather(*(s.stop() for s in self.senders), self.feeder.stop())
-        await self._session.close()
+        await self._http.close()
         try:
             async with asyncio.timeout(5):
                 await self._pool.close()

@@ -8,6 +8,7 @@ import hashlib
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.bench.events import (
     FOLLOW_ADD,
@@ -84,7 +85,13 @@ def test_match_counts_each_written_event_once_and_lags_from_first_arrival() -> N
 
 
 def _run(events: str, calls_per_s: float, extra: dict[str, Any]) -> dict[str, Any]:
-    result = {"calls_per_s": calls_per_s, "p99_ms": 10.0, "errors": 0}
+    result = {
+        "calls_per_s": calls_per_s,
+        "p99_ms": 10.0,
+        "errors": 0,
+        "server_cpu_pct": calls_per_s * 0.2,  # 2 ms per call
+        "db_cpu_pct": 10.0,
+    }
     scenario = {"result": result, "calls_changed": 1} | extra
     return {
         "events": events,
@@ -117,6 +124,9 @@ def test_summary_medians_ratio_and_table() -> None:
     assert row["met"] is False  # 0.73 < 0.8
     assert (row["webhooks_delivered"], row["webhooks_expected"]) == (20, 20)
     assert row["backlog_at_end_webhooks"] == 3
+    # CPU % of one core x 10 / calls per second, medians over the runs
+    assert row["server_cpu_ms_per_call_on"] == pytest.approx(2.0)
+    assert row["db_cpu_ms_per_call_off"] == pytest.approx((1.0 + 100 / 120) / 2)
     doc = {
         "machine": {
             "cpu_count": 2,

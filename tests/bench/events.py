@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 
 from server.database import Database, open_database
 from tests.bench.load import Target
@@ -125,6 +126,7 @@ class Received:
     hooks: list[Hook] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     heartbeats: int = 0
+    seen_count: int = 0  # Watch events read so far
     resumes: int = 0  # Watch streams that broke and were resumed
     errors: list[str] = field(default_factory=list)
 
@@ -161,14 +163,34 @@ async def _consume(pipe: Connection, token: str) -> None:
     from follow.v1 import events_pb2_grpc as ev_rpc
 
     got = Received()
+    # What arrived, kept as it came and turned into Hooks and Seens only at stop, after the
+    # load: the consumers share the 2 cores with the server under test, so they do no more
+    # per item while it is measured than a receiver has to (the Sign check, the answer).
+    bodies: list[tuple[float, dict[str, str], bytes, bool]] = []
+    messages: list[tuple[float, Any]] = []
+    ok = orjson.dumps({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""})
+    fail = orjson.dumps({"ActionStatus": "FAIL", "ErrorCode": 1, "ErrorInfo": "bad Sign"})
 
     async def hook(request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
-        item = hook_from(dict(request.query), body, time.time(), token)
-        got.hooks.append(item)
-        if not item.signed:
-            return web.json_response({"ActionStatus": "FAIL", "ErrorCode": 1}, status=403)
-        return web.json_response({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""})
+        body = await request.read()
+        at = time.time()
+        query = dict(request.query)
+        signed = sign_ok(token, query.get("RequestTime", ""), query.get("Sign", ""))
+        bodies.append((at, query, body, signed))
+        if not signed:
+            return web.Response(body=fail, status=403, content_type="application/json")
+        return web.Response(body=ok, content_type="application/json")
+
+    def settle() -> None:
+        """Turn what arrived into Hooks and Seens (at stop)."""
+        for at, query, body, _ in bodies:
+            got.hooks.append(hook_from(query, orjson.loads(body), at, token))
+        bodies.clear()
+        for at, message in messages:
+            for event in message.events:
+                t = event.event_time
+                got.seen.append(Seen(at, event.id, t.seconds * 1_000_000 + t.nanos // 1000))
+        messages.clear()
 
     app = web.Application()
     app.router.add_post("/hook", hook)
@@ -188,13 +210,12 @@ async def _consume(pipe: Connection, token: str) -> None:
                         ev.WatchRequest(start_after=position)
                     )
                     async for message in stream:
-                        if not message.events:
+                        n = len(message.events)
+                        if n:
+                            messages.append((time.time(), message))
+                            got.seen_count += n
+                        else:
                             got.heartbeats += 1
-                        now = time.time()
-                        for event in message.events:
-                            t = event.event_time
-                            micros = t.seconds * 1_000_000 + t.nanos // 1000
-                            got.seen.append(Seen(now, event.id, micros))
                         position = message.position
             except grpc.aio.AioRpcError as error:
                 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
@@ -211,12 +232,13 @@ async def _consume(pipe: Connection, token: str) -> None:
                 watcher = asyncio.create_task(watch(command[1]))
                 pipe.send("watching")
             elif command[0] == "counts":
-                pipe.send((len(got.hooks), len(got.seen)))
+                pipe.send((len(bodies), got.seen_count))
             elif command[0] == "stop":
                 if watcher is not None:
                     watcher.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await watcher
+                settle()
                 pipe.send(got)
                 return
     finally:
@@ -246,6 +268,14 @@ class Consumer:
 
     def watch(self, grpc_address: str) -> None:
         self._ask(("watch", grpc_address))
+
+    def cpu_seconds(self) -> float:
+        """The process's CPU time so far (user + system)."""
+        try:
+            t = psutil.Process(self._proc.pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
 
     def counts(self) -> tuple[int, int]:
         hooks, seen = self._ask(("counts",))
@@ -285,12 +315,17 @@ class Consumers:
     def counts(self) -> tuple[int, int]:
         return self._hooks.counts()[0], self._watcher.counts()[1]
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time so far of the webhook receiver's process and of the Watch client's."""
+        return self._hooks.cpu_seconds(), self._watcher.cpu_seconds()
+
     def stop(self) -> Received:
         hooks, watched = self._hooks.stop(), self._watcher.stop()
         return Received(
             hooks.hooks,
             watched.seen,
             watched.heartbeats,
+            watched.seen_count,
             watched.resumes,
             hooks.errors + watched.errors,
         )
@@ -465,14 +500,23 @@ def one_run(
         for name, description, plan_seed in EVENT_SCENARIOS:
             limits = results["grpc:follow20"].issued_per_worker if "unfollow" in name else None
             first = asyncio.run(_fetchval(url, _MAX_ID))
+            cpu_before = consumer.cpu_seconds() if consumer is not None else (0.0, 0.0)
+            t0 = time.monotonic()
             result = run_scenario(
                 workers, monitor, profile, name, description, meta, fixtures, limits, plan_seed
             )
+            wall = time.monotonic() - t0
+            cpu_after = consumer.cpu_seconds() if consumer is not None else (0.0, 0.0)
             last = asyncio.run(_fetchval(url, _MAX_ID))
             results[name] = result
             ranges[name] = (first, last)
             written = asyncio.run(_rows(url, first, last))
             row: dict[str, Any] = {"result": asdict(result), "calls_changed": len(written)}
+            if consumer is not None:
+                # CPU the consumers took from the 2 cores the server shares with them, over
+                # the scenario's whole load (warm-up included): % of one core
+                row["receiver_cpu_pct"] = round(100 * (cpu_after[0] - cpu_before[0]) / wall, 1)
+                row["watch_client_cpu_pct"] = round(100 * (cpu_after[1] - cpu_before[1]) / wall, 1)
             line = f"  {label} {name:<24} {result.calls_per_s:>8.0f}/s  errors {result.errors}"
             if consumer is not None:
                 hooks_total += len(written) if "webhooks" in consumers else 0
@@ -546,6 +590,13 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _cpu_ms(scenario: dict[str, Any], who: str) -> float | None:
+    """CPU ms per call of the server ("server") or PostgreSQL ("db") in one run's scenario."""
+    r = scenario["result"]
+    calls = r["calls_per_s"]
+    return r[f"{who}_cpu_pct"] * 10 / calls if calls else None
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per scenario: medians of calls/s off and on, their ratio, the lags, the counts."""
     rows = []
@@ -567,6 +618,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "target": RATIO_TARGET,
             "met": None if ratio is None else ratio >= RATIO_TARGET,
             "p99_ms_off": _median([s["result"]["p99_ms"] for s in off]),
+            "server_cpu_ms_per_call_off": _median([_cpu_ms(s, "server") for s in off]),
+            "server_cpu_ms_per_call_on": _median([_cpu_ms(s, "server") for s in on]),
+            "db_cpu_ms_per_call_off": _median([_cpu_ms(s, "db") for s in off]),
+            "db_cpu_ms_per_call_on": _median([_cpu_ms(s, "db") for s in on]),
             "p99_ms_on": _median([s["result"]["p99_ms"] for s in on]),
             "errors": sum(s["result"]["errors"] for s in off + on),
         }
@@ -576,6 +631,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "watch_lag_p50_ms",
             "watch_lag_p99_ms",
             "drain_s",
+            "receiver_cpu_pct",
+            "watch_client_cpu_pct",
         ):
             row[key] = _median([s.get(key) for s in on])
         for key in ("webhooks_expected", "webhooks_delivered", "webhooks_duplicated"):
@@ -609,8 +666,10 @@ def render_events_table(doc: dict[str, Any]) -> str:
         "",
         "| scenario | calls/s off | calls/s on | on / off | target | webhook lag p50 / p99 ms"
         " | Watch lag p50 / p99 ms | backlog at end (webhooks / Watch) | drained in s"
-        " | webhooks delivered / expected (dup) | Watch events delivered / expected (dup) |",
-        "|---|---:|---:|---:|:---:|---|---|---|---:|---|---|",
+        " | webhooks delivered / expected (dup) | Watch events delivered / expected (dup)"
+        " | server / PostgreSQL CPU ms per call, off → on | consumers' CPU % of a core"
+        " (receiver / Watch client) |",
+        "|---|---:|---:|---:|:---:|---|---|---|---:|---|---|---|---|",
     ]
     for r in doc["summary"]:
         met = "n/a" if r["met"] is None else ("yes" if r["met"] else "**no**")
@@ -624,6 +683,9 @@ def render_events_table(doc: dict[str, Any]) -> str:
             f" {r['webhooks_delivered']:,} / {r['webhooks_expected']:,}"
             f" ({r['webhooks_duplicated']}) |"
             f" {r['watch_delivered']:,} / {r['watch_expected']:,} ({r['watch_duplicated']}) |"
+            f" {_num(r['server_cpu_ms_per_call_off'])} / {_num(r['db_cpu_ms_per_call_off'])} →"
+            f" {_num(r['server_cpu_ms_per_call_on'])} / {_num(r['db_cpu_ms_per_call_on'])} |"
+            f" {_num(r['receiver_cpu_pct'], 0)} / {_num(r['watch_client_cpu_pct'], 0)} |"
         )
     lines += [
         "",
