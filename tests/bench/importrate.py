@@ -2,7 +2,9 @@
 
 Imports the graph in --graph (edges.csv and, when present, accounts.csv, as
 tests.bench.graph writes them) into a fresh database of a throwaway PostgreSQL
-(tests.support.pgcluster, default settings as the embedded server's), --runs times, each
+(tests.support.pgcluster; with --sized, the settings `follow-server`'s embedded server is
+given on this machine, server.embedded_conf: a quarter of the memory as shared buffers,
+checkpoints further apart), --runs times, each
 into an empty database, or with --base into a database that already holds the --base graph
 (imported first, not timed). Prints each run's seconds, edges/s and the importer's phases,
 then the median rate.
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import asyncpg
 
+from server.embedded_conf import embedded_settings, machine_memory
 from server.importer import ImportOptions, import_graph
 from tests.support.pgcluster import LocalPostgres
 
@@ -61,9 +64,9 @@ async def _fresh(pg: LocalPostgres, name: str) -> str:
 
 async def _main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="importrate-"))
-    settings = {}
+    settings = embedded_settings(machine_memory()) if args.sized else {}
     if args.log_ms is not None:
-        settings = {"log_min_duration_statement": str(args.log_ms), "log_line_prefix": "''"}
+        settings |= {"log_min_duration_statement": str(args.log_ms), "log_line_prefix": "''"}
     pg = LocalPostgres(root, settings)
     pg.init()
     pg.start()
@@ -101,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graph", type=Path, required=True, help="folder with the CSV files")
     parser.add_argument("--base", type=Path, help="a graph imported first, not timed")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--sized",
+        action="store_true",
+        help="give PostgreSQL the embedded server's settings for this machine (default: its own)",
+    )
     parser.add_argument(
         "--log-ms", type=int, help="print the statements that ran longer than this (ms)"
     )
