@@ -11,7 +11,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from server.importer import ImportReport, swap
+from server.importer import ImportReport, bulk, swap
 from tests.conftest import skip_on_citus
 from tests.test_importer import T0, assert_counts_equal_lists, at, run, snapshot
 
@@ -198,3 +198,54 @@ async def test_a_batch_whose_user_a_call_holds_lets_its_locks_go_and_is_tried_ag
     await assert_counts_equal_lists(db_url)
     following = (await snapshot(db_url))["following"]
     assert ("z", "a", at(T0 + 9), at(T0 + 9)) in following
+
+
+async def test_an_account_created_meanwhile_makes_the_bulk_step_check_each_id(
+    db_url: str, swap_always: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into an empty graph every account is created by a plain INSERT; when a service call
+    created one of the file's ids after the checks (here `c`, committed just before the
+    bulk step's insert), that insert fails in its savepoint and the step falls back to
+    creating only the ids still absent: `c` keeps its own row, its edges take the locked
+    batches, and counts and mutual state come out exact all the same."""
+    real = bulk.create_all
+
+    async def service_creates_c_first(conn: asyncpg.Connection[asyncpg.Record]) -> int | None:
+        other = await asyncpg.connect(db_url)
+        try:
+            await other.execute("INSERT INTO accounts (user_id) VALUES ('c')")
+            await other.execute("INSERT INTO follow_counts (user_id) VALUES ('c')")
+        finally:
+            await other.close()
+        return await real(conn)
+
+    monkeypatch.setattr(bulk, "create_all", service_creates_c_first)
+    report = await run(db_url, ACCOUNTS, EDGES)
+    assert report.edges_added == len(FOLLOWING)
+    assert report.batches >= 1  # c's edges
+    await assert_counts_equal_lists(db_url)
+    rows = await snapshot(db_url)
+    assert rows["following"] == FOLLOWING
+    assert rows["follow_counts"] == COUNTS
+
+
+async def test_counter_rows_met_by_the_plain_insert_get_the_counts_added(db_url: str) -> None:
+    """write_counts into a table already holding one of the counter rows (the plain INSERT
+    fails in its savepoint): the counts are added to that row, the others inserted."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            'CREATE TEMP TABLE import_profiles (user_id text COLLATE "C" NOT NULL);'
+            ' CREATE TEMP TABLE import_bulk (follower text COLLATE "C" NOT NULL,'
+            ' target text COLLATE "C" NOT NULL, at timestamptz NOT NULL,'
+            " mutual_since timestamptz);"
+            " INSERT INTO import_profiles VALUES ('p'), ('q');"
+            " INSERT INTO import_bulk VALUES ('p', 'q', now(), now()), ('q', 'p', now(), now());"
+            " INSERT INTO follow_counts (user_id, following) VALUES ('p', 1)"
+        )
+        async with conn.transaction():
+            await bulk.write_counts(conn, "import_profiles")
+        rows = await conn.fetch("SELECT * FROM follow_counts ORDER BY user_id")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("p", 2, 1, 1), ("q", 1, 1, 1)]
