@@ -9,7 +9,9 @@ first), then the webhook feeder and senders (server.webhooks.Webhooks, as the se
 them) deliver them to the aiohttp receiver of the tests (tests.webhook_receiver, in a
 process of its own) until every one is answered. Figures per run: webhooks/s, this
 process's CPU ms per webhook, PostgreSQL's CPU ms per webhook (its processes' CPU time,
-psutil). Runs of one version only; to compare versions, run two checkouts alternately
+psutil). --rate R writes the events while they are delivered, R a second in 100 transactions
+a second (as calls would: the live case, where a sender's rounds are small), instead of all
+before. Runs of one version only; to compare versions, run two checkouts alternately
 (`git archive REV server | tar -x -C DIR` and PYTHONPATH=DIR), on the same data folder.
 """
 
@@ -74,6 +76,27 @@ FROM generate_series(1, $1) g
 """
 
 
+# Events trickling in as calls would write them: `per` rows a transaction, `pause` seconds
+# apart, written by PostgreSQL itself (a procedure), so this process's CPU is the webhooks'.
+_TRICKLE = """
+CREATE OR REPLACE PROCEDURE drain_trickle(n int, users int, targets int, per int, pause float8)
+LANGUAGE plpgsql AS $$
+DECLARE done int := 0;
+BEGIN
+  WHILE done < n LOOP
+    INSERT INTO follow_events (user_id, kind, others, at, client_ip, platform)
+    SELECT 'u' || lpad((g % users)::text, 7, '0'), 1,
+           ARRAY(SELECT 'v' || lpad((g * 31 + k)::text, 7, '0') FROM generate_series(1, targets) k),
+           clock_timestamp(), '127.0.0.1', 'gRPC'
+    FROM generate_series(done + 1, least(n, done + per)) g;
+    done := done + per;
+    COMMIT;
+    PERFORM pg_sleep(pause);
+  END LOOP;
+END $$
+"""
+
+
 def _pg_cpu(postmaster: int) -> float:
     total = 0.0
     try:
@@ -90,7 +113,14 @@ def _pg_cpu(postmaster: int) -> float:
 
 
 async def one_run(
-    url: str, admin_url: str, postmaster: int, hook_url: str, ask: Any, n: int, targets: int
+    url: str,
+    admin_url: str,
+    postmaster: int,
+    hook_url: str,
+    ask: Any,
+    n: int,
+    targets: int,
+    rate: float,
 ) -> dict[str, float]:
     await _fresh(admin_url, url)
     config = WebhookConfig(urls=(hook_url,), sdkappid=1400000000, token="drain-token")
@@ -98,11 +128,18 @@ async def one_run(
     webhooks = await Webhooks.start(config, url, WebhookMetrics(CollectorRegistry()))
     try:
         conn = await asyncpg.connect(url)
+        cpu0, pg0, t0 = time.process_time(), _pg_cpu(postmaster), time.monotonic()
         try:
-            await conn.execute(_WRITE, n, max(1, n // 2), targets)
+            if rate > 0:  # 100 transactions a second
+                await conn.execute(_TRICKLE)
+                per = max(1, round(rate / 100))
+                await conn.execute(
+                    "CALL drain_trickle($1, $2, $3, $4, $5)", n, max(1, n // 2), targets, per, 0.01
+                )
+            else:
+                await conn.execute(_WRITE, n, max(1, n // 2), targets)
         finally:
             await conn.close()
-        cpu0, pg0, t0 = time.process_time(), _pg_cpu(postmaster), time.monotonic()
         while await asyncio.to_thread(ask) - before < n:  # noqa: ASYNC110 - another process
             await asyncio.sleep(0.05)
         wall = time.monotonic() - t0
@@ -122,6 +159,9 @@ def main() -> None:
     parser.add_argument("--webhooks", type=int, default=2000)
     parser.add_argument("--targets", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--rate", type=float, default=0, help="events/s written while delivering (0: all first)"
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("var/bench/drain-pgdata"))
     parser.add_argument("--label", default="")
     args = parser.parse_args()
@@ -144,7 +184,11 @@ def main() -> None:
         url = f"{head.rsplit('/', 1)[0]}/{DB}" + (f"?{query}" if query else "")
         postmaster = int((args.data_dir / "postmaster.pid").read_text().split()[0])
         runs = [
-            asyncio.run(one_run(url, base, postmaster, hook_url, ask, args.webhooks, args.targets))
+            asyncio.run(
+                one_run(
+                    url, base, postmaster, hook_url, ask, args.webhooks, args.targets, args.rate
+                )
+            )
             for _ in range(args.runs)
         ]
     finally:
