@@ -96,9 +96,9 @@ EDGES = Shape(
 class FastReader:
     """The leading part of a CSV stream that the fast path takes, as COPY data.
 
-    Iterate it for the encoded chunks; then `first_line` is the line of the first fast row,
-    `columns` the staging columns they fill, and `rest()` the lines it left to the slow path
-    (from the first chunk that the pattern refused), numbered after `lines_used`."""
+    Iterate it for the encoded chunks, each row led by its line number; then `columns` is
+    the staging columns they fill (`line` first), and `rest()` the lines it left to the slow
+    path (from the first chunk that the pattern refused), numbered after `lines_used`."""
 
     def __init__(self, stream: TextIO, shape: Shape, bar: tqdm[Never]) -> None:
         self._stream = stream
@@ -106,7 +106,6 @@ class FastReader:
         self._bar = bar
         self._pending = ""  # read but not taken: the slow path starts here
         self.lines_used = 0  # lines taken: the header and the fast rows
-        self.first_line = 1
         self.columns: tuple[str, ...] = ()
         self.rows = 0
 
@@ -122,12 +121,13 @@ class FastReader:
         first, newline, after = buffer.partition("\n")
         if newline and '"' not in first and _is_header(first.split(","), self._shape.header):
             buffer = after
-            self.lines_used, self.first_line = 1, 2
+            self.lines_used = 1
         fields = self._shape.fields.get(buffer.partition("\n")[0].count(",") + 1)
         if fields is None:
             self._pending = buffer
             return
-        pattern, self.columns = fields
+        pattern, columns = fields
+        self.columns = ("line", *columns)
         at_end = False
         while buffer:
             if not at_end and len(buffer) < _FAST_CHUNK:
@@ -147,10 +147,10 @@ class FastReader:
             if pattern.fullmatch(chunk) is None:
                 break
             buffer = buffer[cut:]
+            yield _numbered(chunk, self.lines_used + 1)
             lines = chunk.count("\n")
             self.lines_used += lines
             self.rows += lines
-            yield chunk.encode()
         self._pending = buffer
 
     def rest(self) -> Iterator[str]:
@@ -160,6 +160,17 @@ class FastReader:
             self._pending += self._stream.readline()
             yield from io.StringIO(self._pending, newline="")
         yield from _sized(self._stream, self._bar)
+
+
+def _numbered(chunk: str, first: int) -> bytes:
+    """A chunk of whole lines as COPY data, each led by its line number (from `first`).
+    Numbered here rather than by a sequence default in the staging table: COPY spent 40%
+    of its CPU on nextval (5.9 s against 3.6 s for 5,000,000 rows), which is the database's
+    core, while this costs the importer's own ~0.4 us a row."""
+    lines = chunk.split("\n")
+    lines.pop()  # a chunk ends with a newline
+    numbers = map(str, range(first, first + len(lines)))
+    return ("\n".join(map(",".join, zip(numbers, lines, strict=True))) + "\n").encode()
 
 
 class IdChecker:

@@ -75,8 +75,8 @@ class StagingTable:
 
 
 _ID = 'text COLLATE "C" NOT NULL'
-# `line` comes from the file (slow path) or from the sequence (fast path: one row a line).
-_LINE = "line int NOT NULL DEFAULT nextval('import_line')"
+# The row's line in its file (both paths give it: csvread).
+_LINE = "line int NOT NULL"
 _BATCH = (
     f"line int NOT NULL, follower {_ID}, target {_ID}, at timestamptz NOT NULL,"
     " verdict smallint NOT NULL"
@@ -132,7 +132,6 @@ class Staging:
     async def create(self, conn: Conn) -> None:
         """Make every staging relation (each statement committing on its own)."""
         if not self.citus:
-            await conn.execute("CREATE TEMP SEQUENCE import_line")
             for t in TABLES:
                 if t.rekeys is not None:
                     await conn.execute(f"CREATE TEMP VIEW {t.name} AS {t.rekeys}")
@@ -141,11 +140,8 @@ class Staging:
                     await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}){on_commit}")
             return
         # Citus: what an import killed earlier left behind goes first (one import at a time
-        # runs per database, so nobody else is using it). A sequence the coordinator's COPY
-        # draws line numbers from (a temporary one cannot be a distributed table's
-        # default); owned rows in distributed tables.
+        # runs per database, so nobody else is using it); owned rows in distributed tables.
         await self.drop(conn)
-        await conn.execute("CREATE SEQUENCE import_line")
         for t in TABLES:
             if t.owner is None:
                 await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns})")
@@ -180,8 +176,9 @@ class Staging:
         return rowcount(await conn.execute(f"CREATE TEMP TABLE {name} AS {query}"))
 
     async def drop(self, conn: Conn) -> None:
-        """Drop what would outlive the session: on Citus the distributed tables and the
-        sequence (on one PostgreSQL everything is temporary and goes with the session)."""
+        """Drop what would outlive the session: on Citus the distributed tables, and the
+        line sequence earlier versions made (on one PostgreSQL everything is temporary and
+        goes with the session)."""
         if self.citus:
             await conn.execute(
                 "DROP TABLE IF EXISTS " + ", ".join(t.name for t in TABLES if t.owner)
@@ -347,7 +344,7 @@ class Batch:
 
 
 async def _copy_fast(conn: Conn, table: str, fast: FastReader) -> None:
-    """COPY the rows the fast path takes, numbered by the sequence from their first line."""
+    """COPY the rows the fast path takes (each with its line number)."""
     chunks = aiter(fast)
     first = await anext(chunks, None)
     if first is None:
@@ -358,7 +355,6 @@ async def _copy_fast(conn: Conn, table: str, fast: FastReader) -> None:
         async for chunk in chunks:
             yield chunk
 
-    await conn.execute("SELECT setval('import_line', $1, false)", fast.first_line)
     await conn.copy_to_table(table, source=data(), columns=list(fast.columns), format="csv")
 
 
