@@ -13,6 +13,16 @@ and MAX_BATCH_FOLLOWERS followers (one advisory lock each, in the shared lock ta
 So the locks a service call may wait for stay bounded by about the budget, on a loaded box
 as on an idle one, while an idle box writes bigger batches (fewer round trips per edge).
 
+After each batch the merge rests ImportOptions.pause_ratio times as long as the batch took
+(1 by default: a duty cycle of one half): on a small machine the importer and its
+PostgreSQL backend otherwise keep a core busy, and bench-ops found the slowest calls of
+other users during an import were ones that met none of the import's locks (their
+latency was CPU sharing, 2 cores for the service, its database, the clients and the
+import), while those that met a batch's locks waited at most a few hundred ms. A batch
+slowed past its limit is retried smaller, down to MIN_BATCH_EDGES (below one of the plan's
+chunks), so that on a starved CPU the tries still fit their limit instead of failing again
+and again (the work of a cancelled try is lost).
+
 A batch waits at most LOCK_WAIT_MS for any one lock; when a call holds one, the batch
 rolls back, letting go of the locks it took, and is tried again at half the size after a
 short pause, so it never holds many users' gates while it queues behind one call (which
