@@ -171,8 +171,10 @@ async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_fil
     elif created:
         await conn.execute(_LEFT_PROFILES)
     if added:
-        staged = await conn.fetchval("SELECT count(*) FROM import_new")
-        if staged == added:  # every new edge was written here
+        # Every new edge was written here (without the joins with the created accounts,
+        # all of import_new was)?
+        staged = added if all_fresh else await conn.fetchval("SELECT count(*) FROM import_new")
+        if staged == added:
             await conn.execute("TRUNCATE import_new")
         else:
             await conn.execute(_LEFT_EDGES)
