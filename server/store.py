@@ -169,6 +169,11 @@ _SHARE_LOCK = "SELECT user_id FROM follow_counts WHERE user_id = $1 FOR SHARE"
 _GATE_SHARDS = _GATE.replace(
     "SELECT CASE", "SELECT s.id, get_shard_id_for_distribution_column('follow_counts', s.id), CASE"
 ).replace("END::text", "END::text AS locked")
+# Citus: each user's shard (the coordinator's metadata cache; no table read).
+_SHARDS_OF = """
+SELECT s.id, get_shard_id_for_distribution_column('follow_counts', s.id)
+FROM unnest($1::text[]) AS s(id)
+"""
 # The users of one shard (Citus refuses FOR SHARE over several shards).
 _SHARE_LOCKS = "SELECT user_id FROM follow_counts WHERE user_id = ANY($1::text[]) FOR SHARE"
 
@@ -907,8 +912,12 @@ async def _remove_followees(
     share lock, like any follower's unfollow), in id order; busy ones are left for a later
     batch (_hold). Its fans are gone by now, so none of these pairs is still mutual."""
     held, alive = await _hold(conn, followees, exclusive=False, distributed=distributed)
-    shard = delta_shard(user_id)
-    if alive:
+    if alive and distributed:
+        # The calls' order on Citus: by shard, then id (_by_shard), one statement per shard.
+        shard_of = {r[0]: r[1] for r in await conn.fetch(_SHARDS_OF, alive)}
+        await _add_their_deltas(conn, user_id, alive, -1, set(), shard_of)
+    elif alive:
+        shard = delta_shard(user_id)
         await conn.executemany(_ADD_DELTA, [(u, shard, -1, 0) for u in sorted(alive)])
     await conn.execute(_DELETE_THEIR_FOLLOWERS, user_id, held)
     await conn.execute(_DELETE_FOLLOWING, user_id, held)

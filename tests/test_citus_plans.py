@@ -109,6 +109,7 @@ SAMPLES: dict[str, Sample] = {
     # Advisory locks, no table: on Citus it stays on the coordinator.
     "_GATE": Sample(([ALICE, *FIVE], ALICE, False), NO_TABLE),
     "_GATE_SHARDS": Sample(([ALICE, *FIVE], ALICE, False), NO_TABLE),
+    "_SHARDS_OF": Sample((FIVE,), NO_TABLE),
     "_OWN_EDGES_AMONG": _one(ALICE, FIVE),
     "_OWN_FOLLOWS_AMONG": _one(ALICE, FIVE),  # with a reference table (account_tombstones)
     "_UNFOLLOW_OWN": _one(ALICE, FIVE, -5, -2),
