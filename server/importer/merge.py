@@ -406,6 +406,11 @@ async def write_edges(
                 await _write_batch(conn, staging, number, batch, report, options, busy)
             except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
                 log.write(at, batch, _OUTCOME.get(type(exc), "?"), 0.0)
+                if conn.is_in_transaction():
+                    # The batch's statement_timeout cancelled its COMMIT: the transaction
+                    # failed there, and asyncpg leaves it open (bench-ops: the next batch's
+                    # first statement failed, "current transaction is aborted").
+                    await conn.execute("ROLLBACK")
                 # A call holds one of the batch's users: the batch gave up its locks after
                 # LOCK_WAIT rather than hold the others while it waits (a convoy of the
                 # calls on them); or one statement ran past its limit (a checkpoint, a
