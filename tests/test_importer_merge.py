@@ -15,6 +15,7 @@ from server.importer import import_graph
 from server.importer.merge import (
     MAX_PAUSE,
     MIN_BATCH_EDGES,
+    _end_failed_transaction,
     next_batch_edges,
     pause_after,
 )
@@ -124,5 +125,21 @@ async def _drop_database(db_url: str, name: str) -> None:
     conn = await asyncpg.connect(db_url)
     try:
         await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+async def test_a_given_up_batch_leaves_no_failed_transaction_behind(db_url: str) -> None:
+    """A connection left in a failed transaction (what a cancelled ROLLBACK leaves) is
+    rolled back before the next batch, so that batch's first statement runs."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("BEGIN")
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await conn.execute("SELECT 1 / 0")
+        assert conn.is_in_transaction()
+        await _end_failed_transaction(conn)
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT 1") == 1
     finally:
         await conn.close()

@@ -57,6 +57,7 @@ follower's own rows, in the delta rows for rows of the users it follows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import random
@@ -336,6 +337,9 @@ LOCK_WAIT_MS = 50
 # is cancelled and tried again smaller, in the same way: it bounds how long the calls on the
 # batch's users wait when a batch runs far slower than the last one did.
 STATEMENT_BUDGETS = 2
+# Less than this left of a batch's time, and it gives up before its next statement: a
+# statement_timeout of a few ms also holds for the ROLLBACK (see _end_failed_transaction).
+MIN_STATEMENT_MS = 10
 BUSY_PAUSE = 0.02
 BUSY_TRIES = 20
 
@@ -406,11 +410,7 @@ async def write_edges(
                 await _write_batch(conn, staging, number, batch, report, options, busy)
             except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
                 log.write(at, batch, _OUTCOME.get(type(exc), "?"), 0.0)
-                if conn.is_in_transaction():
-                    # The batch's statement_timeout cancelled its COMMIT: the transaction
-                    # failed there, and asyncpg leaves it open (bench-ops: the next batch's
-                    # first statement failed, "current transaction is aborted").
-                    await conn.execute("ROLLBACK")
+                await _end_failed_transaction(conn)
                 # A call holds one of the batch's users: the batch gave up its locks after
                 # LOCK_WAIT rather than hold the others while it waits (a convoy of the
                 # calls on them); or one statement ran past its limit (a checkpoint, a
@@ -519,9 +519,24 @@ class _BatchClock:
 
     async def give_the_rest(self) -> None:
         left_ms = int((self.ends - time.monotonic()) * 1000)
-        if left_ms <= 0:  # as a statement past its statement_timeout would be
+        if left_ms < MIN_STATEMENT_MS:  # as a statement past its statement_timeout would be
             raise asyncpg.QueryCanceledError("the batch ran past its time budget")
         await self.conn.execute(f"SET LOCAL statement_timeout = '{left_ms}ms'")
+
+
+async def _end_failed_transaction(conn: Conn) -> None:
+    """Roll back what a given-up batch left open. The transaction's statement_timeout (what
+    was left of the batch's time, SET LOCAL) still holds for the ROLLBACK that asyncpg sends
+    on the way out, and on a starved CPU that ROLLBACK was cancelled too, leaving the
+    connection in a failed transaction (bench-ops at load 13: the next try's first
+    statement failed, "current transaction is aborted", and the import exited 1)."""
+    for _ in range(MAX_ATTEMPTS):
+        if not conn.is_in_transaction():
+            return
+        with contextlib.suppress(asyncpg.QueryCanceledError):
+            await conn.execute("ROLLBACK")
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")  # the last try raises what it meets
 
 
 async def _left(clock: _BatchClock | None) -> None:
