@@ -429,7 +429,9 @@ class HttpClient:
         loop = asyncio.get_running_loop()
         context: ssl.SSLContext | None = None
         if target.scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+            if self._ssl is None:  # made once: loading the system's CAs is not cheap
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
         try:
             _, conn = await loop.create_connection(
                 _Connection,

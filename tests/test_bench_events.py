@@ -144,6 +144,7 @@ def test_summary_medians_ratio_and_table() -> None:
         "summary": summarise(runs),
     }
     table = render_events_table(doc)
+    assert "left out of the medians" not in table
     assert "| grpc:follow20 | 110 | 80 | 0.73 | >= 0.8 (**no**) | 20.0 / n/a |" in table
 
 
@@ -170,3 +171,13 @@ def test_the_receiver_answers_a_signed_webhook_and_refuses_a_forged_one() -> Non
         assert got.hooks[0].key == (FOLLOW_ADD, "a", ("b",), 1)
     finally:
         consumer.kill()
+
+
+def test_a_run_with_no_call_completed_is_left_out_of_the_medians() -> None:
+    """A run whose load generators completed nothing in the window measured nothing: it is
+    counted as stalled, not as 0 calls/s in the median."""
+    on = {"backlog_at_end": {"webhooks": 0, "watch": 0}}
+    runs = [_run("off", 100.0, {}), _run("on", 0.0, on), _run("on", 90.0, on), _run("off", 0.0, {})]
+    (row, *_) = summarise(runs)
+    assert (row["calls_per_s_off"], row["calls_per_s_on"], row["stalled_runs"]) == (100.0, 90.0, 2)
+    assert round(row["ratio"], 2) == 0.9
