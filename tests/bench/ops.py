@@ -25,6 +25,12 @@ graph, measured from the other users' side (issue 10, "Must show").
 5. A table on the terminal and var/bench/bench-ops.json with every figure, per repetition
    and as medians, the load average at each run's start and end, and the git revision.
 
+For the import it also says what the slowest calls met (tests.bench.opslocks): each call's
+users are recorded, the importer writes its batch log (`--batch-log`), and each of the
+slowest calls is marked with the batches overlapping it and whether it needed a lock one
+of them held; `result.slow_calls` in the JSON. Importer flags to compare, interleaved
+across the repetitions: FOLLOW_BENCH_OPS_IMPORT_FLAGS="--pause-ratio 0|--pause-ratio 1".
+
 `--ops-import-checkout DIR` runs the importer of another checkout (`python -m server import`
 with DIR first on PYTHONPATH), e.g. `git archive <rev> server gen | tar -x -C DIR`, for a
 before/after comparison against the same service.
