@@ -71,7 +71,7 @@ from server.importer.batchlog import BatchLog
 from server.importer.options import ImportOptions
 from server.importer.report import BadRow, ImportReport, progress_bar
 from server.importer.staging import BEING_DELETED, Batch, Staging
-from server.store import _GATE, DELTA_SHARDS
+from server.store import _GATE, _SHARDS_OF, DELTA_SHARDS
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -569,8 +569,12 @@ async def _add_counts(
     shard: int,
 ) -> None:
     """Citus: the batch's increments, one owner per statement: followers' own rows, then
-    the targets' delta rows."""
+    the targets' delta rows in (shard, id) order, the order every call writes delta rows
+    in on Citus (server.store._by_shard): two writers never wait for each other's in a
+    circle."""
     if own:
         await conn.executemany(_ADD_OWN_ONE, own)
     if theirs:
-        await conn.executemany(_ADD_DELTA_ONE, [(*t, shard) for t in theirs])
+        shard_of = {r[0]: r[1] for r in await conn.fetch(_SHARDS_OF, [t[0] for t in theirs])}
+        ordered = sorted(theirs, key=lambda t: (shard_of[t[0]], t[0]))
+        await conn.executemany(_ADD_DELTA_ONE, [(*t, shard) for t in ordered])
