@@ -188,7 +188,9 @@ class Feeder(_Wakeable):
                 if not rows:
                     break
                 items = [q for q in map(queued_item, rows) if q is not None]
-                if not await webhook_queue.queue(conn, url, after, rows[-1].position, items):
+                if not await webhook_queue.queue(
+                    conn, url, after, rows[-1].position, items, self._distributed
+                ):
                     log.warning("webhook feeder: %s's position moved under it", url_label(url))
                     break
                 after = rows[-1].position

@@ -69,6 +69,22 @@ async def test_a_batch_claims_each_users_oldest_delivery_oldest_first(
     assert await _claim(conn, 10, 13) == []
 
 
+async def test_queue_writes_every_field_of_a_batch_once(conn: asyncpg.Connection) -> None:
+    """A batch queued in one statement keeps each delivery's fields, its event time to the
+    microsecond; a delivery queued again (a feeder retrying after a crash) stays one row."""
+    distributed = await has_citus(conn)
+    items = [
+        Queued("a", 7, 1, "cmd.a", '{"e":1}', "10.0.0.1", "Web", 1_700_000_000_123_457),
+        Queued("b", 7, 2, "cmd.b", '{"e":2}', "", "gRPC", 1_700_000_000_999_999),
+    ]
+    await webhook_queue.ensure_positions(conn, [URL], START)
+    assert await webhook_queue.queue(conn, URL, START, Position(7, 1), items[:1], distributed)
+    assert await webhook_queue.queue(conn, URL, Position(7, 1), Position(7, 2), items, distributed)
+    claimed = await _claim(conn, 10, 21)
+    assert [Queued(*dataclasses.astuple(d)[:8]) for d in claimed] == items
+    assert await conn.fetchval("SELECT count(*) FROM webhook_deliveries") == 2
+
+
 async def test_delivered_deletes_a_batch_and_frees_each_users_next(
     conn: asyncpg.Connection,
 ) -> None:
