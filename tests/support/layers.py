@@ -82,6 +82,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.metrics",
             "server.webhook_metrics",
             "server.tls",
+            "server.webhook_http",
         ),
     ),
 ]
