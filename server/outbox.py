@@ -91,24 +91,46 @@ SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
 """
 
 _COLUMNS = "user_id, id, txid::text::bigint, kind, others, mutual, at, client_ip, platform"
+# ORDER BY names the table's columns (follow_events.txid): a bare "txid" is the output
+# column txid::text::bigint, which no index orders, so every row after the position was
+# read and sorted before the LIMIT (a catch-up read from far back sorted the whole outbox).
 _READ = f"""
 SELECT {_COLUMNS} FROM follow_events
 WHERE (txid, id) > ($1::text::xid8, $2) AND txid < $3::text::xid8
-ORDER BY txid, id LIMIT $4
+ORDER BY follow_events.txid, follow_events.id LIMIT $4
 """  # noqa: S608 - constant column list
 _READ_USERS = f"""
 SELECT {_COLUMNS} FROM follow_events
 WHERE (txid, id) > ($1::text::xid8, $2) AND txid < $3::text::xid8 AND user_id = ANY($5::text[])
-ORDER BY txid, id LIMIT $4
+ORDER BY follow_events.txid, follow_events.id LIMIT $4
 """  # noqa: S608 - constant column list
+# The horizon, the rows below it and the floor in one statement (off Citus): one snapshot,
+# so the rows are those final under the horizon it gives and the floor is the one they were
+# read with (a deletion and its floor raise commit together). Always one row at least: the
+# horizon and floor, then a row's columns (all NULL when no row is there).
+_READ_ALL = f"""
+SELECT h.below::text::bigint, f.txid::text::bigint, f.id, e.*
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS below) h
+CROSS JOIN follow_events_floor f
+LEFT JOIN LATERAL (
+    SELECT {_COLUMNS} FROM follow_events
+    WHERE (txid, id) > ($1::text::xid8, $2) AND txid < h.below {{users}}
+    ORDER BY follow_events.txid, follow_events.id LIMIT $3
+) e ON true
+"""  # noqa: S608 - constant column list
+_READ_ALL_ANY = _READ_ALL.format(users="")
+_READ_ALL_USERS = _READ_ALL.format(users="AND user_id = ANY($4::text[])")
 _FLOOR = "SELECT txid::text::bigint, id FROM follow_events_floor"
-_LAST = "SELECT txid::text::bigint, id FROM follow_events ORDER BY txid DESC, id DESC LIMIT 1"
+_LAST = """
+SELECT txid::text::bigint, id FROM follow_events
+ORDER BY follow_events.txid DESC, follow_events.id DESC LIMIT 1
+"""
 
 # Retention, oldest first: the prefix (in reading order) of final rows older than the cutoff.
 _OLDEST = """
 SELECT txid::text::bigint, id, at FROM follow_events
 WHERE txid < $1::text::xid8 AND (txid, id) <= ($2::text::xid8, $3)
-ORDER BY txid, id LIMIT $4
+ORDER BY follow_events.txid, follow_events.id LIMIT $4
 """
 _DELETE_THROUGH = "DELETE FROM follow_events WHERE (txid, id) <= ($1::text::xid8, $2)"
 _RAISE_FLOOR = """
@@ -177,6 +199,30 @@ async def read_after(
     return [_row(r) for r in rows]
 
 
+async def read_final(
+    conn: Any,
+    after: Position,
+    limit: int,
+    distributed: bool,
+    users: Sequence[str] | None = None,
+) -> tuple[list[OutboxRow], int, Position]:
+    """The horizon, then up to `limit` final rows after `after` below it (only those acted
+    by `users` when given), then the floor: (rows, horizon, floor). Off Citus one statement
+    (_READ_ALL: a reader polling several times a second paid three round trips and three
+    statements' overhead per poll); on Citus three (horizon's 2PC check, rows, floor)."""
+    if distributed:
+        below = await horizon(conn, distributed)
+        rows = await read_after(conn, after, below, limit, users)
+        return rows, below, await floor(conn)
+    if users:
+        found = await conn.fetch(_READ_ALL_USERS, str(after.txid), after.id, limit, users)
+    else:
+        found = await conn.fetch(_READ_ALL_ANY, str(after.txid), after.id, limit)
+    first = found[0]
+    rows = [] if first[3] is None else [_row(r[3:]) for r in found]
+    return rows, int(first[0]), Position(first[1], first[2])
+
+
 async def floor(conn: Any) -> Position:
     """The position through which events have been deleted: resuming from before it would
     miss events."""
@@ -218,7 +264,7 @@ async def delete_expired(
 
 class OutboxSource:
     """The outbox reads of the Watch stream (server.watch_hub) over the service's pool: each
-    read is one short use of one pooled connection (horizon, rows, and the floor after them),
+    read is one short use of one pooled connection (horizon, rows, and the floor: read_final),
     bounded in time, so a stream never holds a connection while it waits or sends."""
 
     def __init__(self, pool: Any, timeout: float = 10.0) -> None:
@@ -238,9 +284,7 @@ class OutboxSource:
         below; the floor read after them). When the floor is past `after`, rows the reader
         needed may have been deleted before it read them."""
         async with asyncio.timeout(self._timeout), self._pool.acquire() as conn:
-            below = await horizon(conn, await self._is_distributed(conn))
-            rows = await read_after(conn, after, below, limit, users)
-            return rows, below, await floor(conn)
+            return await read_final(conn, after, limit, await self._is_distributed(conn), users)
 
     async def now(self) -> Position:
         """now_position, on a pooled connection."""

@@ -5,7 +5,7 @@ Two parts, started with the service (server.app) when --callback-url is given:
 
 - The feeder, one per database (server.leader: every process runs it, the one holding the
   advisory lock works): for each URL it reads the outbox past the URL's position
-  (server.outbox.read_after, under the visibility horizon, so no event is skipped) and, in
+  (server.outbox.read_final, under the visibility horizon, so no event is skipped) and, in
   one short transaction, queues a delivery row per event (the request body made now) and
   moves the position past them (server.webhook_queue.queue). Exactly once per (URL, event),
   across crashes: the position and the rows commit together.
@@ -183,8 +183,7 @@ class Feeder(_Wakeable):
                 await webhook_queue.ensure_positions(conn, [url], start)
                 continue
             while not self.stopping:
-                below = await outbox.horizon(conn, self._distributed)
-                rows = await outbox.read_after(conn, after, below, FEED_BATCH)
+                rows, _, _ = await outbox.read_final(conn, after, FEED_BATCH, self._distributed)
                 if not rows:
                     break
                 items = [q for q in map(queued_item, rows) if q is not None]

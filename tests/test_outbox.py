@@ -258,6 +258,43 @@ async def test_reading_with_a_user_filter_and_limit(conn: asyncpg.Connection) ->
     assert [r.user_id for r in rest] == ["c", "a"]
 
 
+async def test_read_final_is_the_horizon_the_rows_below_it_and_the_floor(
+    db_url: str, conn: asyncpg.Connection
+) -> None:
+    """read_final (one statement off Citus) gives what horizon, read_after and floor give
+    in turn: the rows below its horizon after the position, filtered and limited, the floor;
+    no row past an uncommitted transaction's, and none (with the horizon and floor still)
+    past the last."""
+    distributed = await outbox.is_distributed(conn)
+    for user in ["a", "b", "a", "c", "a"]:
+        await _insert_event(conn, user)
+    await settled_horizon(conn)
+    rows, below, floor = await outbox.read_final(conn, START, 10, distributed)
+    assert rows == await outbox.read_after(conn, START, below, 10)
+    assert [r.user_id for r in rows] == ["a", "b", "a", "c", "a"]
+    assert all(r.txid < below for r in rows)
+    assert floor == await outbox.floor(conn)
+    some, _, _ = await outbox.read_final(conn, rows[0].position, 2, distributed, ["a", "c"])
+    assert [r.position for r in some] == [rows[2].position, rows[3].position]
+    slow = await asyncpg.connect(db_url)
+    try:
+        async with slow.transaction():
+            await _insert_event(slow, "slow")  # holds the horizon until it commits
+            await _insert_event(conn, "fast")
+            late, held, _ = await outbox.read_final(conn, rows[-1].position, 10, distributed)
+            assert late == []
+            assert held <= await slow.fetchval("SELECT pg_current_xact_id()::text::bigint")
+    finally:
+        await slow.close()
+    await settled_horizon(conn)
+    late, _, _ = await outbox.read_final(conn, rows[-1].position, 10, distributed)
+    assert [r.user_id for r in late] == ["slow", "fast"]
+    none, below, floor = await outbox.read_final(conn, late[-1].position, 10, distributed)
+    assert none == []
+    assert below > late[-1].txid
+    assert floor == START
+
+
 async def test_now_position_skips_the_past_only(conn: asyncpg.Connection) -> None:
     """A reader starting "from now" sees the events committed after it started, none
     before."""
