@@ -58,6 +58,11 @@ LEASE_MARGIN_SECONDS = 10.0
 # round's statements serve several requests' worth; at most --callback-concurrency of them
 # are on the wire, the rest wait their turn (the lease covers the wait).
 PREFETCH = 4
+# A round that finds fewer than --callback-concurrency outcomes to mark while requests are
+# still on the wire waits this long for more first, so one DELETE marks several (a round per
+# answer was a DELETE and a claim per webhook under load); it delays only the release of
+# those users' next webhooks, by at most this.
+GATHER_SECONDS = 0.02
 BACKLOG_EVERY_SECONDS = 5.0
 _KINDS = {FOLLOWED: "follow", UNFOLLOWED: "unfollow", ACCOUNT_DELETED: "account_deleted"}
 _WARN_EVERY_SECONDS = 30.0
@@ -259,9 +264,11 @@ class Sender(_Wakeable):
                 await self.pause(1.0)
                 self._look = True
                 continue
-            if not self._done and not (self._look and self._room() > 0):
+            if not self._done and not (self._look and self._wants_claim()):
                 await self.pause()
                 self._look = True
+            elif self._gathering():
+                await asyncio.sleep(GATHER_SECONDS)
 
     async def stop(self) -> None:
         """Stop claiming; let requests on the wire finish (within the request timeout) and
@@ -303,7 +310,7 @@ class Sender(_Wakeable):
             await self._mark()
             self._look = True  # those users' next webhooks may be due now
         free = self._room()
-        if free <= 0 or not self._look or self.stopping:
+        if not self._wants_claim() or not self._look or self.stopping:
             return
         token = secrets.randbits(63)
         batch = await webhook_queue.claim(
@@ -317,6 +324,23 @@ class Sender(_Wakeable):
         """How many more deliveries this sender may claim now."""
         outstanding = len(self._flying) + len(self._waiting)
         return PREFETCH * self._config.concurrency - outstanding
+
+    def _wants_claim(self) -> bool:
+        """Whether to claim now: only once fewer than --callback-concurrency claimed
+        deliveries wait their turn, so a claim fetches a batch (at least that many) instead
+        of the one or two that the last answers made room for, and the wire still has a
+        full round of requests queued while the claim runs."""
+        return self._room() > 0 and len(self._waiting) < self._config.concurrency
+
+    def _gathering(self) -> bool:
+        """Whether the next round should wait GATHER_SECONDS for more outcomes first: few
+        to mark, more on the wire, and no claim to make now."""
+        return (
+            0 < len(self._done) < self._config.concurrency
+            and bool(self._flying)
+            and not self._wants_claim()
+            and not self.stopping
+        )
 
     def _start(self) -> None:
         """Put claimed deliveries on the wire while fewer than config.concurrency are."""
