@@ -9,10 +9,13 @@ first), then the webhook feeder and senders (server.webhooks.Webhooks, as the se
 them) deliver them to the aiohttp receiver of the tests (tests.webhook_receiver, in a
 process of its own) until every one is answered. Figures per run: webhooks/s, this
 process's CPU ms per webhook, PostgreSQL's CPU ms per webhook (its processes' CPU time,
-psutil). --rate R writes the events while they are delivered, R a second in 100 transactions
-a second (as calls would: the live case, where a sender's rounds are small), instead of all
-before. Runs of one version only; to compare versions, run two checkouts alternately
-(`git archive REV server | tar -x -C DIR` and PYTHONPATH=DIR), on the same data folder.
+psutil), the database's transactions per webhook (pg_stat_database: each autocommitted
+statement is one; the written events' own included). --rate R writes the events while
+they are delivered, R a second in 100 transactions a second (as calls would: the live
+case, where a sender's rounds are small), instead of all before. Runs of one version only;
+to compare versions, run two checkouts alternately (`git archive REV server tests | tar -x
+-C DIR`, then the bench from DIR: the working directory comes first on sys.path), on the
+same data folder.
 """
 
 from __future__ import annotations
@@ -112,6 +115,23 @@ def _pg_cpu(postmaster: int) -> float:
     return total
 
 
+_XACTS = (
+    "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+)
+
+
+async def _transactions(url: str) -> int:
+    """The database's transactions so far (each autocommitted statement is one), once the
+    backends' statistics have been flushed (they report at most every second)."""
+    await asyncio.sleep(1.1)
+    conn = await asyncpg.connect(url)
+    try:
+        value: int = await conn.fetchval(_XACTS)
+        return value
+    finally:
+        await conn.close()
+
+
 async def one_run(
     url: str,
     admin_url: str,
@@ -126,6 +146,7 @@ async def one_run(
     config = WebhookConfig(urls=(hook_url,), sdkappid=1400000000, token="drain-token")
     before = ask()
     webhooks = await Webhooks.start(config, url, WebhookMetrics(CollectorRegistry()))
+    xacts0 = await _transactions(url)
     try:
         conn = await asyncpg.connect(url)
         cpu0, pg0, t0 = time.process_time(), _pg_cpu(postmaster), time.monotonic()
@@ -144,12 +165,14 @@ async def one_run(
             await asyncio.sleep(0.05)
         wall = time.monotonic() - t0
         cpu, pg = time.process_time() - cpu0, _pg_cpu(postmaster) - pg0
+        xacts = await _transactions(url) - xacts0
     finally:
         await webhooks.stop()
     return {
         "webhooks_per_s": round(n / wall, 1),
         "server_cpu_ms_per_webhook": round(1000 * cpu / n, 4),
         "pg_cpu_ms_per_webhook": round(1000 * pg / n, 4),
+        "transactions_per_webhook": round(xacts / n, 3),
         "load": round(os.getloadavg()[0], 2),
     }
 
@@ -196,7 +219,12 @@ def main() -> None:
         proc.terminate()
     summary = {
         k: statistics.median(r[k] for r in runs)
-        for k in ("webhooks_per_s", "server_cpu_ms_per_webhook", "pg_cpu_ms_per_webhook")
+        for k in (
+            "webhooks_per_s",
+            "server_cpu_ms_per_webhook",
+            "pg_cpu_ms_per_webhook",
+            "transactions_per_webhook",
+        )
     }
     print(json.dumps({"label": args.label, "runs": runs, "median": summary}))
     sys.stdout.flush()
