@@ -2,10 +2,11 @@
 from what it read.
 
 - The tailer (one task per process, running while any stream is open) polls the outbox every
-  `poll_seconds` (one horizon and one read on one pooled connection, whatever the number of
-  streams) and appends the new rows to a ring shared by every stream: the rows after
-  `ring_from` up to `tail`, with no gap (server.outbox's horizon), at most `ring_capacity`
-  of them; older rows drop off the front.
+  `poll_seconds` (one statement on one pooled connection, whatever the number of streams:
+  server.outbox.read_final, the horizon, the rows and the floor; three on Citus) and
+  appends the new rows to a ring shared by every stream: the rows after `ring_from` up to
+  `tail`, with no gap (server.outbox's horizon), at most `ring_capacity` of them; older
+  rows drop off the front.
 - A stream is a cursor (server.watch_token.Cursor), not a queue: it sends the ring's rows
   after its cursor, then waits for the tailer. A stream whose cursor is behind the ring (it
   starts from an old position, or its client reads slower than events come and the ring
