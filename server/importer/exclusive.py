@@ -27,14 +27,13 @@ from server.importer.merge import (
     INSERT_FOLLOWERS,
     INSERT_FOLLOWING_COUNTED,
     NOT_ADDED,
-    PRESENT,
     THEIR_MUTUAL_COUNTED,
     VERDICTS,
     VERDICTS_UNCAPPED,
     in_transaction,
-    refusal,
+    record_batch,
 )
-from server.importer.report import BadRow, ImportReport, progress_bar
+from server.importer.report import ImportReport, progress_bar
 from server.importer.staging import Batch
 from server.store import DELTA_SHARDS
 
@@ -113,12 +112,4 @@ async def _write(
         return sum(r[0] for r in counted), await conn.fetch(NOT_ADDED)
 
     added, not_added = await in_transaction(conn, report, work)
-    report.edges_added += added
-    for line, follower, target, verdict in not_added:
-        if verdict == PRESENT:
-            report.edges_already_present += 1
-            continue
-        problem = refusal(verdict, follower, target, cap)
-        report.add_bad(BadRow("edges", line, problem))
-        report.refused_while_merging += 1
-    report.batches += 1
+    record_batch(report, added, not_added, cap)

@@ -74,7 +74,7 @@ from server.importer.staging import BEING_DELETED, Batch, Staging
 from server.store import _GATE, _SHARDS_OF, DELTA_SHARDS
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from server.importer.staging import Conn
 
@@ -252,6 +252,21 @@ def refusal(verdict: int, follower: str, target: str, cap: int) -> str:
     gone = follower if verdict == FOLLOWER_GONE else target
     field = "follower_id" if verdict == FOLLOWER_GONE else "target_id"
     return f"{field}: account {gone} was deleted while the import ran"
+
+
+def record_batch(
+    report: ImportReport, added: int, not_added: Sequence[asyncpg.Record], cap: int
+) -> None:
+    """A committed batch in the report: the edges it added, those already present, and the
+    refused ones as bad rows (the service changed their users since the checks)."""
+    report.edges_added += added
+    for line, follower, target, verdict in not_added:
+        if verdict == PRESENT:
+            report.edges_already_present += 1
+            continue
+        report.add_bad(BadRow("edges", line, refusal(verdict, follower, target, cap)))
+        report.refused_while_merging += 1
+    report.batches += 1
 
 
 async def in_transaction(conn: Conn, report: ImportReport, work: Callable[[], Awaitable[T]]) -> T:
@@ -498,15 +513,7 @@ async def _write_batch(
         return len(added), await conn.fetch(NOT_ADDED)
 
     added, not_added = await in_transaction(conn, report, work)
-    report.edges_added += added
-    for line, follower, target, verdict in not_added:
-        if verdict == PRESENT:
-            report.edges_already_present += 1
-            continue
-        problem = refusal(verdict, follower, target, options.max_following)
-        report.add_bad(BadRow("edges", line, problem))
-        report.refused_while_merging += 1
-    report.batches += 1
+    record_batch(report, added, not_added, options.max_following)
 
 
 class _BatchClock:
