@@ -30,6 +30,7 @@ from server.config import Settings
 from server.database import Database, open_database
 from server.migrations import migrate
 from tests.support.citus import CitusCluster, citus_missing_reason
+from tests.webhook_receiver import Receiver
 
 TEMPLATE = "follow_template"
 _counter = itertools.count()
@@ -254,3 +255,12 @@ def follow_stub(channel: grpc.aio.Channel) -> pb_grpc.FollowServiceAsyncStub:
 @pytest.fixture
 def account_stub(channel: grpc.aio.Channel) -> pb_grpc.AccountServiceAsyncStub:
     return pb_grpc.AccountServiceStub(channel)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver (aiohttp) on 127.0.0.1, stopped after the test."""
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.stop()

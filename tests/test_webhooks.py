@@ -10,7 +10,6 @@ import hashlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -34,14 +33,6 @@ APP = 1400000000
 TOKEN = "callback-token-1"
 # Fast retries for tests; the defaults (1 s doubling to 10 min) are for receivers in the wild.
 FAST = {"callback_backoff_min": 0.05, "callback_backoff_max": 0.3}
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    await r.stop()
 
 
 def webhook_service(make_service: ServiceFactory, receiver: Receiver, **overrides: Any) -> Any:
