@@ -909,8 +909,9 @@ async def _remove_followees(
     conn: Conn, user_id: str, followees: list[str], distributed: bool
 ) -> None:
     """Users the deleted account followed lose it as a follower: one delta row each (a
-    share lock, like any follower's unfollow), in id order; busy ones are left for a later
-    batch (_hold). Its fans are gone by now, so none of these pairs is still mutual."""
+    share lock, as a Follow takes on its targets), in id order (on Citus by shard, then id, as
+    the calls write them); busy ones are left for a later batch (_hold). Its fans are gone
+    by now, so none of these pairs is still mutual."""
     held, alive = await _hold(conn, followees, exclusive=False, distributed=distributed)
     if alive and distributed:
         # The calls' order on Citus: by shard, then id (_by_shard), one statement per shard.
@@ -956,13 +957,8 @@ async def _lock_users(
         locked = await conn.fetchmany(_SHARE_LOCKS, [(g,) for g in groups]) if groups else []
         return owner, {r[0] for r in locked}, shard_of
     await conn.execute(_GATE, ids, user_id, False)
-    if not share:
-        owner = await conn.fetchrow(_LOCK_OWNER, user_id)
-        if owner is None:
-            raise _user_not_found()
-        return owner, set(), {}
     at = ids.index(user_id)
-    before, after = ids[:at], ids[at + 1 :]
+    before, after = (ids[:at], ids[at + 1 :]) if share else ([], [])
     known: set[str] = set()
     if before:
         known.update(r[0] for r in await conn.fetchmany(_SHARE_LOCK, [(u,) for u in before]))
