@@ -118,23 +118,24 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
-        if self._waiter is not None and not self._waiter.done():
-            if self._state == "body" and self._length is None and not self._chunked:
-                self._keep_alive = False
-                self._finish()
-            else:
-                self._fail(self._closed_error())
+        self._stream_ended(None)
         self.closed = True
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._waiter is not None and not self._waiter.done():
-            if self._state == "body" and self._length is None and not self._chunked:
-                self._keep_alive = False
-                self._finish()
-            else:
-                self._fail(self._closed_error(exc))
+        self._stream_ended(exc)
+
+    def _stream_ended(self, exc: Exception | None) -> None:
+        """The receiver closed: an answer without a length ends here; any other answer in
+        progress failed."""
+        if self._waiter is None or self._waiter.done():
+            return
+        if self._state == "body" and self._length is None and not self._chunked:
+            self._keep_alive = False
+            self._finish()
+        else:
+            self._fail(self._closed_error(exc))
 
     # -- requests ----------------------------------------------------------------------
 
