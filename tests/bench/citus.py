@@ -18,8 +18,18 @@
    connection counters and what the nodes' backends wait for (sampled pg_stat_activity),
    and over the whole run the deadlocks (pg_stat_database on every node before and after,
    and the node and server logs).
+   The CPU time of the coordinator and of the workers (their postmasters and backends) per
+   scenario, per call in the comparison: steadier than calls/s on a shared machine.
 5. Each system's usual table, the cluster / single-node throughput ratio per scenario with
    its target, the deadlocks, a JSON file of every figure and a PNG chart in var/bench/.
+
+Rounds: `--rounds N` (of `python -m tests.bench --citus`, or of `python -m tests.bench.citus`,
+default 3 there) runs every scenario N times on each system, the order rotating; the ratio
+is the median of the rounds' ratios (each round's pair taken close together), and the
+calls/s shown are each system's median round. Variants (`python -m tests.bench.citus
+--citus-variant NAME:SETTING=VALUE,...`): more follow-servers on the same cluster, their
+connections with those session settings (`checkout=DIR`: the server package of another
+checkout, for an A/B of store code), interleaved and compared with the single node too.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import shutil
 import statistics
@@ -40,8 +51,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
+import psutil
 
 from server.errors import FollowType
 from server.migrations import migrate
@@ -82,18 +95,40 @@ DEADLOCK_WORDS = ("distributed deadlock", "deadlock detected")
 class System:
     """One system under test: its harness, the bench database's URL and its nodes."""
 
-    key: str  # "single" or "cluster"
+    key: str  # "single", "cluster" or "cluster:<variant>"
     harness: CitusCluster
     url: str
     nodes: list[Node]
+    # Per scenario, the round whose calls/s is the median of its rounds.
     results: dict[str, ScenarioResult] = field(default_factory=dict)
+    # Every round's results (--rounds N: N of them).
+    rounds: list[dict[str, ScenarioResult]] = field(default_factory=list)
+    # Summed over the rounds; the CPU figures are milliseconds of CPU per node group.
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     waits: dict[str, dict[str, float]] = field(default_factory=dict)
     deadlocks: dict[str, Any] = field(default_factory=dict)
+    # Session settings of this system's follow-server connections (a variant of the
+    # cluster: the same nodes, its server's URL carries them as query parameters).
+    session_settings: dict[str, str] = field(default_factory=dict)
+    # Another checkout whose server package this system's follow-server runs (a variant).
+    checkout: Path | None = None
 
     @property
     def citus(self) -> bool:
-        return self.key == "cluster"
+        return self.key != "single"
+
+    def median_results(self) -> None:
+        """Per scenario, the round with the median calls/s (the lower middle of an even
+        count) into `results`."""
+        self.results = {}
+        names = {name for r in self.rounds for name in r}
+        for name in names:
+            runs = sorted((r[name] for r in self.rounds if name in r), key=_rate)
+            self.results[name] = runs[(len(runs) - 1) // 2]
+
+
+def _rate(result: ScenarioResult) -> float:
+    return result.calls_per_s
 
 
 # -- the two systems ------------------------------------------------------------------------
@@ -111,6 +146,20 @@ def start_systems(settings: dict[str, str]) -> tuple[SinglePostgres, CitusCluste
         cluster.stop()
         raise failed
     return single, cluster
+
+
+def _variants(specs: list[str]) -> list[tuple[str, dict[str, str], Path | None]]:
+    """`NAME:SETTING=VALUE,...` into (name, session settings, checkout); the setting
+    `checkout=DIR` is no session setting: the follow-server of DIR's server package."""
+    out = []
+    for spec in specs:
+        name, _, pairs = spec.partition(":")
+        values = dict(pair.split("=", 1) for pair in pairs.split(",") if "=" in pair)
+        checkout = values.pop("checkout", None)
+        if not name or not (values or checkout):
+            raise SystemExit(f"--citus-variant wants NAME:SETTING=VALUE[,...], not {spec!r}")
+        out.append((name, values, Path(checkout).resolve() if checkout else None))
+    return out
 
 
 def _settings(pairs: list[str]) -> dict[str, str]:
@@ -406,10 +455,25 @@ class WaitSampler:
         return {k: round(v / n, 2) for k, v in self._counts.most_common()}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of a postmaster and all its backends, living and ended (an ended
+    child's time is in its parent's children_* times once reaped)."""
+    try:
+        root = psutil.Process(pid)
+        total = sum(root.cpu_times()[:4])
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += sum(child.cpu_times()[:2])
+        return total
+    except psutil.Error:
+        return 0.0
+
+
 def _counter_probe(system: System) -> Callable[[str], None]:
-    """A run_scenarios probe: the coordinator's Citus statement counters before and after
-    each scenario (their difference lands in system.counters[scenario]), and what the
-    nodes' backends wait for meanwhile (system.waits[scenario])."""
+    """A run_scenarios probe: the coordinator's Citus statement counters and the CPU time
+    of the coordinator and of the workers before and after each scenario (their
+    differences are added to system.counters[scenario], over the rounds), and what the
+    nodes' backends wait for meanwhile (system.waits[scenario], the last round)."""
     sampler = WaitSampler(system.nodes)
     columns = {
         "query_execution_single_shard": "single_shard",
@@ -417,6 +481,7 @@ def _counter_probe(system: System) -> Callable[[str], None]:
         "connection_establishment_succeeded": "connections_opened",
         "connection_reused": "connections_reused",
     }
+    pids = _postmasters(system.nodes)
     seen: dict[str, list[int]] = {}
 
     def read() -> list[int]:
@@ -425,16 +490,23 @@ def _counter_probe(system: System) -> Callable[[str], None]:
             f"SELECT {', '.join(columns)} FROM citus_stat_counters WHERE name = '{DATABASE}'",
             database=DATABASE,
         )
-        return [int(x) for x in out.strip().split("|")]
+        cpu = [_cpu_seconds(pid) for pid in pids]
+        return [
+            *(int(x) for x in out.strip().split("|")),
+            round(cpu[0] * 1000),
+            round(sum(cpu[1:]) * 1000),
+        ]
+
+    keys = [*columns.values(), "coordinator_cpu_ms", "workers_cpu_ms"]
 
     def probe(name: str) -> None:
         if name in seen:
             system.waits[name] = sampler.stop()
             now = read()
             before = seen.pop(name)
-            system.counters[name] = {
-                key: a - b for key, a, b in zip(columns.values(), now, before, strict=True)
-            }
+            summed = system.counters.setdefault(name, dict.fromkeys(keys, 0))
+            for key, a, b in zip(keys, now, before, strict=True):
+                summed[key] += a - b
         else:
             seen[name] = read()
             sampler.start()
@@ -453,6 +525,22 @@ def _postmasters(nodes: list[Node]) -> list[int]:
     return pids
 
 
+def _start_server(system: System, profile: Profile, log: Path, workers: int) -> Any:
+    """follow-server for `system`: this checkout's, or with a variant's `checkout` the
+    server package of that folder (first on PYTHONPATH, ahead of the editable install)."""
+    if system.checkout is None:
+        return start_server(system.url, profile, log, workers)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(system.checkout)
+    try:
+        return start_server(system.url, profile, log, workers)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
 class Session:
     """follow-server against one system, its load generators and monitors, for as long as
     the scenarios run; `close()` stops them and reads the deadlock figures."""
@@ -469,23 +557,26 @@ class Session:
             "stat": asyncio.run(_deadlock_counts(system.nodes)),
             "logs": {n.name: _log_size(n.log) for n in system.nodes},
         }
-        self.server = start_server(system.url, profile, self.log, workers)
+        self.server = _start_server(system, profile, self.log, workers)
         self.workers: Workers | None = None
         try:
-            self.fixtures = asyncio.run(prepare(system.url, meta))
-            self.workers = Workers(profile.processes, Target(self.server.grpc_address, system.url))
+            # The bench's own queries without the variant's session settings.
+            plain = system.url.partition("?")[0]
+            self.fixtures = asyncio.run(prepare(plain, meta))
+            self.workers = Workers(profile.processes, Target(self.server.grpc_address, plain))
         except BaseException:
             self.close()
             raise
         self.monitor = Monitor(self.server, _postmasters(system.nodes))
         self.probe = _counter_probe(system) if system.citus else None
 
-    def run(self, scenario: tuple[str, str]) -> None:
-        """One scenario (results into the system; unfollow20 replays its follow20)."""
+    def run(self, scenario: tuple[str, str], results: dict[str, ScenarioResult]) -> None:
+        """One scenario into `results` (one round's; unfollow20 replays that round's
+        follow20)."""
         assert self.workers is not None
         run_scenarios(
             self.workers, self.monitor, self.profile, self.meta, self.fixtures, [scenario],
-            None, None, self.system.results, self.probe, f"{self.system.key:<8}",
+            None, None, results, self.probe, f"{self.system.key:<8}",
         )  # fmt: skip
 
     def close(self) -> None:
@@ -505,20 +596,30 @@ def run_interleaved(
     out: Path,
     server_workers: int,
     only: set[str] | None,
+    rounds: int = 1,
 ) -> None:
-    """Both systems served at once, each scenario run on one then on the other (the order
-    alternating from scenario to scenario), so both figures of a pair are taken minutes
-    apart at most under whatever else this machine is running."""
+    """All systems served at once, each scenario run on one system after the other (the
+    order rotating from scenario to scenario and from round to round), so the figures of
+    a scenario are taken minutes apart at most under whatever else this machine is
+    running; `rounds` times over, each system's median round kept as its results."""
     sessions: list[Session] = []
     try:
         for system in systems:
             sessions.append(Session(system, profile, meta, out, server_workers))
         chosen = [s for s in CITUS_SCENARIOS if only is None or s[0] in only]
-        for i, scenario in enumerate(chosen):
-            for session in sessions if i % 2 == 0 else sessions[::-1]:
-                session.run(scenario)
+        for round_ in range(rounds):
+            if rounds > 1:
+                print(f"round {round_ + 1} of {rounds}", file=sys.stderr)
+            results: list[dict[str, ScenarioResult]] = [{} for _ in sessions]
+            for i, scenario in enumerate(chosen):
+                shift = (i + round_) % len(sessions)
+                for k in [*range(shift, len(sessions)), *range(shift)]:
+                    sessions[k].run(scenario, results[k])
+            for session, result in zip(sessions, results, strict=True):
+                session.system.rounds.append(result)
     finally:
         for session in sessions:
+            session.system.median_results()
             session.close()
 
 
@@ -526,22 +627,34 @@ def run_interleaved(
 
 
 def comparison(single: System, cluster: System) -> list[dict[str, Any]]:
-    """Per scenario: both throughputs, the ratio cluster / single and its target."""
+    """Per scenario: both throughputs (the median rounds'), the ratio cluster / single (the
+    median of the rounds' ratios, each round's pair taken close together), every round's
+    ratio, and the target."""
     rows = []
     for name, _ in CITUS_SCENARIOS:
         s, c = single.results.get(name), cluster.results.get(name)
         if s is None and c is None:
             continue
-        ratio = c.calls_per_s / s.calls_per_s if s and c and s.calls_per_s else None
+        per_round = [
+            round(b[name].calls_per_s / a[name].calls_per_s, 3)
+            for a, b in zip(single.rounds, cluster.rounds, strict=False)
+            if name in a and name in b and a[name].calls_per_s
+        ]
+        ratio = statistics.median(per_round) if per_round else None
         target = CLUSTER_TARGETS.get(name)
         counters = cluster.counters.get(name)
-        calls = sum(c.issued_per_worker) if c else 0
+        calls = sum(sum(r[name].issued_per_worker) for r in cluster.rounds if name in r)
+
+        def per_call(key: str, counters: dict[str, int] | None = counters, n: int = calls) -> Any:
+            return counters[key] / n if counters and n and key in counters else None
+
         rows.append(
             {
                 "scenario": name,
                 "single_calls_per_s": s.calls_per_s if s else None,
                 "cluster_calls_per_s": c.calls_per_s if c else None,
                 "ratio": ratio,
+                "ratio_rounds": per_round,
                 "target": target,
                 "met": None if target is None or ratio is None else ratio >= target,
                 "single_p50_ms": s.p50_ms if s else None,
@@ -549,19 +662,41 @@ def comparison(single: System, cluster: System) -> list[dict[str, Any]]:
                 "single_errors": s.errors if s else None,
                 "cluster_errors": c.errors if c else None,
                 "cluster_statements": counters,
-                "multi_shard_per_call": counters["multi_shard"] / calls
-                if counters and calls
-                else None,
-                "single_shard_per_call": counters["single_shard"] / calls
-                if counters and calls
-                else None,
-                "connections_opened_per_call": counters["connections_opened"] / calls
-                if counters and calls
-                else None,
+                "multi_shard_per_call": per_call("multi_shard"),
+                "single_shard_per_call": per_call("single_shard"),
+                "connections_opened_per_call": per_call("connections_opened"),
+                "coordinator_cpu_ms_per_call": per_call("coordinator_cpu_ms"),
+                "workers_cpu_ms_per_call": per_call("workers_cpu_ms"),
                 "cluster_busy_backends": cluster.waits.get(name),
             }
         )
     return rows
+
+
+def variant_table(single: System, clusters: list[System]) -> str:
+    """Per scenario, each cluster variant's median ratio to the single node (its rounds in
+    brackets) and its coordinator CPU per call."""
+    head = " | ".join(c.key for c in clusters)
+    lines = [
+        "### cluster variants / single node: median ratio [rounds], coordinator CPU ms / call",
+        "",
+        f"| scenario | {head} |",
+        "|---|" + "---|" * len(clusters),
+    ]
+    tables = [{row["scenario"]: row for row in comparison(single, c)} for c in clusters]
+    for name, _ in CITUS_SCENARIOS:
+        cells = []
+        for table in tables:
+            row = table.get(name)
+            if row is None or row["ratio"] is None:
+                cells.append("")
+                continue
+            cpu = row["coordinator_cpu_ms_per_call"]
+            rounds = " ".join(f"{r:.2f}" for r in row["ratio_rounds"])
+            cells.append(f"{row['ratio']:.2f} [{rounds}], {cpu:.2f} ms" if cpu is not None else "")
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 async def _versions(single_url: str, cluster_url: str) -> dict[str, str]:
@@ -619,7 +754,16 @@ def run_citus(args: argparse.Namespace, profile: Profile, out: Path) -> None:
             for s in (single, cluster)
         }
         only = set(args.only.split(",")) if args.only else None
-        run_interleaved([cluster, single], profile, meta, out, args.workers, only)
+        variants = [
+            System(f"cluster:{name}", cluster_pg,
+                   f"{cluster.url}?{urlencode(values)}" if values else cluster.url,
+                   cluster.nodes, session_settings=values, checkout=checkout)
+            for name, values, checkout in _variants(getattr(args, "citus_variant", None) or [])
+        ]  # fmt: skip
+        rounds = args.rounds or 1
+        run_interleaved(
+            [cluster, single, *variants], profile, meta, out, args.workers, only, rounds
+        )
         _keep_logs(cluster, out)
     finally:
         cluster_pg.stop()
@@ -656,7 +800,17 @@ def run_citus(args: argparse.Namespace, profile: Profile, out: Path) -> None:
             }
             for s in (single, cluster)
         },
+        "rounds": rounds,
         "comparison": comparison(single, cluster),
+        "variants": {
+            v.key: {
+                "session_settings": v.session_settings,
+                "checkout": str(v.checkout) if v.checkout else None,
+                "comparison": comparison(single, v),
+                "deadlocks": v.deadlocks,
+            }
+            for v in variants
+        },
         "deadlocks": cluster.deadlocks | {"single_node": single.deadlocks["total"]},
         "statements": [
             {
@@ -681,6 +835,8 @@ def run_citus(args: argparse.Namespace, profile: Profile, out: Path) -> None:
     png_path = out / f"{stem}.png"
     render_citus_chart(doc, png_path)
     print(render_citus_table(doc))
+    print()
+    print(variant_table(single, [cluster, *variants]))
     print(f"\nwrote {json_path} and {png_path} in {doc['seconds']:.0f}s")
 
 
@@ -691,3 +847,39 @@ def _keep_logs(system: System, out: Path) -> None:
     for node in system.nodes:
         with contextlib.suppress(OSError):
             shutil.copyfile(node.log, folder / f"{node.name}.log")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.bench.citus`: the quick Citus bench with several rounds (medians)
+    and cluster variants: `--citus-variant NAME:SETTING=VALUE,...` (repeatable) adds one
+    more follow-server on the same cluster whose connections carry those session settings
+    (e.g. `generic:plan_cache_mode=force_generic_plan`), interleaved with the others and
+    compared with the single node like the cluster."""
+    from tests.bench.run import QUICK
+
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.citus", description=main.__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario")
+    parser.add_argument("--only", help="comma-separated scenario names to run")
+    parser.add_argument("--out", type=Path, default=Path("var/bench"), help="output folder")
+    parser.add_argument("--duration", type=float, help="measured seconds per scenario")
+    parser.add_argument("--workers", type=int, default=1, help="follow-server --workers N")
+    parser.add_argument(
+        "--citus-seed", choices=("auto", "import", "copy"), default="copy", help="see --citus"
+    )
+    parser.add_argument("--citus-setting", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--citus-variant", action="append", default=[], metavar="NAME:S=V,...")
+    args = parser.parse_args(argv)
+    args.quick = True
+    profile = Profile(
+        QUICK.graph,
+        warmup=QUICK.warmup,
+        duration=args.duration or QUICK.duration,
+        concurrency=QUICK.concurrency,
+        processes=QUICK.processes,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_citus(args, profile, args.out)
+
+
+if __name__ == "__main__":
+    main()
