@@ -190,6 +190,18 @@ async def test_skip_bad_rows_imports_the_good_ones(db_url: str) -> None:
     await assert_counts_equal_lists(db_url)
 
 
+async def test_an_edge_whose_first_row_is_bad_comes_from_its_next_good_row(db_url: str) -> None:
+    """With --skip-bad-rows, an edge given first on a bad row (a bad time) and again on a
+    good one is imported from the good one, which is no duplicate of the bad one."""
+    report = await run(
+        db_url, ["a", "b"], ["a,b,soon", f"a,b,{T0}", f"b,a,{T0 + 3}"], skip_bad_rows=True
+    )
+    assert [b.line for b in report.bad_rows] == [1]
+    rows = await snapshot(db_url)
+    assert rows["following"] == [("a", "b", at(T0), at(T0 + 3)), ("b", "a", at(T0 + 3), at(T0 + 3))]
+    await assert_counts_equal_lists(db_url)
+
+
 async def test_rerun_is_idempotent_and_a_later_file_extends_the_graph(db_url: str) -> None:
     """Importing the same files again changes nothing; new edges join old ones exactly,
     including old edges that the new ones make mutual."""

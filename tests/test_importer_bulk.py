@@ -1,8 +1,10 @@
-"""The importer's bulk path (server.importer.bulk, server.importer.swap): the accounts an
-import creates and the edges among them written in one transaction without the batches, into
-new edge tables swapped in when the live ones were empty; edges touching existing accounts
-still through the locked batches; exact counts and mutual state either way; re-runs change
-nothing; the swap waits for a transaction holding the live tables and keeps its rows."""
+"""The importer's bulk path (server.importer.bulk, swap, prebuild): the accounts an import
+creates and the edges among them written in one transaction without the batches, into new
+edge tables swapped in when the live ones were empty (built beforehand on two connections
+when every edge is among created accounts); edges touching existing accounts still through
+the locked batches; exact counts and mutual state either way; re-runs change nothing; the
+swap waits for a transaction holding the live tables and keeps its rows; no staging or new
+table outlives an import."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from server.importer import ImportReport, bulk, swap
+from server.importer import ImportReport, bulk, prebuild, swap
 from tests.conftest import skip_on_citus
 from tests.test_importer import T0, assert_counts_equal_lists, at, run, snapshot
 
@@ -249,3 +251,53 @@ async def test_counter_rows_met_by_the_plain_insert_get_the_counts_added(db_url:
     finally:
         await conn.close()
     assert [tuple(r) for r in rows] == [("p", 2, 1, 1), ("q", 1, 1, 1)]
+
+
+_LEFT_TABLES = "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'import%' ORDER BY 1"
+
+
+async def test_an_account_created_while_the_tables_were_prebuilt_takes_the_other_way(
+    db_url: str, swap_always: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new edge tables are built before the bulk transaction; when a service call
+    creates one of the import's accounts meanwhile, the transaction drops them and writes
+    the edges its own way (that account's through the batches): same graph, exact counts,
+    nothing of the prebuilt tables left."""
+    built: list[prebuild.Prebuilt | None] = []
+
+    async def build_then_create_a(conn: asyncpg.Connection, second: asyncpg.Connection) -> object:
+        built.append(await real_build(conn, second))
+        await second.execute("INSERT INTO accounts (user_id) VALUES ('a')")
+        await second.execute("INSERT INTO follow_counts (user_id) VALUES ('a')")
+        return built[-1]
+
+    real_build = prebuild.build
+    monkeypatch.setattr(prebuild, "build", build_then_create_a)
+    report = await run(db_url, ACCOUNTS, EDGES)
+    assert built[0] is not None
+    assert built[0].edges == len(FOLLOWING)
+    assert report.edges_added == len(FOLLOWING)
+    assert report.batches >= 1
+    await assert_counts_equal_lists(db_url)
+    rows = await snapshot(db_url)
+    assert rows["following"] == FOLLOWING
+    assert rows["follow_counts"] == COUNTS
+    assert await _fetch(db_url, _LEFT_TABLES) == []
+
+
+async def test_what_a_killed_import_left_is_dropped_by_the_next(
+    db_url: str, swap_always: None
+) -> None:
+    """Staging and prebuilt tables are regular tables where two connections read them; a
+    killed import leaves them behind, and the next import drops them before its own and
+    leaves none of its own."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        for name in ("import_new", "import_edges", "import_swap_following", "import_count_in"):
+            await conn.execute(f"CREATE TABLE {name} (junk int)")
+    finally:
+        await conn.close()
+    report = await run(db_url, ACCOUNTS, EDGES)
+    assert report.swapped
+    await _check(db_url, report)
+    assert await _fetch(db_url, _LEFT_TABLES) == []

@@ -40,11 +40,13 @@ new edge's followers copy, the targets to look up) are moved by a re-partitionin
 
 The modules, each depending only on those below it: cli (the command line) -> transaction
 (import_graph: staging, then the writing) -> bulk (created accounts and their edges in one
-transaction) -> swap (new edge tables built and put in place) and exclusive (`--exclusive`:
+transaction) -> prebuild (the new edge tables built beforehand, two statements at a time)
+-> swap (new edge tables built and put in place) and exclusive (`--exclusive`:
 the edges merged in large batches under table locks, for a maintenance window) -> merge
 (staging tables into the live ones, batch by batch, resting between them: `--pause-ratio`)
 -> batchlog (`--batch-log`: one CSV line per batch try) -> staging (COPY into staging
-tables, the checks SQL makes there, the chunks) -> csvread (CSV into COPY records) -> report
+tables, the checks SQL makes there, the chunks) -> pair (the importer's two connections and
+statements run on both at once) -> csvread (CSV into COPY records) -> report
 (counts, bad rows, progress bars) -> options.
 """
 

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+import server.importer.prebuild as prebuild
 import server.importer.swap as swap
 from server.importer.report import ImportReport
-from server.importer.swap import EDGE_TABLES
+from server.importer.swap import EDGE_TABLES, Index
 
 if TYPE_CHECKING:
-    from server.importer.staging import Conn
+    from server.importer.pair import Conn
 
 # The accounts this transaction creates (new ids, none being deleted), in id order. An id a
 # service call is creating at the same moment is waited for, then skipped (present).
@@ -119,23 +120,30 @@ WHERE a.user_id = n.follower AND b.user_id = n.target
 """
 
 
-async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_file: bool) -> None:
+async def write_fresh(
+    conn: Conn, second: Conn | None, report: ImportReport, *, edges: bool, only_file: bool
+) -> None:
     """Create the import's new accounts and write the new edges among them, in one
     transaction (see the module's doc); leave the rest of import_profiles and import_new
     to the locked batches. `only_file`: the edges were checked when the accounts table was
-    empty, so each names an account of the file."""
+    empty, so each names an account of the file. `second`, the importer's second
+    connection (one PostgreSQL), builds the new edge tables with `conn` beforehand when
+    they may be swapped in (server.importer.prebuild)."""
     await conn.execute(
         'CREATE TEMP TABLE IF NOT EXISTS import_fresh (user_id text COLLATE "C" NOT NULL);'
         ' CREATE TEMP TABLE IF NOT EXISTS import_bulk (follower text COLLATE "C" NOT NULL,'
         ' target text COLLATE "C" NOT NULL, at timestamptz NOT NULL, mutual_since timestamptz)'
     )
+    prebuilt = None
+    if second is not None and edges and only_file:
+        prebuilt = await prebuild.build(conn, second)
+        report.lap("build new edge tables")
     async with conn.transaction():
         await conn.execute("TRUNCATE import_fresh, import_bulk")
         # The self-join of the new edges hashes them all: in memory, it keeps their order,
         # and costs half what the merge join the planner prefers does (two sorts of all
         # of them: 16 s against 31 s for 5,000,000 edges on a loaded box).
         await conn.execute("SET LOCAL work_mem = '1GB'; SET LOCAL enable_mergejoin = off")
-        swappable = await swap.can_swap(conn)
         # Every edge names an account created here when the accounts table was empty as the
         # edges were checked and still is (nothing the service created meanwhile), and no
         # id turned out to be being deleted. Then every staged profile is created, and
@@ -149,21 +157,12 @@ async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_fil
                 _rowcount(await conn.execute(_TOMBSTONED))
                 created = await conn.fetchval("SELECT count(*) FROM import_fresh")
                 await conn.execute("ANALYZE import_fresh")
-        fresh = "import_profiles" if all_fresh else "import_fresh"
-        added = 0
-        if created and edges:
-            fresh_join = "" if all_fresh else _BOTH_FRESH
-            added = _rowcount(await conn.execute(_BULK_EDGES.format(fresh=fresh_join)))
-        report.lap("create accounts, pick their edges")
-        if created:
-            report.swapped = swappable and added >= swap.SWAP_MIN_EDGES
-            if report.swapped:
-                report.swapped = await _build_and_swap(conn, report, fresh)
-            else:
-                for statement in _WRITE_EDGES:
-                    await conn.execute(statement)
-                await write_counts(conn, fresh)
+        added = await _write_edges(
+            conn, report, prebuilt, created=created, all_fresh=all_fresh, edges=edges
+        )
     report.lap("write new accounts and their edges")
+    if prebuilt is not None:
+        await prebuild.drop(conn)
     report.accounts_written += created
     report.edges_added += added
     if all_fresh:
@@ -179,6 +178,49 @@ async def write_fresh(conn: Conn, report: ImportReport, *, edges: bool, only_fil
         else:
             await conn.execute(_LEFT_EDGES)
     report.lap("what is left for the batches")
+
+
+async def _write_edges(
+    conn: Conn,
+    report: ImportReport,
+    prebuilt: prebuild.Prebuilt | None,
+    *,
+    created: int,
+    all_fresh: bool,
+    edges: bool,
+) -> int:
+    """In the bulk transaction, once the accounts are created: the new edges among them
+    (both copies, swapped in when the edge tables were empty) and the created accounts'
+    counter rows. How many edges."""
+    swappable = await swap.can_swap(conn)
+    fresh = "import_profiles" if all_fresh else "import_fresh"
+    if prebuilt is not None and all_fresh:
+        # Every edge is in the new tables: the counts and the swap are what is left.
+        await conn.execute(prebuild.WRITE_COUNTS)
+        report.lap("create accounts, write their counts")
+        if swappable:
+            report.swapped = await _swap_in(conn, report, prebuilt.indexes, prebuild.WRITE_LIVE)
+        else:
+            for statement in prebuild.WRITE_LIVE:
+                await conn.execute(statement)
+        return prebuilt.edges
+    added = 0
+    if created and edges:
+        fresh_join = "" if all_fresh else _BOTH_FRESH
+        added = _rowcount(await conn.execute(_BULK_EDGES.format(fresh=fresh_join)))
+    report.lap("create accounts, pick their edges")
+    if not created:
+        return added
+    if swappable and added >= swap.SWAP_MIN_EDGES:
+        built = await swap.build(conn)
+        await write_counts(conn, fresh)
+        report.lap("build new edge tables")
+        report.swapped = await _swap_in(conn, report, built, _WRITE_EDGES)
+    else:
+        for statement in _WRITE_EDGES:
+            await conn.execute(statement)
+        await write_counts(conn, fresh)
+    return added
 
 
 class _TakenError(Exception):
@@ -214,19 +256,19 @@ async def write_counts(conn: Conn, fresh: str) -> None:
     await conn.execute(statement + _ADD_TO_ROW)
 
 
-async def _build_and_swap(conn: Conn, report: ImportReport, fresh: str) -> bool:
-    """Write the edges into new tables and put them in the live ones' place (see
-    server.importer.swap); else into the live tables. Whether the swap was made."""
-    built = await swap.build(conn)
-    await write_counts(conn, fresh)
-    report.lap("build new edge tables")
+async def _swap_in(
+    conn: Conn, report: ImportReport, built: dict[str, list[Index]], instead: tuple[str, ...]
+) -> bool:
+    """Put the new edge tables in the live ones' place (see server.importer.swap); else
+    drop them and run `instead` (the statements writing the edges into the live tables).
+    Whether the swap was made."""
     if await swap.few_live_rows(conn) and await swap.lock_live(conn):
         await swap.swap(conn, built)
         report.lap("swap")
         return True
-    await swap.drop_built(conn)
-    for statement in _WRITE_EDGES:
+    for statement in instead:
         await conn.execute(statement)
+    await swap.drop_built(conn)
     return False
 
 

@@ -39,7 +39,8 @@ from server.store import DELTA_SHARDS
 
 if TYPE_CHECKING:
     from server.importer.options import ImportOptions
-    from server.importer.staging import Conn, Staging
+    from server.importer.pair import Conn
+    from server.importer.staging import Staging
 
 EXCLUSIVE_BATCH_EDGES = 1_000_000
 # Writers wait; readers do not. follow_counts first: the service's writes lock a counter

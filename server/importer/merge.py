@@ -76,7 +76,7 @@ from server.store import _GATE, _SHARDS_OF, DELTA_SHARDS
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
-    from server.importer.staging import Conn
+    from server.importer.pair import Conn
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 8

@@ -15,11 +15,14 @@ writes in batches of consecutive chunks, checking again, under the locks, what t
 may have changed since (the cap, deletions, edges it added).
 
 Where the staging tables live (Staging): on one PostgreSQL they are temporary tables of the
-import's session (gone with it, so a killed import leaves nothing). On Citus a temporary
-table cannot be joined with a distributed one, so each staging table that meets the live
-tables is an unlogged table distributed on the column naming the user its rows belong to and
-co-located with the live tables, so that a join between them is a join within each shard, as
-every live table is keyed by user_id (server.migrations); they are dropped at the end, and
+import's session (gone with it), except those the importer's second connection reads too
+(import_accounts, import_edges, import_bad, import_new: see server.importer.pair), which are
+unlogged tables dropped at the end (a killed import leaves them for the next one to drop).
+On Citus a temporary table cannot be joined with a distributed one, so each staging table
+that meets the live tables is an unlogged table distributed on the column naming the user
+its rows belong to and co-located with the live tables, so that a join between them is a
+join within each shard, as every live table is keyed by user_id (server.migrations); they
+are dropped at the end, and
 an import killed before that leaves them for the next import to drop (only one import runs
 per database at a time: server.importer.transaction). Two relations hold rows keyed by the
 other user of an edge: import_targets (each staged edge's target, for Citus' unknown-account
@@ -31,12 +34,11 @@ statement reads the same on both and nothing is copied where nothing has to move
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
-
-import asyncpg
 
 from server.graph_invariants import graph_is_distributed
 from server.importer.csvread import (
@@ -49,10 +51,11 @@ from server.importer.csvread import (
     edge_records,
 )
 from server.importer.options import ImportOptions
+from server.importer.pair import Job, run_jobs
 from server.importer.report import BadRow, ImportReport, progress_bar
 
 if TYPE_CHECKING:
-    Conn = asyncpg.Connection[asyncpg.Record]
+    from server.importer.pair import Conn
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,10 @@ class StagingTable:
     table filled from it on Citus (Staging.fill). `made` tables are filled once, from one
     query (Staging.make): on one PostgreSQL they are made by it. `per_batch` tables hold
     one merge batch's rows: emptied at each commit on one PostgreSQL (ON COMMIT DELETE
-    ROWS), emptied at the start of each batch on Citus (Staging.clear)."""
+    ROWS), emptied at the start of each batch on Citus (Staging.clear). `shared` tables are
+    read by the importer's second connection on one PostgreSQL too (the checks and the
+    new edge tables run two statements at once there: server.importer.pair), so they are
+    unlogged tables there as well, not temporary ones."""
 
     name: str
     columns: str
@@ -72,6 +78,7 @@ class StagingTable:
     rekeys: str | None = None
     made: bool = False
     per_batch: bool = False
+    shared: bool = False
 
 
 _ID = 'text COLLATE "C" NOT NULL'
@@ -83,17 +90,23 @@ _BATCH = (
 )
 
 TABLES: tuple[StagingTable, ...] = (
-    StagingTable("import_accounts", f"{_LINE}, user_id {_ID}, nick text, face_url text", "user_id"),
+    StagingTable(
+        "import_accounts",
+        f"{_LINE}, user_id {_ID}, nick text, face_url text",
+        "user_id",
+        shared=True,
+    ),
     StagingTable(
         "import_edges",
         f"{_LINE}, follower {_ID}, target {_ID}, at numeric, problem text",
         "follower",
+        shared=True,
     ),
     StagingTable(
         "import_targets", f"user_id {_ID}", "user_id", "SELECT target AS user_id FROM import_edges"
     ),
     StagingTable("import_unknown", f"user_id {_ID}", None),
-    StagingTable("import_bad", "line int NOT NULL, problem text NOT NULL", None),
+    StagingTable("import_bad", "line int NOT NULL, problem text NOT NULL", None, shared=True),
     StagingTable(
         "import_profiles",
         f"user_id {_ID}, nick text, face_url text, line int NOT NULL, batch int NOT NULL",
@@ -105,6 +118,7 @@ TABLES: tuple[StagingTable, ...] = (
         f"line int NOT NULL, follower {_ID}, target {_ID}, at timestamptz NOT NULL,"
         " stored bool NOT NULL",
         "follower",
+        shared=True,
     ),
     StagingTable("import_batch", _BATCH, "follower", per_batch=True),
     StagingTable(
@@ -132,8 +146,11 @@ class Staging:
     async def create(self, conn: Conn) -> None:
         """Make every staging relation (each statement committing on its own)."""
         if not self.citus:
+            await self.drop(conn)
             for t in TABLES:
-                if t.rekeys is not None:
+                if t.shared:
+                    await conn.execute(f"CREATE UNLOGGED TABLE {t.name} ({t.columns})")
+                elif t.rekeys is not None:
                     await conn.execute(f"CREATE TEMP VIEW {t.name} AS {t.rekeys}")
                 elif not t.made:
                     on_commit = " ON COMMIT DELETE ROWS" if t.per_batch else ""
@@ -177,9 +194,13 @@ class Staging:
 
     async def drop(self, conn: Conn) -> None:
         """Drop what would outlive the session: on Citus the distributed tables, and the
-        line sequence earlier versions made (on one PostgreSQL everything is temporary and
-        goes with the session)."""
-        if self.citus:
+        line sequence earlier versions made; on one PostgreSQL the shared tables (with the
+        temporary views over them; everything else is temporary and goes with the
+        session)."""
+        if not self.citus:
+            names = ", ".join(t.name for t in TABLES if t.shared)
+            await conn.execute(f"DROP TABLE IF EXISTS {names} CASCADE")
+        else:
             await conn.execute(
                 "DROP TABLE IF EXISTS " + ", ".join(t.name for t in TABLES if t.owner)
             )
@@ -249,7 +270,7 @@ _FOUND_UNKNOWN = "IN (SELECT user_id FROM import_unknown)"
 
 # The first row of each edge among the good rows, in (follower, target) order: the order
 # of the following table's primary key, and of the merge's batches (ranges of followers).
-# `at` is the follow time ($1, the import's start in µs, when the row gives none).
+# `at` is the follow time ({now}, the import's start in µs, when the row gives none).
 # `stored` marks edges already present as the check runs (their first follow time is
 # kept); it is false without a look when the edge tables were empty.
 _NEW_EDGES = """
@@ -257,7 +278,7 @@ INSERT INTO import_new (line, follower, target, at, stored)
 SELECT d.line, d.follower, d.target, d.at, {stored} FROM (
     SELECT DISTINCT ON (e.follower, e.target) e.line, e.follower, e.target,
            'epoch'::timestamptz
-           + COALESCE(trunc(e.at * 1000000)::bigint, $1) * interval '1 microsecond' AS at
+           + COALESCE(trunc(e.at * 1000000)::bigint, {now}) * interval '1 microsecond' AS at
     FROM import_edges e {good}
     ORDER BY e.follower, e.target, e.line
 ) d
@@ -427,10 +448,12 @@ async def check_edges(
     report: ImportReport,
     options: ImportOptions,
     staged: int,
+    second: Conn | None,
 ) -> bool:
-    """Find the bad edge rows SQL can see and fill import_new (the edges to add). Whether
-    the accounts table was empty as the checks ran (every good edge then names accounts of
-    the accounts file: server.importer.bulk needs no join to know it)."""
+    """Find the bad edge rows SQL can see and fill import_new (the edges to add), with
+    `second` (one PostgreSQL: server.importer.pair) making the two first steps at once.
+    Whether the accounts table was empty as the checks ran (every good edge then names
+    accounts of the accounts file: server.importer.bulk needs no join to know it)."""
     no_accounts = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accounts)")
     was_empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM following)")
     unknown = _NOT_AN_ACCOUNT
@@ -438,10 +461,23 @@ async def check_edges(
         await staging.fill(conn, "import_targets")
         await conn.execute(_UNKNOWN_ACCOUNTS)
         unknown = _FOUND_UNKNOWN
-    per_row = rowcount(await conn.execute(_FIND_BAD_ROWS.format(unknown=unknown)))
+    find_bad = _FIND_BAD_ROWS.format(unknown=unknown)
+    new_edges = functools.partial(
+        _NEW_EDGES.format, stored="false" if was_empty else _STORED, now=time.time_ns() // 1000
+    )
+    if second is not None:
+        # Both at once (server.importer.pair), each edge's first row taken among all rows;
+        # when there are bad rows (rare in a big import), again among the good ones.
+        jobs = [Job("new", (new_edges(good=""),)), Job("bad", (find_bad,))]
+        status = await run_jobs([conn, second], jobs)
+        per_row, distinct = rowcount(status["bad"]), rowcount(status["new"])
+        if per_row:
+            await conn.execute("TRUNCATE import_new")
+            distinct = rowcount(await conn.execute(new_edges(good=_GOOD)))
+    else:
+        per_row = rowcount(await conn.execute(find_bad))
+        distinct = rowcount(await conn.execute(new_edges(good=_GOOD if per_row else "")))
     good = _GOOD if per_row else ""
-    new_edges = _NEW_EDGES.format(good=good, stored="false" if was_empty else _STORED)
-    distinct = rowcount(await conn.execute(new_edges, time.time_ns() // 1000))
     if distinct < staged - per_row:
         await conn.execute(_DUPLICATES.format(good=good))
     stored = 0 if was_empty else rowcount(await conn.execute("DELETE FROM import_new WHERE stored"))

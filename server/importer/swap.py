@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 if TYPE_CHECKING:
-    from server.importer.staging import Conn
+    from server.importer.pair import Conn
 
 SWAP_MIN_EDGES = 50_000  # fewer bulk edges go into the live tables directly
 SWAP_MAX_LIVE = 10_000  # live rows the swap copies under its lock at most
@@ -91,7 +91,9 @@ FROM pg_class c JOIN t ON c.oid = t.oid
 
 
 @dataclass(frozen=True, slots=True)
-class _Index:
+class Index:
+    """One index of a new edge table."""
+
     name: str
     built: str  # its name on the new table until the swap
     constraint: str | None  # the primary key's constraint name
@@ -103,28 +105,47 @@ async def can_swap(conn: Conn) -> bool:
     return bool(await conn.fetchval(_OWNED_PLAIN)) and not await conn.fetchval(_HOLDS_ROWS)
 
 
-async def build(conn: Conn) -> dict[str, list[_Index]]:
+async def build(conn: Conn) -> dict[str, list[Index]]:
     """Make the new edge tables from import_bulk, with every index the live ones have
     (inside the caller's transaction; nothing live is touched)."""
-    built: dict[str, list[_Index]] = {}
+    built: dict[str, list[Index]] = {}
     for table in EDGE_TABLES:
-        new = f"import_swap_{table.name}"
-        await conn.execute(f"DROP TABLE IF EXISTS {new}")
-        await conn.execute(
-            f"CREATE TABLE {new} (LIKE {table.name} INCLUDING ALL EXCLUDING INDEXES)"
-        )
-        await conn.execute(table.fill.format(table=new))
-        indexes: list[_Index] = []
-        for n, row in enumerate(await conn.fetch(_INDEXES, table.name)):
-            match = _DEF.match(row["def"])
-            if match is None:
-                raise RuntimeError(f"unexpected index definition: {row['def']}")
-            temp = f"{new}_{n}"
-            await conn.execute(f"{match[1]} {temp} ON {new} {match[4]}")
-            constraint = row["constraint_name"] if row["pk"] else None
-            indexes.append(_Index(row["name"], temp, constraint))
-        built[table.name] = indexes
+        await conn.execute(f"DROP TABLE IF EXISTS {new_name(table)}")
+        await conn.execute(create_new(table))
+        await conn.execute(table.fill.format(table=new_name(table)))
+        indexes = await index_plan(conn, table)
+        for statement, _ in indexes:
+            await conn.execute(statement)
+        built[table.name] = [index for _, index in indexes]
     return built
+
+
+def new_name(table: EdgeTable) -> str:
+    return f"import_swap_{table.name}"
+
+
+def create_new(table: EdgeTable) -> str:
+    """The statement making the new table, of the live one's shape, without indexes."""
+    return f"CREATE TABLE {new_name(table)} (LIKE {table.name} INCLUDING ALL EXCLUDING INDEXES)"
+
+
+async def index_plan(conn: Conn, table: EdgeTable) -> list[tuple[str, Index]]:
+    """The statements building the live table's indexes on the new one, each with the
+    index it makes (its name until the swap, and the live one's)."""
+    plan: list[tuple[str, Index]] = []
+    for n, row in enumerate(await conn.fetch(_INDEXES, table.name)):
+        match = _DEF.match(row["def"])
+        if match is None:
+            raise RuntimeError(f"unexpected index definition: {row['def']}")
+        temp = f"{new_name(table)}_{n}"
+        constraint = row["constraint_name"] if row["pk"] else None
+        plan.append(
+            (
+                f"{match[1]} {temp} ON {new_name(table)} {match[4]}",
+                Index(row["name"], temp, constraint),
+            )
+        )
+    return plan
 
 
 async def lock_live(conn: Conn) -> bool:
@@ -155,11 +176,11 @@ async def few_live_rows(conn: Conn) -> bool:
     return int(await conn.fetchval(_LIVE_ROWS, SWAP_MAX_LIVE + 1)) <= SWAP_MAX_LIVE
 
 
-async def swap(conn: Conn, built: dict[str, list[_Index]]) -> None:
+async def swap(conn: Conn, built: dict[str, list[Index]]) -> None:
     """Under the live tables' lock: copy in their rows, drop them and put the new ones in
     their place, under their names, with their indexes' and primary keys' names."""
     for table in EDGE_TABLES:
-        new = f"import_swap_{table.name}"
+        new = new_name(table)
         await conn.execute(f"INSERT INTO {new} SELECT * FROM {table.name}")  # noqa: S608
         await conn.execute(f"DROP TABLE {table.name}")
         await conn.execute(f"ALTER TABLE {new} RENAME TO {table.name}")

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import asyncpg
 
+import server.importer.pair as pair
 from server.importer.bulk import write_fresh
 from server.importer.csvread import IdChecker
 from server.importer.exclusive import write_edges_exclusive
@@ -50,22 +51,10 @@ from server.importer.staging import (
 )
 from server.migrations import apply_migrations
 
-# Set-based steps over millions of rows want memory for sorts, hashes and the temporary
-# staging tables (temp_buffers only counts before the first temporary table is touched).
-# JIT compiling would cost more than it saves on these plans (seconds of LLVM on a busy
-# machine). On Citus these apply to the coordinator's own work; the workers keep theirs.
-# The merge's many short transactions commit without waiting for their WAL flush: a crash
-# may lose the last few batches whole (never part of one), which a re-run adds again.
-_SESSION = """
-SET synchronous_commit = off;
-SET work_mem = '256MB';
-SET maintenance_work_mem = '1GB';
-SET temp_buffers = '1GB';
-SET jit = off;
-"""
+if TYPE_CHECKING:
+    from server.importer.pair import Conn
 
 _DEFAULT_OPTIONS = ImportOptions()  # frozen: one instance serves every call
-_SERVER_SETTINGS = {"application_name": "follow-server import"}
 _IMPORT_LOCK = 0x696D706F7274  # "import": one import per database at a time
 
 
@@ -88,19 +77,20 @@ async def import_graph(
     started = time.perf_counter()
     report = ImportReport()
     await apply_migrations(database_url)
-    # One connection of its own, without the service pool's per-statement timeout (30 s):
-    # a set-based statement over millions of rows may run for minutes.
-    conn = await asyncpg.connect(database_url, server_settings=_SERVER_SETTINGS)
+    # Connections of its own, without the service pool's per-statement timeout (30 s).
+    conn = await pair.connect(database_url)
+    second: Conn | None = None
     staging: Staging | None = None
     try:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _IMPORT_LOCK):
             raise ImportBusyError("another follow-server import is running on this database")
-        await conn.execute(_SESSION)
         staging = await Staging.detect(conn)
         await staging.create(conn)
+        if not staging.citus and edges is not None:
+            second = await pair.connect(database_url)
         report.lap("prepare")
         no_accounts = await _stage(
-            conn, staging, report, options, accounts, edges, accounts_size, edges_size
+            conn, staging, report, options, accounts, edges, accounts_size, edges_size, second
         )
         report.bad_rows.sort(key=lambda b: (b.source, b.line))
         if report.bad_row_count and not options.skip_bad_rows:
@@ -109,7 +99,7 @@ async def import_graph(
             )
         sizes = await _table_sizes(conn)
         if accounts is not None and not staging.citus:
-            await write_fresh(conn, report, edges=edges is not None, only_file=no_accounts)
+            await write_fresh(conn, second, report, edges=edges is not None, only_file=no_accounts)
         if accounts is not None:
             await write_accounts(conn, await account_batches(conn), report, options)
         if edges is not None:
@@ -132,6 +122,8 @@ async def import_graph(
             with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 await staging.drop(conn)
         await conn.close()
+        if second is not None:
+            await second.close()
     report.seconds = time.perf_counter() - started
     if report.refused_while_merging and not options.skip_bad_rows:
         raise ImportIncompleteError(
@@ -156,7 +148,7 @@ WHERE oid = ANY(ARRAY['accounts', 'following']::regclass[])
 """
 
 
-async def _table_sizes(conn: asyncpg.Connection[asyncpg.Record]) -> dict[str, float]:
+async def _table_sizes(conn: Conn) -> dict[str, float]:
     """The planner's row counts of accounts and following before the merge."""
     return {r[0]: r[1] for r in await conn.fetch(_SIZES)}
 
@@ -176,7 +168,7 @@ def _stale_tables(report: ImportReport, sizes: dict[str, float]) -> list[str]:
 
 
 async def _stage(
-    conn: asyncpg.Connection[asyncpg.Record],
+    conn: Conn,
     staging: Staging,
     report: ImportReport,
     options: ImportOptions,
@@ -184,14 +176,16 @@ async def _stage(
     edges: TextIO | None,
     accounts_size: int | None,
     edges_size: int | None,
+    second: Conn | None,
 ) -> bool:
-    """Read and check both files into the staging tables. Whether the edges were checked
-    against the accounts file alone (the accounts table was empty)."""
+    """Read and check both files into the staging tables (`second`: the importer's second
+    connection, server.importer.pair). Whether the edges were checked against the accounts
+    file alone (the accounts table was empty)."""
     ids = IdChecker()
     if accounts is not None:
         await stage_accounts(conn, accounts, ids, report, options, accounts_size)
         await check_accounts(conn, staging, report)
     if edges is not None:
         staged = await stage_edges(conn, edges, ids, report, edges_size, options)
-        return await check_edges(conn, staging, report, options, staged)
+        return await check_edges(conn, staging, report, options, staged, second)
     return False
