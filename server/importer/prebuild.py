@@ -8,7 +8,7 @@ the importer's two connections at once (server.importer.pair): the following tab
 each edge's mutual state, joining import_new with itself, in two halves of the followers,
 one on each connection), the followers table, each of their indexes once its table is
 filled, and the counts per user. They are tables nobody else reads (import_swap_*,
-import_count_*), each statement committing on its own; a killed import leaves them for the
+import_count*), each statement committing on its own; a killed import leaves them for the
 next one to drop. The bulk transaction (server.importer.bulk) then creates the accounts,
 writes their counter rows from the counts and swaps the tables in; if an account turned
 out to exist meanwhile, it drops them and takes its own way.
@@ -68,14 +68,20 @@ CREATE UNLOGGED TABLE import_count_in AS
 SELECT user_id, count(*) AS n FROM {new_name(_FOLLOWERS)} GROUP BY user_id
 """  # noqa: S608 - constant names
 _ENOUGH = "SELECT count(*) >= $1 FROM (SELECT 1 FROM import_new LIMIT $1) n"
-# In the bulk transaction: every created account's counter row (all of import_profiles).
-WRITE_COUNTS = """
-INSERT INTO follow_counts (user_id, following, followers, mutual)
-SELECT p.user_id, COALESCE(o.n, 0), COALESCE(i.n, 0), COALESCE(o.mutual, 0)
+# Every created account's counter row (all of import_profiles), in id order, and in the
+# bulk transaction only their INSERT.
+_COUNTS = """
+CREATE UNLOGGED TABLE import_counts AS
+SELECT p.user_id, COALESCE(o.n, 0) AS following, COALESCE(i.n, 0) AS followers,
+       COALESCE(o.mutual, 0) AS mutual
 FROM import_profiles p
 LEFT JOIN import_count_out o ON o.user_id = p.user_id
 LEFT JOIN import_count_in i ON i.user_id = p.user_id
 ORDER BY p.user_id
+"""
+WRITE_COUNTS = """
+INSERT INTO follow_counts (user_id, following, followers, mutual)
+SELECT user_id, following, followers, mutual FROM import_counts
 """
 # Into the live tables instead, when they cannot be swapped after all.
 WRITE_LIVE = tuple(
@@ -124,6 +130,7 @@ async def build(conn: Conn, second: Conn) -> Prebuilt | None:
     jobs += [
         Job("count_out", (_COUNT_OUT,), after=filled[_FOLLOWING.name]),
         Job("count_in", (_COUNT_IN,), after=filled[_FOLLOWERS.name]),
+        Job("counts", (_COUNTS,), after=("count_out", "count_in")),
     ]
     await run_jobs([conn, second], jobs)
     edges = await conn.fetchval("SELECT sum(n)::bigint FROM import_count_out")
@@ -132,5 +139,5 @@ async def build(conn: Conn, second: Conn) -> Prebuilt | None:
 
 async def drop(conn: Conn) -> None:
     """Drop what build made (or an earlier, killed import left)."""
-    names = [new_name(t) for t in EDGE_TABLES] + ["import_count_out", "import_count_in"]
+    names = [new_name(t) for t in EDGE_TABLES] + [f"import_count{s}" for s in ("_out", "_in", "s")]
     await conn.execute(f"DROP TABLE IF EXISTS {', '.join(names)}")

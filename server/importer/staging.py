@@ -16,7 +16,8 @@ may have changed since (the cap, deletions, edges it added).
 
 Where the staging tables live (Staging): on one PostgreSQL they are temporary tables of the
 import's session (gone with it), except those the importer's second connection reads too
-(import_accounts, import_edges, import_bad, import_new: see server.importer.pair), which are
+(import_accounts, import_profiles, import_edges, import_bad, import_new: see
+server.importer.pair), which are
 unlogged tables dropped at the end (a killed import leaves them for the next one to drop).
 On Citus a temporary table cannot be joined with a distributed one, so each staging table
 that meets the live tables is an unlogged table distributed on the column naming the user
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
@@ -112,6 +113,7 @@ TABLES: tuple[StagingTable, ...] = (
         f"user_id {_ID}, nick text, face_url text, line int NOT NULL, batch int NOT NULL",
         "user_id",
         made=True,
+        shared=True,
     ),
     StagingTable(
         "import_new",
@@ -148,11 +150,13 @@ class Staging:
         if not self.citus:
             await self.drop(conn)
             for t in TABLES:
+                if t.made:
+                    continue
                 if t.shared:
                     await conn.execute(f"CREATE UNLOGGED TABLE {t.name} ({t.columns})")
                 elif t.rekeys is not None:
                     await conn.execute(f"CREATE TEMP VIEW {t.name} AS {t.rekeys}")
-                elif not t.made:
+                else:
                     on_commit = " ON COMMIT DELETE ROWS" if t.per_batch else ""
                     await conn.execute(f"CREATE TEMP TABLE {t.name} ({t.columns}){on_commit}")
             return
@@ -190,7 +194,8 @@ class Staging:
         the distributed table made at the start takes them, each row on its owner's shard."""
         if self.citus:
             return rowcount(await conn.execute(f"INSERT INTO {name} {query}"))
-        return rowcount(await conn.execute(f"CREATE TEMP TABLE {name} AS {query}"))
+        kind = "UNLOGGED" if _BY_NAME[name].shared else "TEMP"
+        return rowcount(await conn.execute(f"CREATE {kind} TABLE {name} AS {query}"))
 
     async def drop(self, conn: Conn) -> None:
         """Drop what would outlive the session: on Citus the distributed tables, and the
@@ -302,6 +307,14 @@ _CAP_MAY_BITE = """
 SELECT (SELECT COALESCE(max(n), 0)
         FROM (SELECT count(*) AS n FROM import_new GROUP BY follower) p)
      + (SELECT COALESCE(max(following), 0) FROM follow_counts) > $1::bigint
+"""
+
+# The same over every staged row (before the duplicates and bad rows are taken out): a
+# bound, which can be computed beside them. One row when the cap may bite.
+_CAP_BOUND = """
+SELECT 1 WHERE (SELECT COALESCE(max(n), 0)
+                FROM (SELECT count(*) AS n FROM import_edges GROUP BY follower) p)
+             + (SELECT COALESCE(max(following), 0) FROM follow_counts) > {cap}
 """
 
 # Followers whom the import would take over the cap keep their earliest new follows.
@@ -465,24 +478,15 @@ async def check_edges(
     new_edges = functools.partial(
         _NEW_EDGES.format, stored="false" if was_empty else _STORED, now=time.time_ns() // 1000
     )
-    if second is not None:
-        # Both at once (server.importer.pair), each edge's first row taken among all rows;
-        # when there are bad rows (rare in a big import), again among the good ones.
-        jobs = [Job("new", (new_edges(good=""),)), Job("bad", (find_bad,))]
-        status = await run_jobs([conn, second], jobs)
-        per_row, distinct = rowcount(status["bad"]), rowcount(status["new"])
-        if per_row:
-            await conn.execute("TRUNCATE import_new")
-            distinct = rowcount(await conn.execute(new_edges(good=_GOOD)))
-    else:
-        per_row = rowcount(await conn.execute(find_bad))
-        distinct = rowcount(await conn.execute(new_edges(good=_GOOD if per_row else "")))
+    per_row, distinct, cap_may_bite = await _bad_and_first_rows(
+        conn, second, find_bad, new_edges, options.max_following
+    )
     good = _GOOD if per_row else ""
     if distinct < staged - per_row:
         await conn.execute(_DUPLICATES.format(good=good))
     stored = 0 if was_empty else rowcount(await conn.execute("DELETE FROM import_new WHERE stored"))
     report.edges_already_present = stored
-    if await conn.fetchval(_CAP_MAY_BITE, options.max_following):
+    if cap_may_bite is not False and await conn.fetchval(_CAP_MAY_BITE, options.max_following):
         await conn.execute("ANALYZE import_new")
         over = await conn.fetch(_OVER_CAP, options.max_following)
         if over:
@@ -495,6 +499,35 @@ async def check_edges(
         report.add_bad(BadRow("edges", row["line"], row["problem"]))
     report.lap("check edges")
     return no_accounts
+
+
+async def _bad_and_first_rows(
+    conn: Conn,
+    second: Conn | None,
+    find_bad: str,
+    new_edges: Callable[..., str],
+    cap: int,
+) -> tuple[int, int, bool | None]:
+    """Fill import_bad and import_new: how many bad rows, how many new edges, and whether
+    a follower may pass the cap (None: not looked at). With `second`, three statements on
+    the two connections at once (server.importer.pair): each edge's first row taken among
+    all rows (when there are bad rows, rare in a big import, again among the good ones),
+    the bad rows, and a bound of the cap check over all staged rows."""
+    if second is None:
+        per_row = rowcount(await conn.execute(find_bad))
+        distinct = rowcount(await conn.execute(new_edges(good=_GOOD if per_row else "")))
+        return per_row, distinct, None
+    jobs = [
+        Job("new", (new_edges(good=""),)),
+        Job("bad", (find_bad,)),
+        Job("cap", (_CAP_BOUND.format(cap=int(cap)),)),
+    ]
+    status = await run_jobs([conn, second], jobs)
+    per_row, distinct = rowcount(status["bad"]), rowcount(status["new"])
+    if per_row:
+        await conn.execute("TRUNCATE import_new")
+        distinct = rowcount(await conn.execute(new_edges(good=_GOOD)))
+    return per_row, distinct, rowcount(status["cap"]) > 0
 
 
 async def plan_chunks(conn: Conn) -> list[Batch]:
