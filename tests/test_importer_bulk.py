@@ -301,3 +301,27 @@ async def test_what_a_killed_import_left_is_dropped_by_the_next(
     assert report.swapped
     await _check(db_url, report)
     assert await _fetch(db_url, _LEFT_TABLES) == []
+
+
+async def test_a_graph_big_enough_to_sample_is_built_in_halves_with_exact_counts(
+    db_url: str, swap_always: None
+) -> None:
+    """40,000 edges (enough pages for the pivot's 1% sample) among 2,000 new accounts, a
+    quarter of them with their reverse: built beforehand in two halves of the followers,
+    every count, both copies and every mutual state exact (the reverse of an edge lies in
+    its half's reverse rows)."""
+    users = [f"u{n:05d}" for n in range(2000)]
+    edges = ["follower_id,target_id,followed_at"]
+    for n in range(20_000):
+        a, b = users[(n * 7919) % 2000], users[(n * 104729 + 1) % 2000]
+        if a != b and n % 4 == 0:
+            edges.append(f"{b},{a},{T0 + n}")
+        if a != b:
+            edges.append(f"{a},{b},{T0 + n}")
+    report = await run(db_url, ["user_id", *users], edges, skip_bad_rows=True)
+    assert report.swapped
+    assert report.batches == 0
+    assert report.edges_added + report.bad_row_count == len(edges) - 1
+    await assert_counts_equal_lists(db_url)
+    mutual = await _fetch(db_url, "SELECT count(*) FROM following WHERE mutual_since IS NOT NULL")
+    assert mutual[0][0] > 0

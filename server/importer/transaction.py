@@ -27,6 +27,7 @@ next one to drop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import TYPE_CHECKING, TextIO
@@ -178,14 +179,28 @@ async def _stage(
     edges_size: int | None,
     second: Conn | None,
 ) -> bool:
-    """Read and check both files into the staging tables (`second`: the importer's second
-    connection, server.importer.pair). Whether the edges were checked against the accounts
-    file alone (the accounts table was empty)."""
+    """Read and check both files into the staging tables; with `second` (the importer's
+    second connection, server.importer.pair) the edges are read beside the accounts.
+    Whether the edges were checked against the accounts file alone (the accounts table was
+    empty)."""
     ids = IdChecker()
-    if accounts is not None:
-        await stage_accounts(conn, accounts, ids, report, options, accounts_size)
-        await check_accounts(conn, staging, report)
-    if edges is not None:
+
+    async def read_accounts() -> None:
+        if accounts is not None:
+            await stage_accounts(conn, accounts, ids, report, options, accounts_size)
+            await check_accounts(conn, staging, report)
+
+    if edges is None:
+        await read_accounts()
+        return False
+    if second is None:
+        await read_accounts()
         staged = await stage_edges(conn, edges, ids, report, edges_size, options)
-        return await check_edges(conn, staging, report, options, staged, second)
-    return False
+    else:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(read_accounts())
+            reading = group.create_task(
+                stage_edges(second, edges, ids, report, edges_size, options)
+            )
+        staged = reading.result()
+    return await check_edges(conn, staging, report, options, staged, second)
