@@ -2,10 +2,8 @@
 
 A Follow counts each new follower in a delta row of the target (under the acting user's
 delta shard), and an Unfollow counts it down there; but an edge the bulk importer wrote, or
-one whose counts a recount folded into the counter rows, has no such delta row. On Citus the
-Unfollow counts down the delta rows that exist in the same statement as the rest of the
-targets' side (server.store._UNFOLLOW_THEIRS) and inserts the others; on one PostgreSQL one
-INSERT ... ON CONFLICT does both. Either way every count must come out right.
+one whose counts a recount folded into the counter rows, has no such delta row: the
+Unfollow then writes one (a negative count), and every count must still come out right.
 """
 
 from __future__ import annotations

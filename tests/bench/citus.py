@@ -112,6 +112,9 @@ class System:
     session_settings: dict[str, str] = field(default_factory=dict)
     # Another checkout whose server package this system's follow-server runs (a variant).
     checkout: Path | None = None
+    # The bench database on its nodes: with variants, each cluster system has its own copy
+    # (the write scenarios change the graph: on a shared one only the first would write).
+    database: str = DATABASE
 
     @property
     def citus(self) -> bool:
@@ -352,13 +355,13 @@ async def statement_times(
 # -- deadlocks and counters -----------------------------------------------------------------
 
 
-async def _deadlock_counts(nodes: list[Node]) -> dict[str, int]:
+async def _deadlock_counts(nodes: list[Node], database: str = DATABASE) -> dict[str, int]:
     counts = {}
     for node in nodes:
-        conn = await asyncpg.connect(node.url(DATABASE))
+        conn = await asyncpg.connect(node.url(database))
         try:
             counts[node.name] = await conn.fetchval(
-                "SELECT deadlocks FROM pg_stat_database WHERE datname = $1", DATABASE
+                "SELECT deadlocks FROM pg_stat_database WHERE datname = $1", database
             )
         finally:
             await conn.close()
@@ -384,7 +387,7 @@ def _log_lines(path: Path, offset: int) -> list[str]:
 
 def deadlocks(system: System, before: dict[str, Any], server_log: Path) -> dict[str, Any]:
     """What the nodes and the server say about deadlocks since `before`."""
-    after = asyncio.run(_deadlock_counts(system.nodes))
+    after = asyncio.run(_deadlock_counts(system.nodes, system.database))
     local = {n: after[n] - before["stat"][n] for n in after}
     lines = {n.name: _log_lines(n.log, before["logs"][n.name]) for n in system.nodes}
     server_lines = _log_lines(server_log, 0)
@@ -418,8 +421,9 @@ class WaitSampler:
     sampled every `interval` seconds from a thread; the mean number of backends per
     (node, state, wait event)."""
 
-    def __init__(self, nodes: list[Node], interval: float = 0.1) -> None:
+    def __init__(self, nodes: list[Node], database: str, interval: float = 0.1) -> None:
         self._nodes = nodes
+        self._database = database
         self._interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -434,11 +438,11 @@ class WaitSampler:
         self._thread.start()
 
     async def _run(self) -> None:
-        conns = [await asyncpg.connect(n.url(DATABASE)) for n in self._nodes]
+        conns = [await asyncpg.connect(n.url(self._database)) for n in self._nodes]
         try:
             while not self._stop.is_set():
                 for node, conn in zip(self._nodes, conns, strict=True):
-                    for what, count in await conn.fetch(_BUSY, DATABASE):
+                    for what, count in await conn.fetch(_BUSY, self._database):
                         self._counts[f"{node.name}: {what}"] += count
                 self._samples += 1
                 await asyncio.sleep(self._interval)
@@ -474,7 +478,7 @@ def _counter_probe(system: System) -> Callable[[str], None]:
     of the coordinator and of the workers before and after each scenario (their
     differences are added to system.counters[scenario], over the rounds), and what the
     nodes' backends wait for meanwhile (system.waits[scenario], the last round)."""
-    sampler = WaitSampler(system.nodes)
+    sampler = WaitSampler(system.nodes, system.database)
     columns = {
         "query_execution_single_shard": "single_shard",
         "query_execution_multi_shard": "multi_shard",
@@ -487,8 +491,9 @@ def _counter_probe(system: System) -> Callable[[str], None]:
     def read() -> list[int]:
         out = system.harness.sql(
             system.nodes[0],
-            f"SELECT {', '.join(columns)} FROM citus_stat_counters WHERE name = '{DATABASE}'",
-            database=DATABASE,
+            f"SELECT {', '.join(columns)} FROM citus_stat_counters"
+            f" WHERE name = '{system.database}'",
+            database=system.database,
         )
         cpu = [_cpu_seconds(pid) for pid in pids]
         return [
@@ -554,7 +559,7 @@ class Session:
         self.meta = meta
         self.log = out / f"bench-citus-server-{system.key}.log"
         self._before = {
-            "stat": asyncio.run(_deadlock_counts(system.nodes)),
+            "stat": asyncio.run(_deadlock_counts(system.nodes, system.database)),
             "logs": {n.name: _log_size(n.log) for n in system.nodes},
         }
         self.server = _start_server(system, profile, self.log, workers)
@@ -755,11 +760,20 @@ def run_citus(args: argparse.Namespace, profile: Profile, out: Path) -> None:
         }
         only = set(args.only.split(",")) if args.only else None
         variants = [
-            System(f"cluster:{name}", cluster_pg,
-                   f"{cluster.url}?{urlencode(values)}" if values else cluster.url,
-                   cluster.nodes, session_settings=values, checkout=checkout)
-            for name, values, checkout in _variants(getattr(args, "citus_variant", None) or [])
+            System(f"cluster:{name}", cluster_pg, "", cluster.nodes,
+                   session_settings=values, checkout=checkout, database=f"{DATABASE}_v{i}")
+            for i, (name, values, checkout) in enumerate(
+                _variants(getattr(args, "citus_variant", None) or []))
         ]  # fmt: skip
+        if variants:
+            # One copy of the seeded database per cluster system (the original becomes
+            # their template).
+            cluster_pg.seal_template(DATABASE)
+            cluster.database = f"{DATABASE}_main"
+            cluster.url = cluster_pg.copy_database(cluster.database, DATABASE)
+            for v in variants:
+                url = cluster_pg.copy_database(v.database, DATABASE)
+                v.url = f"{url}?{urlencode(v.session_settings)}" if v.session_settings else url
         rounds = args.rounds or 1
         run_interleaved(
             [cluster, single, *variants], profile, meta, out, args.workers, only, rounds
