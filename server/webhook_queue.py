@@ -16,7 +16,10 @@ head, due, free). Two senders racing for the same head serialise on its row lock
 second finds the lease set and claims nothing (the equivalent of FOR UPDATE SKIP LOCKED,
 without a transaction around it). Marking the outcome (delete on a 2xx, several users' at
 once off Citus; a backoff, or parked past the budget, otherwise) checks the token, so a
-sender whose lease ran out cannot overwrite the work of the one that took over. A sender
+sender whose lease ran out cannot overwrite the work of the one that took over. The feeder
+may claim a head as it queues it (queue_claiming: the user's first row of the batch, with
+nothing of the user pending before it), under its process's sender's token and lease, the
+same claim made one statement earlier. A sender
 that dies mid-request leaves its lease to run out: the row is claimed and sent again (at
 least once).
 
@@ -56,6 +59,40 @@ SELECT u, $1, t, e, c, b, ip, p, 'epoch'::timestamptz + a * interval '1 microsec
 FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::bigint[]) AS q(u, t, e, c, b, ip, p, a)
 ON CONFLICT DO NOTHING
+"""
+
+# The feeder's whole step in one autocommitted statement (off Citus): move the URL's position
+# from where this feeder left it (or nothing at all: another feeder moved it), queue the
+# batch, and claim for this process's sender, under its token and lease, the rows flagged in
+# $14 that are their user's head (no pending delivery of the user to the URL before them: the
+# flag marks a user's first row of the batch, and every row already queued is older). Those
+# go on the wire at once, without a claim statement of their own. The first column is 1 when
+# the position moved, 0 when not (then nothing was queued); then a row per delivery queued
+# (all NULL when none), with its queue time and its claim (NULL: queued for a later claim).
+_FEED = """
+WITH moved AS (
+    UPDATE webhook_positions SET txid = $2, id = $3 WHERE url = $1 AND txid = $4 AND id = $5
+    RETURNING 1
+), batch AS (
+    SELECT q.*, q.k AND NOT EXISTS (
+        SELECT 1 FROM webhook_deliveries o
+        WHERE o.user_id = q.u AND o.url = $1 AND o.parked_at IS NULL
+    ) AS own
+    FROM unnest($6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[],
+                $12::text[], $13::bigint[], $14::bool[]) AS q(u, t, e, c, b, ip, p, a, k)
+    WHERE EXISTS (SELECT 1 FROM moved)
+), queued AS (
+    INSERT INTO webhook_deliveries
+        (user_id, url, txid, event_id, command, body, client_ip, platform, event_at,
+         claimed_until, claim)
+    SELECT u, $1, t, e, c, b, ip, p, 'epoch'::timestamptz + a * interval '1 microsecond',
+           CASE WHEN own THEN now() + $15 * interval '1 second' END,
+           CASE WHEN own THEN $16::bigint END
+    FROM batch
+    ON CONFLICT DO NOTHING
+    RETURNING event_id, queued_at, claim
+)
+SELECT (SELECT count(*) FROM moved), queued.* FROM (SELECT 1) one LEFT JOIN queued ON true
 """
 
 
@@ -228,6 +265,69 @@ async def queue(
     except _MovedError:
         return False
     return True
+
+
+async def queue_claiming(
+    conn: Any,
+    url: str,
+    after: Position,
+    through: Position,
+    items: Sequence[Queued],
+    limit: int,
+    lease_seconds: float,
+    token: int,
+) -> list[Delivery] | None:
+    """As queue() off Citus, in one autocommitted statement (_FEED; queue() takes a
+    transaction of four), and claiming at once, under `token` for `lease_seconds`, up to
+    `limit` of the rows queued that are their user's head (each user's first of `items`, if
+    nothing of the user is pending before it). The deliveries so claimed, in queue order
+    (the caller sends them as if claim() had returned them); None (nothing done) when the
+    position was no longer `after`."""
+    flags: list[bool] = []  # the first row of each of the first `limit` users
+    users: set[str] = set()
+    for q in items:
+        flags.append(q.user_id not in users and len(users) < limit)
+        users.add(q.user_id)
+    rows = await conn.fetch(
+        _FEED,
+        url,
+        through.txid,
+        through.id,
+        after.txid,
+        after.id,
+        [q.user_id for q in items],
+        [q.txid for q in items],
+        [q.event_id for q in items],
+        [q.command for q in items],
+        [q.body for q in items],
+        [q.client_ip for q in items],
+        [q.platform for q in items],
+        [q.event_at_us for q in items],
+        flags,
+        lease_seconds,
+        token,
+    )
+    if not rows[0][0]:
+        return None
+    claimed = {r[1]: r[2] for r in rows if r[3] == token}
+    return [
+        Delivery(
+            q.user_id,
+            q.txid,
+            q.event_id,
+            q.command,
+            q.body,
+            q.client_ip,
+            q.platform,
+            q.event_at_us,
+            url,
+            0,
+            claimed[q.event_id],
+            token,
+        )
+        for q in items
+        if q.event_id in claimed
+    ]
 
 
 def _insert_args(url: str, q: Queued) -> tuple[Any, ...]:

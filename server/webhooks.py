@@ -8,7 +8,10 @@ Two parts, started with the service (server.app) when --callback-url is given:
   (server.outbox.read_final, under the visibility horizon, so no event is skipped) and, in
   one short transaction, queues a delivery row per event (the request body made now) and
   moves the position past them (server.webhook_queue.queue). Exactly once per (URL, event),
-  across crashes: the position and the rows commit together.
+  across crashes: the position and the rows commit together. Off Citus that is one
+  statement (server.webhook_queue.queue_claiming), which also claims for this process's
+  sender the heads it has room for and hands them over: under load most webhooks go out
+  without a claim statement of their own.
 - Senders, in every process, one loop per URL: each round it records the outcomes of the
   requests that finished (the 2xx ones deleted in one statement), claims a batch of due
   heads (each user's oldest queued delivery, oldest first, at most one per user) with a
@@ -42,7 +45,7 @@ from server import outbox, webhook_queue
 from server.config import Settings
 from server.database import use_int_timestamps
 from server.leader import Leader
-from server.outbox import ACCOUNT_DELETED, FOLLOWED, UNFOLLOWED, OutboxRow
+from server.outbox import ACCOUNT_DELETED, FOLLOWED, UNFOLLOWED, OutboxRow, Position
 from server.webhook_http import HttpClient, HttpError
 from server.webhook_metrics import WebhookMetrics, url_label
 from server.webhook_queue import Delivery, Queued
@@ -53,6 +56,10 @@ log = logging.getLogger(__name__)
 _FEEDER_LOCK = 0x666F6C6C6F79  # one webhook feeder per database
 POLL_SECONDS = 0.25
 FEED_BATCH = 500
+# The feeder's poll: a read of the outbox (one statement, nothing else when it finds no
+# event); its half is most of a webhook's lag, and under load a poll's batch fits in the
+# sender's room (handed over at once) more often than a quarter second's does.
+FEED_POLL_SECONDS = 0.1
 LEASE_MARGIN_SECONDS = 10.0
 # A sender claims up to PREFETCH times --callback-concurrency deliveries at once, so one
 # round's statements serve several requests' worth; at most --callback-concurrency of them
@@ -63,6 +70,11 @@ PREFETCH = 4
 # answer was a DELETE and a claim per webhook under load); it delays only the release of
 # those users' next webhooks, by at most this.
 GATHER_SECONDS = 0.02
+# Outcomes whose marking frees nothing (a delivery the feeder handed over, with nothing of
+# its user queued behind it) wait up to this long to be marked with others: a DELETE per
+# ~MARK_SECONDS instead of one per few answers. Only their leases wait meanwhile (and a
+# crash before the mark sends them again, as it would in the request).
+MARK_SECONDS = 0.2
 BACKLOG_EVERY_SECONDS = 5.0
 _KINDS = {FOLLOWED: "follow", UNFOLLOWED: "unfollow", ACCOUNT_DELETED: "account_deleted"}
 _WARN_EVERY_SECONDS = 30.0
@@ -157,10 +169,14 @@ class Feeder(_Wakeable):
         self._urls = tuple(urls)
         self._metrics = metrics
         self._senders = tuple(senders)
+        self._local = {s.url: s for s in senders if isinstance(s, Sender)}
         self._distributed: bool | None = None
+        self._conn: asyncpg.Connection | None = None  # the lock's connection last fed on
+        self._where: dict[str, Position] = {}  # each URL's position, as this feeder left it
 
     async def run(self) -> None:
         while not self.stopping:
+            conn = None
             try:
                 conn = await self._leader.connection()
                 if conn is not None:
@@ -171,7 +187,8 @@ class Feeder(_Wakeable):
                 log.warning("webhook feeder paused: %s: %s", type(exc).__name__, exc)
                 await self._leader.release()
                 await self.pause(1.0)
-            await self.pause()
+            # a process without the lock asks for it (a connection each time) less often
+            await self.pause(POLL_SECONDS if conn is None else FEED_POLL_SECONDS)
 
     async def stop(self) -> None:
         self.stopping = True
@@ -180,9 +197,13 @@ class Feeder(_Wakeable):
     async def _feed(self, conn: asyncpg.Connection) -> None:
         if self._distributed is None:
             self._distributed = await outbox.is_distributed(conn)
-        where = await webhook_queue.positions(conn, self._urls)
+        if conn is not self._conn:  # (again) the leader: positions may have moved meanwhile
+            self._conn, self._where = conn, {}
+        missing = [url for url in self._urls if url not in self._where]
+        if missing:
+            self._where.update(await webhook_queue.positions(conn, missing))
         for url in self._urls:
-            after = where.get(url)
+            after = self._where.get(url)
             if after is None:  # configured by a process that started after this one
                 start = await outbox.now_position(conn, self._distributed)
                 await webhook_queue.ensure_positions(conn, [url], start)
@@ -191,20 +212,53 @@ class Feeder(_Wakeable):
                 rows, _, _ = await outbox.read_final(conn, after, FEED_BATCH, self._distributed)
                 if not rows:
                     break
-                items = [q for q in map(queued_item, rows) if q is not None]
-                if not await webhook_queue.queue(
-                    conn, url, after, rows[-1].position, items, self._distributed
-                ):
+                through = rows[-1].position
+                if not await self._queue(conn, url, after, through, rows):
                     log.warning("webhook feeder: %s's position moved under it", url_label(url))
+                    del self._where[url]
                     break
-                after = rows[-1].position
-                for row in rows:
-                    kind = _KINDS.get(row.kind, "other")
-                    self._metrics.events.labels(url_label(url), kind).inc()
-                for sender in self._senders:
-                    sender.wake()
+                after = self._where[url] = through
+                label = url_label(url)
+                for kind, n in collections.Counter(r.kind for r in rows).items():
+                    self._metrics.events.labels(label, _KINDS.get(kind, "other")).inc(n)
                 if len(rows) < FEED_BATCH:
                     break
+
+    async def _queue(
+        self,
+        conn: asyncpg.Connection,
+        url: str,
+        after: Position,
+        through: Position,
+        rows: Sequence[OutboxRow],
+    ) -> bool:
+        """Queue the rows' deliveries and move the URL's position past them; False when it
+        had moved. Off Citus, with this process's sender for the URL running, in one
+        statement that also claims for it the heads it has room for and hands them over
+        (no claim statement per round for them); else queued for a claim."""
+        items = [q for q in map(queued_item, rows) if q is not None]
+        sender = self._local.get(url)
+        if self._distributed or sender is None or sender.stopping:
+            distributed = bool(self._distributed)
+            if not await webhook_queue.queue(conn, url, after, through, items, distributed):
+                return False
+            for other in self._senders:
+                other.wake()
+            return True
+        claimed = await webhook_queue.queue_claiming(
+            conn,
+            url,
+            after,
+            through,
+            items,
+            sender.room(),
+            sender.lease,
+            secrets.randbits(63),
+        )
+        if claimed is None:
+            return False
+        sender.take(claimed, items)
+        return True
 
 
 class Sender(_Wakeable):
@@ -217,7 +271,14 @@ class Sender(_Wakeable):
     PREFETCH * concurrency are claimed and unfinished (one statement; two on Citus). Claimed
     deliveries go on the wire in claim order, config.concurrency at a time: a request that
     ends hands its outcome to the loop and starts the next one waiting. The loop sleeps until
-    an outcome comes back, the feeder queues more, or POLL_SECONDS pass."""
+    an outcome comes back, the feeder queues more, or POLL_SECONDS pass.
+
+    In the process whose feeder works, the feeder claims the heads it queues for this
+    sender in the statement that queues them and hands them over (take()): then a round
+    claims only when something may be due that was not handed over (a marked delivery that
+    came from a claim, or whose user has more queued behind it; rows the feeder had no room
+    for), and at least every POLL_SECONDS (retries coming due, other processes' rows,
+    leases run out)."""
 
     def __init__(
         self,
@@ -238,16 +299,47 @@ class Sender(_Wakeable):
         self._metrics = metrics
         self._flying: dict[int, asyncio.Task[None]] = {}  # by event id
         self._waiting: collections.deque[Delivery] = collections.deque()  # claimed, not sent
-        self._done: list[tuple[Delivery, str]] = []  # outcomes not marked yet ('' = a 2xx)
+        # outcomes not marked yet: ('' = a 2xx, else what failed; when, time.time())
+        self._done: list[tuple[Delivery, str, float]] = []
+        self._done_since = 0.0  # time.monotonic() when the first of them came back
         self._look = True  # there may be due heads: claim at the next round
+        self._last_claim = 0.0  # time.monotonic() of the last claim
+        self._handed: set[int] = set()  # event ids the feeder claimed and handed over
+        self._behind: set[str] = set()  # users with deliveries queued after a handed one
         self._last_backlog = 0.0
         self._last_warning = 0.0
         self._failures_unsaid = 0
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def lease(self) -> float:
+        return self._config.lease
 
     def wake(self) -> None:
         """More may be due (the feeder queued some): claim at the next round."""
         self._look = True
         super().wake()
+
+    def room(self) -> int:
+        """How many more deliveries this sender may be handed now (0 once stopping)."""
+        return 0 if self.stopping else max(0, self._room())
+
+    def take(self, claimed: Sequence[Delivery], queued: Sequence[Queued]) -> None:
+        """Deliveries the feeder claimed for this sender as it queued `queued`: on the wire
+        at once. The users of the rest are remembered (marking a delivery of theirs makes
+        their next one due: a claim then); a user of theirs with none handed over may have
+        one due now (the feeder had no room for it): a claim at the next round."""
+        handed = {d.event_id for d in claimed}
+        left = {q.user_id for q in queued if q.event_id not in handed}
+        self._handed.update(handed)
+        self._behind.update(left)
+        self._waiting.extend(claimed)
+        self._start()
+        if left - {d.user_id for d in claimed}:
+            self.wake()
 
     async def run(self) -> None:
         while not self.stopping:
@@ -264,11 +356,9 @@ class Sender(_Wakeable):
                 await self.pause(1.0)
                 self._look = True
                 continue
-            if not self._done and not (self._look and self._wants_claim()):
-                await self.pause()
-                self._look = True
-            elif self._gathering():
-                await asyncio.sleep(GATHER_SECONDS)
+            wait = self._wait()
+            if wait > 0:
+                await self.pause(wait)
 
     async def stop(self) -> None:
         """Stop claiming; let requests on the wire finish (within the request timeout) and
@@ -306,13 +396,15 @@ class Sender(_Wakeable):
             pending, parked = await webhook_queue.backlog(self._pool, self._url)
             self._metrics.backlog.labels(self._label).set(pending)
             self._metrics.parked_now.labels(self._label).set(parked)
-        if self._done:
-            await self._mark()
+        if self._done and now >= self._mark_at() and await self._mark():
             self._look = True  # those users' next webhooks may be due now
+        if now - self._last_claim >= POLL_SECONDS:
+            self._look = True
         free = self._room()
         if not self._wants_claim() or not self._look or self.stopping:
             return
         token = secrets.randbits(63)
+        self._last_claim = now
         batch = await webhook_queue.claim(
             self._pool, self._url, free, self._config.lease, token, self._distributed
         )
@@ -332,15 +424,40 @@ class Sender(_Wakeable):
         full round of requests queued while the claim runs."""
         return self._room() > 0 and len(self._waiting) < self._config.concurrency
 
-    def _gathering(self) -> bool:
-        """Whether the next round should wait GATHER_SECONDS for more outcomes first: few
-        to mark, more on the wire, and no claim to make now."""
-        return (
-            0 < len(self._done) < self._config.concurrency
-            and bool(self._flying)
-            and not self._wants_claim()
-            and not self.stopping
-        )
+    def _wait(self) -> float:
+        """How long the loop may sleep before its next round (an outcome coming back or the
+        feeder wakes it sooner): until outcomes are due to be marked (_mark_at), or a claim
+        is due (woken by the feeder, a full batch last time, POLL_SECONDS since the last)."""
+        now = time.monotonic()
+        wait = POLL_SECONDS
+        if self._wants_claim():
+            wait = 0.0 if self._look else self._last_claim + POLL_SECONDS - now
+        if self._done:
+            wait = min(wait, self._mark_at() - now)
+        elif not self._flying and not self._waiting:
+            self._behind.clear()  # none of theirs is here: marking cannot free one
+        return max(wait, 0.0)
+
+    def _mark_at(self) -> float:
+        """When the outcomes handed back are to be marked (time.monotonic()). Each marking
+        is a statement, so outcomes gather: GATHER_SECONDS when marking one frees a user's
+        next delivery (it came from a claim, or its user has more queued behind it), else
+        MARK_SECONDS (only its lease waits: a handed-over delivery with nothing behind it);
+        at once with a failure among them, PREFETCH * --callback-concurrency of them, or
+        nothing more on the wire."""
+        if (
+            self.stopping
+            or len(self._done) >= PREFETCH * self._config.concurrency
+            or not (self._flying or self._waiting)
+        ):
+            return self._done_since
+        delay = MARK_SECONDS
+        for d, error, _ in self._done:
+            if error:
+                return self._done_since
+            if d.event_id not in self._handed or d.user_id in self._behind:
+                delay = GATHER_SECONDS
+        return self._done_since + delay
 
     def _start(self) -> None:
         """Put claimed deliveries on the wire while fewer than config.concurrency are."""
@@ -358,7 +475,9 @@ class Sender(_Wakeable):
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._flying.pop(d.event_id, None)
-        self._done.append((d, error))
+        if not self._done:
+            self._done_since = time.monotonic()
+        self._done.append((d, error, time.time()))
         self._start()
         super().wake()
 
@@ -374,26 +493,38 @@ class Sender(_Wakeable):
             return str(exc) or type(exc).__name__
         return "" if 200 <= status < 300 else f"HTTP {status}"
 
-    async def _mark(self) -> None:
+    async def _mark(self) -> bool:
         """Record the outcomes handed back so far: the 2xx ones in one statement per claim,
         each failure in its own (rare). An outcome leaves the list once recorded, so a
-        database error leaves the rest for the next round (their leases still hold)."""
-        ok = [d for d, error in self._done if not error]
+        database error leaves the rest for the next round (their leases still hold).
+        Whether a user's next delivery may be due now: a delivery marked came from a claim,
+        or its user has more queued behind it."""
+        freed = any(
+            d.event_id not in self._handed or d.user_id in self._behind for d, _, _ in self._done
+        )
+        ok = [(d, at) for d, error, at in self._done if not error]
         if ok:
-            gone = await webhook_queue.delivered(self._pool, self._url, ok, self._distributed)
-            marked = {id(d) for d in ok}
+            gone = await webhook_queue.delivered(
+                self._pool, self._url, [d for d, _ in ok], self._distributed
+            )
+            marked = {id(d) for d, _ in ok}  # more may have come back meanwhile
             self._done = [x for x in self._done if id(x[0]) not in marked]
-            now = time.time()
-            for d in ok:
+            for d, at in ok:
+                self._handed.discard(d.event_id)
+                self._behind.discard(d.user_id)
                 if d.event_id in gone:
                     self._metrics.delivered.labels(self._label).inc()
-                    lag = max(0.0, now - d.event_at_us / 1e6)
+                    lag = max(0.0, at - d.event_at_us / 1e6)
                     self._metrics.lag.labels(self._label).observe(lag)
                 else:
                     log.warning("webhook to %s: a claim ran out during its request", self._label)
         for item in [x for x in self._done if x[1]]:
-            await self._failed(*item)
+            d, error, _ = item
+            await self._failed(d, error)
             self._done.remove(item)
+            self._handed.discard(d.event_id)
+        self._done_since = time.monotonic()
+        return freed
 
     async def _failed(self, d: Delivery, error: str) -> None:
         wait = backoff(self._config, d.attempts + 1)

@@ -15,6 +15,7 @@ from server import webhook_queue
 from server.database import has_citus, use_int_timestamps
 from server.outbox import START, Position
 from server.webhook_queue import Delivery, Queued
+from tests.conftest import skip_on_citus
 
 URL = "http://127.0.0.1:9/hook"
 LEASE = 30.0
@@ -138,3 +139,34 @@ async def test_released_deliveries_are_claimed_again_at_once(conn: asyncpg.Conne
     assert await _claim(conn, 10, 63) == []
     await webhook_queue.release(conn, URL, batch)
     assert _keys(await _claim(conn, 10, 64)) == [("a", 1), ("b", 2)]
+
+
+@skip_on_citus("on Citus the feeder queues and the senders claim")
+async def test_the_feeder_claims_the_heads_it_queues_for_its_sender(
+    conn: asyncpg.Connection,
+) -> None:
+    """queue_claiming (off Citus) queues a batch and claims, under its token, up to its limit
+    of the batch's heads: each user's first row, unless the user has a delivery pending
+    before it. The rest stay queued for a claim, which finds them once their turn comes; a
+    position moved under the feeder queues and claims nothing."""
+    await _queue(conn, ("p", 1))  # user p has a delivery pending before the batch
+    items = [
+        Queued(user, event_id, event_id, "c", f'{{"e":{event_id}}}', "", "gRPC", 1_000_000)
+        for user, event_id in [("a", 2), ("p", 3), ("a", 4), ("b", 5), ("c", 6)]
+    ]
+    stale = await webhook_queue.queue_claiming(
+        conn, URL, START, Position(6, 6), items, 10, LEASE, 41
+    )
+    assert stale is None  # the position is (1, 1), not START
+    assert await conn.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+    handed = await webhook_queue.queue_claiming(
+        conn, URL, Position(1, 1), Position(6, 6), items, 2, LEASE, 42
+    )
+    assert handed is not None
+    assert _keys(handed) == [("a", 2)]  # p's waits for 1; b and c are past 2 users
+    assert (handed[0].claim, handed[0].attempts, handed[0].body) == (42, 0, '{"e":2}')
+    assert handed[0].queued_at_us > 0
+    assert await conn.fetchval("SELECT count(*) FROM webhook_deliveries") == 6
+    assert _keys(await _claim(conn, 10, 43)) == [("p", 1), ("b", 5), ("c", 6)]
+    assert await _delivered(conn, handed) == {2}
+    assert _keys(await _claim(conn, 10, 44)) == [("a", 4)]
