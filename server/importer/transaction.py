@@ -113,9 +113,7 @@ async def import_graph(
         report.bad_rows.sort(key=lambda b: (b.source, b.line))
         await staging.drop(conn)
         staging = None
-        stale = _stale_tables(report, sizes)
-        if stale:
-            await conn.execute(f"ANALYZE {', '.join(stale)}")
+        await _analyze(conn, second, _stale_tables(report, sizes))
         report.lap("analyze")
     finally:
         if staging is not None and not conn.is_closed():
@@ -152,6 +150,14 @@ WHERE oid = ANY(ARRAY['accounts', 'following']::regclass[])
 async def _table_sizes(conn: Conn) -> dict[str, float]:
     """The planner's row counts of accounts and following before the merge."""
     return {r[0]: r[1] for r in await conn.fetch(_SIZES)}
+
+
+async def _analyze(conn: Conn, second: Conn | None, tables: list[str]) -> None:
+    """ANALYZE the tables (two at a time with the second connection)."""
+    if tables and second is not None:
+        await pair.run_jobs([conn, second], [pair.Job(t, (f"ANALYZE {t}",)) for t in tables])
+    elif tables:
+        await conn.execute(f"ANALYZE {', '.join(tables)}")
 
 
 def _stale_tables(report: ImportReport, sizes: dict[str, float]) -> list[str]:
