@@ -363,7 +363,7 @@ class HttpClient:
     async def post(
         self,
         url: str,
-        query: list[tuple[str, str]],
+        query: list[tuple[str, str]] | str,
         body: bytes,
         time_limit: float,
         content_type: str = "application/json",
@@ -374,7 +374,8 @@ class HttpClient:
         target = self._target(url)
         path = target.path
         if query:
-            path += ("&" if target.has_query else "?") + encode_query(query)
+            encoded = query if isinstance(query, str) else encode_query(query)
+            path += ("&" if target.has_query else "?") + encoded
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
             f"User-Agent: {self._user_agent}\r\nContent-Type: {content_type}\r\n"
