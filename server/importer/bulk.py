@@ -14,10 +14,16 @@ before its accounts, and an import killed before the commit leaves nothing of th
 (running it again starts it over). The edges touching accounts that existed before the
 import then go through the locked batches, as do the profiles of existing accounts.
 
+Into an empty database (every edge among created accounts, empty edge tables), the new
+edge tables, their indexes and the counts are built before this transaction, on two
+connections (server.importer.prebuild), and it only inserts the accounts and their counter
+rows and swaps the tables in.
+
 Cost of the one transaction: it holds the visibility horizon the change event readers
 advance by (follow_events' txid), so event delivery to Watch streams and webhooks waits
-until it commits (seconds to a minute for millions of edges; the import itself writes no
-events). A service call that creates one of the same accounts at the same moment waits for
+until it commits (seconds to a minute for millions of edges, seconds when the tables were
+built beforehand, whose statements each hold it while they run; the import itself writes
+no events). A service call that creates one of the same accounts at the same moment waits for
 it too (on the accounts key), then finds the account present.
 """
 

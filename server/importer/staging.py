@@ -17,15 +17,13 @@ may have changed since (the cap, deletions, edges it added).
 Where the staging tables live (Staging): on one PostgreSQL they are temporary tables of the
 import's session (gone with it), except those the importer's second connection reads too
 (import_accounts, import_profiles, import_edges, import_bad, import_new: see
-server.importer.pair), which are
-unlogged tables dropped at the end (a killed import leaves them for the next one to drop).
-On Citus a temporary table cannot be joined with a distributed one, so each staging table
-that meets the live tables is an unlogged table distributed on the column naming the user
-its rows belong to and co-located with the live tables, so that a join between them is a
-join within each shard, as every live table is keyed by user_id (server.migrations); they
-are dropped at the end, and
-an import killed before that leaves them for the next import to drop (only one import runs
-per database at a time: server.importer.transaction). Two relations hold rows keyed by the
+server.importer.pair), which are unlogged tables. On Citus a temporary table cannot be
+joined with a distributed one, so each staging table that meets the live tables is an
+unlogged table distributed on the column naming the user its rows belong to and co-located
+with the live tables, so that a join between them is a join within each shard, as every
+live table is keyed by user_id (server.migrations). Unlogged tables are dropped at the end,
+and an import killed before that leaves them for the next import to drop (only one import
+runs per database at a time: server.importer.transaction). Two relations hold rows keyed by the
 other user of an edge: import_targets (each staged edge's target, for Citus' unknown-account
 check) and import_batch_rev (a batch's new edges under their target, for the followers copy
 and mutual state). On Citus they are tables filled by an INSERT ... SELECT that
