@@ -4,10 +4,10 @@ Imports the graph in --graph (edges.csv and, when present, accounts.csv, as
 tests.bench.graph writes them) into a fresh database of a throwaway PostgreSQL
 (tests.support.pgcluster; with --sized, the settings `follow-server`'s embedded server is
 given on this machine, server.embedded_conf: a quarter of the memory as shared buffers,
-checkpoints further apart), --runs times, each
-into an empty database, or with --base into a database that already holds the --base graph
-(imported first, not timed). Prints each run's seconds, edges/s and the importer's phases,
-then the median rate.
+checkpoints further apart), --runs times, each into an empty database, or with --base into
+a database that already holds the --base graph (imported first, not timed; --exclusive:
+the timed import with `--exclusive`). Prints each run's seconds, edges/s and the
+importer's phases, then the median rate.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from server.importer import ImportOptions, import_graph
 from tests.support.pgcluster import LocalPostgres
 
 
-async def _import(url: str, graph: Path) -> dict[str, object]:
+async def _import(url: str, graph: Path, options: ImportOptions) -> dict[str, object]:
     """Import the graph's edges.csv, with its accounts.csv when there is one."""
     with contextlib.ExitStack() as files:
         accounts = None
@@ -38,7 +38,7 @@ async def _import(url: str, graph: Path) -> dict[str, object]:
             accounts = files.enter_context((graph / "accounts.csv").open(newline=""))
         edges = files.enter_context((graph / "edges.csv").open(newline=""))
         began = time.perf_counter()
-        report = await import_graph(url, accounts, edges, ImportOptions(progress=False))
+        report = await import_graph(url, accounts, edges, options)
         seconds = time.perf_counter() - began
     return {
         "seconds": round(seconds, 2),
@@ -75,9 +75,11 @@ async def _main(args: argparse.Namespace) -> None:
         for run in range(args.runs):
             url = await _fresh(pg, "importrate")
             if args.base is not None:
-                base = await _import(url, args.base)
+                base = await _import(url, args.base, ImportOptions(progress=False))
                 print(f"base: {json.dumps(base)}", file=sys.stderr)
-            result = await _import(url, args.graph)
+            result = await _import(
+                url, args.graph, ImportOptions(progress=False, exclusive=args.exclusive)
+            )
             rates.append(float(result["edges_per_s"]))  # type: ignore[arg-type]
             print(f"run {run + 1}: {json.dumps(result)}", file=sys.stderr)
     finally:
@@ -108,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         "--sized",
         action="store_true",
         help="give PostgreSQL the embedded server's settings for this machine (default: its own)",
+    )
+    parser.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="the timed import with --exclusive (its merge under table locks)",
     )
     parser.add_argument(
         "--log-ms", type=int, help="print the statements that ran longer than this (ms)"
