@@ -523,15 +523,16 @@ class Sender(_Wakeable):
             gone = await webhook_queue.delivered(
                 self._pool, self._url, [d for d, _ in ok], self._distributed
             )
+            delivered = self._metrics.delivered.labels(self._label)
+            lag = self._metrics.lag.labels(self._label)
             marked = {id(d) for d, _ in ok}  # more may have come back meanwhile
             self._done = [x for x in self._done if id(x[0]) not in marked]
             for d, at in ok:
                 self._handed.discard(d.event_id)
                 self._behind.discard(d.user_id)
                 if d.event_id in gone:
-                    self._metrics.delivered.labels(self._label).inc()
-                    lag = max(0.0, at - d.event_at_us / 1e6)
-                    self._metrics.lag.labels(self._label).observe(lag)
+                    delivered.inc()
+                    lag.observe(max(0.0, at - d.event_at_us / 1e6))
                 else:
                     log.warning("webhook to %s: a claim ran out during its request", self._label)
         for item in [x for x in self._done if x[1]]:
