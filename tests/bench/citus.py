@@ -742,6 +742,16 @@ def run_citus(args: argparse.Namespace, profile: Profile, out: Path) -> None:
             cluster_pg.create_database(DATABASE),
             [n for n in (cluster_pg.coordinator, *cluster_pg.workers) if n is not None],
         )
+        if getattr(args, "citus_coordinator_shards", False):
+            # The coordinator holds shards too (before the tables are distributed): Citus
+            # runs the statements of its own shards locally, with no connection between.
+            coordinator = cluster.nodes[0]
+            cluster_pg.sql(
+                coordinator,
+                f"SELECT citus_set_node_property('127.0.0.1', {coordinator.port},"
+                " 'shouldhaveshards', true)",
+                database=DATABASE,
+            )
         imported = asyncio.run(seed_single(single.url, accounts, edges))
         cluster_seed = asyncio.run(
             seed_cluster(cluster.url, single.url, args.citus_seed, accounts, edges,
@@ -794,6 +804,7 @@ def run_citus(args: argparse.Namespace, profile: Profile, out: Path) -> None:
             "cluster": {
                 "workers": 2,
                 "shards": versions["shards"],
+                "coordinator_shards": getattr(args, "citus_coordinator_shards", False),
                 "settings": cluster_pg.settings,
             },
             "single_settings": single_pg.settings,
@@ -882,6 +893,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--citus-setting", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--citus-variant", action="append", default=[], metavar="NAME:S=V,...")
+    parser.add_argument(
+        "--citus-coordinator-shards",
+        action="store_true",
+        help="the coordinator holds shards too (3 nodes with shards, local execution)",
+    )
     args = parser.parse_args(argv)
     args.quick = True
     profile = Profile(
