@@ -200,17 +200,19 @@ class _Connection(asyncio.Protocol):
             if len(self._buffer) > MAX_HEAD:
                 raise _BadAnswerError("status line and headers over 64 KiB")
             return False
-        lines = bytes(self._buffer[:end]).split(b"\r\n")
+        head = bytes(self._buffer[:end])
         del self._buffer[: end + 4]
-        version, _, rest = lines[0].partition(b" ")
+        line_end = head.find(b"\r\n")
+        status_line = head if line_end < 0 else head[:line_end]
+        version, _, rest = status_line.partition(b" ")
         code = rest[:3]
         if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-            raise _BadAnswerError(f"status line {lines[0][:80]!r}")
+            raise _BadAnswerError(f"status line {status_line[:80]!r}")
         status = int(code)
         if status < 200:
             return True  # an interim answer: the real one follows
         self._status = status
-        length, chunked, connection = _headers(lines[1:])
+        length, chunked, connection = _headers(b"" if line_end < 0 else head[line_end:])
         if version == b"HTTP/1.0":
             self._keep_alive = b"keep-alive" in connection
         else:
@@ -303,27 +305,34 @@ def _form(text: str) -> str:
     return text if _PLAIN.fullmatch(text) else quote_plus(text)
 
 
-def _headers(lines: list[bytes]) -> tuple[int | None, bool, bytes]:
+def _headers(fields: bytes) -> tuple[int | None, bool, bytes]:
     """(Content-Length, chunked, the Connection header lower-cased) of an answer's header
-    lines."""
+    lines, `fields` being them with the CRLF before each (the head after its status line).
+
+    The block is lower-cased once and only the three names looked for (the last of each
+    wins): splitting it into lines and each line into a name and a value was most of a
+    request's parsing CPU. Other header lines are not looked at, malformed or not."""
+    fields = fields.lower()
     length: int | None = None
-    chunked = False
-    connection = b""
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise _BadAnswerError(f"header line {line[:80]!r}")
-        key = name.strip().lower()
-        if key == b"content-length":
-            text = value.strip()
-            if not text.isdigit():
-                raise _BadAnswerError(f"Content-Length {text[:20]!r}")
-            length = int(text)
-        elif key == b"transfer-encoding":
-            chunked = value.strip().lower().endswith(b"chunked")
-        elif key == b"connection":
-            connection = value.strip().lower()
+    text = _field(fields, b"\r\ncontent-length:")
+    if text is not None:
+        if not text.isdigit():
+            raise _BadAnswerError(f"Content-Length {text[:20]!r}")
+        length = int(text)
+    coding = _field(fields, b"\r\ntransfer-encoding:")
+    chunked = coding is not None and coding.endswith(b"chunked")
+    connection = _field(fields, b"\r\nconnection:") or b""
     return length, chunked, connection
+
+
+def _field(fields: bytes, name: bytes) -> bytes | None:
+    """The value (stripped) of the last header `name` (CRLF, name, colon) in `fields`."""
+    start = fields.rfind(name)
+    if start < 0:
+        return None
+    start += len(name)
+    end = fields.find(b"\r\n", start)
+    return (fields[start:] if end < 0 else fields[start:end]).strip()
 
 
 class _UnansweredError(HttpError):

@@ -15,7 +15,15 @@ from urllib.parse import urlencode
 import pytest
 from aiohttp import web
 
-from server.webhook_http import MAX_BODY, HttpClient, HttpError, Target, encode_query
+from server.webhook_http import (
+    MAX_BODY,
+    HttpClient,
+    HttpError,
+    Target,
+    _BadAnswerError,
+    _headers,
+    encode_query,
+)
 from tests.test_tls import Authority
 from tests.webhook_receiver import Receiver
 
@@ -341,3 +349,16 @@ def test_the_client_runs_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(main()) == ([200, 200, 200], 1)
+
+
+def test_answer_headers_are_found_by_name_whatever_their_case() -> None:
+    """Content-Length, Transfer-Encoding and Connection are found in any case, the last of
+    each wins, and a header whose name only ends like one of them is not taken for it."""
+    fields = (
+        b"\r\nX-Content-Length: 99\r\ncontent-LENGTH: 5\r\nCONTENT-LENGTH:  12 "
+        b"\r\nTransfer-Encoding: gzip, Chunked\r\nConnection: Keep-Alive"
+    )
+    assert _headers(fields) == (12, True, b"keep-alive")
+    assert _headers(b"") == (None, False, b"")
+    with pytest.raises(_BadAnswerError):
+        _headers(b"\r\nContent-Length: 1x")
