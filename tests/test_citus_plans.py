@@ -127,6 +127,7 @@ SAMPLES: dict[str, Sample] = {
     "_ADD_OWN_COUNTS": _one(ALICE, 2, 1),
     "_CHECK": _one(ALICE, FIVE),
     "_COUNTS": _theirs(FIVE),
+    "_COUNTS_CORRELATED": _theirs(FIVE),
     "_PROFILES": _theirs(FIVE),
     "_PAGES[FAN].first": _one(ALICE, 20),
     "_PAGES[FAN].next": _one(ALICE, 20, AT, "bob"),
