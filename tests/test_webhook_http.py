@@ -218,6 +218,27 @@ async def test_an_answer_that_does_not_come_in_time_raises_timeout(
     assert client.connections_opened == 2
 
 
+async def test_requests_on_the_wire_together_each_run_out_at_their_own_limit(
+    receiver: Receiver, client: HttpClient
+) -> None:
+    """Concurrent requests with different time limits: a later request with a shorter limit
+    times out first, the one before it at its own limit, and one with room gets its answer."""
+    receiver.delay = 1.2
+
+    ended: list[str] = []
+
+    async def post(name: str, limit: float) -> None:
+        try:
+            ended.append(f"{name} {await client.post(receiver.url, [], b'{}', limit)}")
+        except TimeoutError:
+            ended.append(f"{name} timeout")
+
+    first = asyncio.create_task(post("first", 0.6))
+    await asyncio.sleep(0)
+    await asyncio.gather(first, post("second", 0.15), post("roomy", 3.0))
+    assert ended == ["second timeout", "first timeout", "roomy 200"]
+
+
 async def test_no_connection_and_broken_answers_raise_http_error(client: HttpClient) -> None:
     """Refused connections, garbage, an oversized body and a connection closed mid-answer
     are errors the sender retries later, not statuses."""
