@@ -778,7 +778,10 @@ def main(argv: list[str] | None = None) -> None:
     scale.add_argument(
         "--rounds",
         type=int,
-        help="with --scale: rounds of every scenario at every size (default 5, 2 with --quick)",
+        help=(
+            "with --scale: rounds of every scenario at every size (default 5, 2 with --quick);"
+            " with --citus: rounds of cluster and single node, the median ratio (default 1)"
+        ),
     )
     scale.add_argument(
         "--reseed", action="store_true", help="with --scale: import the graphs again"
