@@ -38,6 +38,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import asyncpg
 
@@ -297,7 +298,8 @@ class Sender(_Wakeable):
         self._label = url_label(url)
         self._config = config
         self._metrics = metrics
-        self._flying: dict[int, asyncio.Task[None]] = {}  # by event id
+        self._flying: dict[int, Delivery] = {}  # on the wire, by event id
+        self._workers: set[asyncio.Task[None]] = set()  # each sends one request at a time
         self._waiting: collections.deque[Delivery] = collections.deque()  # claimed, not sent
         # outcomes not marked yet: ('' = a 2xx, else what failed; when, time.time())
         self._done: list[tuple[Delivery, str, float]] = []
@@ -372,9 +374,9 @@ class Sender(_Wakeable):
             with contextlib.suppress(Exception):  # else their leases run out
                 async with asyncio.timeout(5.0):
                     await webhook_queue.release(self._pool, self._url, unsent)
-        flying = set(self._flying.values())
-        if flying:
-            _, late = await asyncio.wait(flying, timeout=self._config.timeout + 2.0)
+        workers = set(self._workers)  # they end after their request on the wire
+        if workers:
+            _, late = await asyncio.wait(workers, timeout=self._config.timeout + 2.0)
             for task in late:
                 task.cancel()
             if late:
@@ -462,26 +464,40 @@ class Sender(_Wakeable):
         return self._done_since + delay
 
     def _start(self) -> None:
-        """Put claimed deliveries on the wire while fewer than config.concurrency are."""
-        while self._waiting and len(self._flying) < self._config.concurrency:
-            if self.stopping:
-                return
-            d = self._waiting.popleft()
-            self._flying[d.event_id] = asyncio.create_task(self._send(d))
+        """Start workers for the claimed deliveries waiting, up to config.concurrency
+        workers. A worker not on the wire has just been started and takes one of them."""
+        while (
+            not self.stopping
+            and len(self._workers) < self._config.concurrency
+            and len(self._waiting) > len(self._workers) - len(self._flying)
+        ):
+            worker = asyncio.create_task(self._work())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
 
-    async def _send(self, d: Delivery) -> None:
-        """One request; its outcome goes to the loop, which marks it."""
+    async def _work(self) -> None:
+        """Send claimed deliveries in claim order, one at a time, until none waits; each
+        outcome goes to the loop, which marks it. A few workers going from one request to
+        the next instead of a task per request (its creation was a twentieth of the
+        senders' CPU); at most config.concurrency of them, so as many requests at once."""
         try:
-            error = await self._post(d)
-        except Exception as exc:  # not the receiver's answer: retried like one
-            error = f"{type(exc).__name__}: {exc}"
+            while self._waiting and not self.stopping:
+                d = self._waiting.popleft()
+                self._flying[d.event_id] = d
+                try:
+                    error = await self._post(d)
+                except Exception as exc:  # not the receiver's answer: retried like one
+                    error = f"{type(exc).__name__}: {exc}"
+                finally:
+                    self._flying.pop(d.event_id, None)
+                if not self._done:
+                    self._done_since = time.monotonic()
+                self._done.append((d, error, time.time()))
+                super().wake()
         finally:
-            self._flying.pop(d.event_id, None)
-        if not self._done:
-            self._done_since = time.monotonic()
-        self._done.append((d, error, time.time()))
-        self._start()
-        super().wake()
+            # at once, not in the done callback (a loop step later): a _start in between
+            # would count this worker as about to take a waiting delivery
+            self._workers.discard(cast("asyncio.Task[None]", asyncio.current_task()))
 
     def _query(self, d: Delivery) -> str:
         """The webhook's query string, encoded: the same for every webhook of one command,

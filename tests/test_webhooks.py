@@ -243,6 +243,26 @@ async def test_a_slow_receiver_is_given_up_on_after_the_timeout_and_retried(
     assert receiver.delivered[-1].body["FollowList"] == [{"To_Account": "b"}]
 
 
+async def test_requests_per_url_are_bounded_by_the_concurrency(
+    make_service: ServiceFactory, receiver: Receiver
+) -> None:
+    """With --callback-concurrency 2 and a slow receiver, webhooks of many users go out two
+    at a time: never more on the wire at once, and that many are."""
+    receiver.delay = 0.2
+    service = await webhook_service(make_service, receiver, callback_concurrency=2)
+    users = [f"c{i}" for i in range(8)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        await import_users(pb_grpc.AccountServiceStub(channel), *users, "t")
+        stub = pb_grpc.FollowServiceStub(channel)
+        await asyncio.gather(*(follow(stub, u, "t") for u in users))
+    peak = 0
+    async with asyncio.timeout(30):
+        while len(receiver.delivered) < len(users):
+            peak = max(peak, receiver.arrived - len(receiver.received))
+            await asyncio.sleep(0.01)
+    assert peak == 2
+
+
 async def test_parked_after_the_retry_budget_and_the_user_moves_on(
     make_service: ServiceFactory, receiver: Receiver, db_url: str
 ) -> None:
