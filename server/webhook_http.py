@@ -32,6 +32,7 @@ import math
 import re
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import quote_plus, urlsplit
@@ -190,15 +191,8 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self) -> None:
         """Move through the answer's parts as far as the buffer allows."""
-        steps = {
-            "head": self._head,
-            "body": self._body,
-            "chunk-size": self._chunk_size,
-            "chunk-data": self._chunk_data,
-            "trailers": self._trailers,
-        }
-        while self._state in steps:
-            if not steps[self._state]():
+        while (step := _STEPS.get(self._state)) is not None:
+            if not step(self):
                 return
         if self._state == "end":
             self._finish()
@@ -302,6 +296,17 @@ class _Connection(asyncio.Protocol):
             if end == 0:
                 self._state = "end"
                 return True
+
+
+# The parser's steps by state (made once: a dict of bound methods per data_received was not
+# free); each says whether to go on (False: it waits for more bytes).
+_STEPS: dict[str, Callable[[_Connection], bool]] = {
+    "head": _Connection._head,
+    "body": _Connection._body,
+    "chunk-size": _Connection._chunk_size,
+    "chunk-data": _Connection._chunk_data,
+    "trailers": _Connection._trailers,
+}
 
 
 def encode_query(query: list[tuple[str, str]]) -> str:
