@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from server.importer import ImportReport, bulk, prebuild, swap
+from server.importer.staging import Staging
 from tests.conftest import skip_on_citus
 from tests.test_importer import T0, assert_counts_equal_lists, at, run, snapshot
 
@@ -327,3 +328,17 @@ async def test_a_graph_big_enough_to_sample_is_built_in_halves_with_exact_counts
     (count,) = mutual[0]
     assert isinstance(count, int)
     assert count > 0
+
+
+async def test_only_an_import_of_edges_into_empty_edge_tables_is_paired(db_url: str) -> None:
+    """The second connection (and unlogged staging tables) only for an initial load: an
+    import into a graph in use keeps to one connection, leaving the other core to the
+    service's calls; an import of accounts alone has nothing to pair."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert (await Staging.detect(conn, edges=True)).paired
+        assert not (await Staging.detect(conn, edges=False)).paired
+        await run(db_url, ["user_id", "x", "y"], ["follower_id,target_id", "x,y"])
+        assert not (await Staging.detect(conn, edges=True)).paired
+    finally:
+        await conn.close()

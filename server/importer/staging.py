@@ -15,20 +15,21 @@ writes in batches of consecutive chunks, checking again, under the locks, what t
 may have changed since (the cap, deletions, edges it added).
 
 Where the staging tables live (Staging): on one PostgreSQL they are temporary tables of the
-import's session (gone with it), except those the importer's second connection reads too
-(import_accounts, import_profiles, import_edges, import_bad, import_new: see
-server.importer.pair), which are unlogged tables. On Citus a temporary table cannot be
-joined with a distributed one, so each staging table that meets the live tables is an
-unlogged table distributed on the column naming the user its rows belong to and co-located
-with the live tables, so that a join between them is a join within each shard, as every
-live table is keyed by user_id (server.migrations). Unlogged tables are dropped at the end,
-and an import killed before that leaves them for the next import to drop (only one import
-runs per database at a time: server.importer.transaction). Two relations hold rows keyed by the
-other user of an edge: import_targets (each staged edge's target, for Citus' unknown-account
-check) and import_batch_rev (a batch's new edges under their target, for the followers copy
-and mutual state). On Citus they are tables filled by an INSERT ... SELECT that
-re-partitions the rows; on one PostgreSQL they are views of the same rows, so every
-statement reads the same on both and nothing is copied where nothing has to move.
+import's session (gone with it), except, when the import has a second connection (into
+empty edge tables: Staging.detect), those it reads too (import_accounts, import_profiles,
+import_edges, import_bad, import_new: see server.importer.pair), which are unlogged tables.
+On Citus a temporary table cannot be joined with a distributed one, so each staging table
+that meets the live tables is an unlogged table distributed on the column naming the user
+its rows belong to and co-located with the live tables, so that a join between them is a
+join within each shard, as every live table is keyed by user_id (server.migrations).
+Unlogged tables are dropped at the end, and an import killed before that leaves them for
+the next import to drop (only one import runs per database at a time:
+server.importer.transaction). Two relations hold rows keyed by the other user of an edge:
+import_targets (each staged edge's target, for Citus' unknown-account check) and
+import_batch_rev (a batch's new edges under their target, for the followers copy and mutual
+state). On Citus they are tables filled by an INSERT ... SELECT that re-partitions the
+rows; on one PostgreSQL they are views of the same rows, so every statement reads the same
+on both and nothing is copied where nothing has to move.
 """
 
 from __future__ import annotations
@@ -130,18 +131,28 @@ TABLES: tuple[StagingTable, ...] = (
     ),
 )
 _BY_NAME = {t.name: t for t in TABLES}
+_ANY_EDGE = "SELECT EXISTS (SELECT 1 FROM following)"
 
 
 @dataclass(frozen=True, slots=True)
 class Staging:
-    """Where one import's staging relations live: temporary ones on one PostgreSQL,
+    """Where one import's staging relations live: temporary ones on one PostgreSQL (the
+    `shared` ones unlogged when the import is `paired`: it has a second connection),
     distributed ones co-located with the live tables on Citus (see the module's doc)."""
 
     citus: bool
+    paired: bool = False
 
     @classmethod
-    async def detect(cls, conn: Conn) -> Staging:
-        return cls(await graph_is_distributed(conn))
+    async def detect(cls, conn: Conn, *, edges: bool) -> Staging:
+        """On one PostgreSQL an import of edges into empty edge tables (an initial load)
+        is paired (server.importer.pair); into a graph a service is using, one connection
+        takes one core at most, leaving the other to the service's calls (on 2 cores, with
+        the checks paired, others' worst call during bench-ops' live import rose from 305 /
+        396 ms to 429 / 561 ms)."""
+        citus = await graph_is_distributed(conn)
+        empty = not await conn.fetchval(_ANY_EDGE)
+        return cls(citus, paired=not citus and edges and empty)
 
     async def create(self, conn: Conn) -> None:
         """Make every staging relation (each statement committing on its own)."""
@@ -150,7 +161,7 @@ class Staging:
             for t in TABLES:
                 if t.made:
                     continue
-                if t.shared:
+                if t.shared and self.paired:
                     await conn.execute(f"CREATE UNLOGGED TABLE {t.name} ({t.columns})")
                 elif t.rekeys is not None:
                     await conn.execute(f"CREATE TEMP VIEW {t.name} AS {t.rekeys}")
@@ -192,7 +203,7 @@ class Staging:
         the distributed table made at the start takes them, each row on its owner's shard."""
         if self.citus:
             return rowcount(await conn.execute(f"INSERT INTO {name} {query}"))
-        kind = "UNLOGGED" if _BY_NAME[name].shared else "TEMP"
+        kind = "UNLOGGED" if _BY_NAME[name].shared and self.paired else "TEMP"
         return rowcount(await conn.execute(f"CREATE {kind} TABLE {name} AS {query}"))
 
     async def drop(self, conn: Conn) -> None:

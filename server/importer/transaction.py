@@ -85,9 +85,9 @@ async def import_graph(
     try:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _IMPORT_LOCK):
             raise ImportBusyError("another follow-server import is running on this database")
-        staging = await Staging.detect(conn)
+        staging = await Staging.detect(conn, edges=edges is not None)
         await staging.create(conn)
-        if not staging.citus and edges is not None:
+        if staging.paired:
             second = await pair.connect(database_url)
         report.lap("prepare")
         no_accounts = await _stage(
