@@ -250,21 +250,24 @@ async def queue(
             if items and distributed:
                 await conn.executemany(_INSERT, [_insert_args(url, q) for q in items])
             elif items:
-                await conn.execute(
-                    _INSERT_MANY,
-                    url,
-                    [q.user_id for q in items],
-                    [q.txid for q in items],
-                    [q.event_id for q in items],
-                    [q.command for q in items],
-                    [q.body for q in items],
-                    [q.client_ip for q in items],
-                    [q.platform for q in items],
-                    [q.event_at_us for q in items],
-                )
+                await conn.execute(_INSERT_MANY, url, *_columns(items))
     except _MovedError:
         return False
     return True
+
+
+def _columns(items: Sequence[Queued]) -> tuple[list[Any], ...]:
+    """The queued rows as one array per column, in _INSERT_MANY's and _FEED's order."""
+    return (
+        [q.user_id for q in items],
+        [q.txid for q in items],
+        [q.event_id for q in items],
+        [q.command for q in items],
+        [q.body for q in items],
+        [q.client_ip for q in items],
+        [q.platform for q in items],
+        [q.event_at_us for q in items],
+    )
 
 
 async def queue_claiming(
@@ -295,14 +298,7 @@ async def queue_claiming(
         through.id,
         after.txid,
         after.id,
-        [q.user_id for q in items],
-        [q.txid for q in items],
-        [q.event_id for q in items],
-        [q.command for q in items],
-        [q.body for q in items],
-        [q.client_ip for q in items],
-        [q.platform for q in items],
-        [q.event_at_us for q in items],
+        *_columns(items),
         flags,
         lease_seconds,
         token,
