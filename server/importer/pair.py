@@ -54,8 +54,8 @@ async def connect(database_url: str) -> Conn:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """Statements run in order on one connection, each committing on its own, once the
-    jobs named in `after` have finished."""
+    """Statements run in order on one connection, once the jobs named in `after` have
+    finished: each commits on its own, unless the job brackets them in BEGIN ... COMMIT."""
 
     name: str
     statements: tuple[str, ...]

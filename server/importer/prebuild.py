@@ -55,8 +55,8 @@ SELECT quote_literal(percentile_disc(0.5) WITHIN GROUP (ORDER BY follower))
 FROM import_new {sample}
 """
 _SAMPLE = "TABLESAMPLE SYSTEM (1) REPEATABLE (0)"
-_JOIN_SETTINGS = "SET work_mem = '1GB'; SET enable_mergejoin = off"
-_SESSION_SETTINGS = "SET work_mem = '256MB'; SET enable_mergejoin = on"  # pair.SESSION's
+# The join's settings, for its own transaction only.
+_JOIN_SETTINGS = "BEGIN; SET LOCAL work_mem = '1GB'; SET LOCAL enable_mergejoin = off"
 _FILL_FOLLOWERS = f"""
 INSERT INTO {new_name(_FOLLOWERS)} (user_id, follower_id, followed_at)
 SELECT target, follower, at FROM import_new
@@ -121,10 +121,7 @@ async def build(conn: Conn, second: Conn) -> Prebuilt | None:
     ]
     filled = {_FOLLOWING.name: ("half 1", "half 2"), _FOLLOWERS.name: (_FOLLOWERS.name,)}
     jobs = [
-        *(
-            Job(f"half {n}", (_JOIN_SETTINGS, h, _SESSION_SETTINGS))
-            for n, h in enumerate(halves, 1)
-        ),
+        *(Job(f"half {n}", (_JOIN_SETTINGS, h, "COMMIT")) for n, h in enumerate(halves, 1)),
         Job(_FOLLOWERS.name, (_FILL_FOLLOWERS,)),
     ]
     for table in EDGE_TABLES:

@@ -477,7 +477,7 @@ async def check_edges(
     Whether the accounts table was empty as the checks ran (every good edge then names
     accounts of the accounts file: server.importer.bulk needs no join to know it)."""
     no_accounts = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accounts)")
-    was_empty = not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM following)")
+    was_empty = not await conn.fetchval(_ANY_EDGE)
     unknown = _NOT_AN_ACCOUNT
     if staging.citus:
         await staging.fill(conn, "import_targets")
