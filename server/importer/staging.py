@@ -147,9 +147,7 @@ class Staging:
     async def detect(cls, conn: Conn, *, edges: bool) -> Staging:
         """On one PostgreSQL an import of edges into empty edge tables (an initial load)
         is paired (server.importer.pair); into a graph a service is using, one connection
-        takes one core at most, leaving the other to the service's calls (on 2 cores, with
-        the checks paired, others' worst call during bench-ops' live import rose from 305 /
-        396 ms to 429 / 561 ms)."""
+        takes one core at most, leaving the other to the service's calls."""
         citus = await graph_is_distributed(conn)
         empty = not await conn.fetchval(_ANY_EDGE)
         return cls(citus, paired=not citus and edges and empty)
