@@ -113,7 +113,7 @@ SAMPLES: dict[str, Sample] = {
     "_OWN_EDGES_AMONG": _one(ALICE, FIVE),
     "_OWN_FOLLOWS_AMONG": _one(ALICE, FIVE),  # with a reference table (account_tombstones)
     "_UNFOLLOW_OWN": _one(ALICE, FIVE, -5, -2),
-    "_UNFOLLOW_THEIRS": Sample((["bob"], ALICE), ("bob",)),  # the users of one shard
+    "_UNFOLLOW_THEIRS": Sample((["bob"], ALICE, 3, ["bob"]), ("bob",)),  # one shard's users
     "_SET_THEIR_MUTUALS": Sample((["bob"], ALICE, AT), ("bob",)),  # the users of one shard
     # Single-node only (store.SINGLE_NODE_ONLY): EXPLAINed and shown, not judged.
     "_WRITE_FOLLOWS": Sample((ALICE, FIVE, AT, FIVE[:2], 3, "::1", "gRPC"), (ALICE, *FIVE)),
@@ -127,7 +127,7 @@ SAMPLES: dict[str, Sample] = {
     "_ADD_OWN_COUNTS": _one(ALICE, 2, 1),
     "_CHECK": _one(ALICE, FIVE),
     "_COUNTS": _theirs(FIVE),
-    "_COUNTS_CORRELATED": _theirs(FIVE),
+    "_COUNT_ROWS": _theirs(FIVE),
     "_PROFILES": _theirs(FIVE),
     "_PAGES[FAN].first": _one(ALICE, 20),
     "_PAGES[FAN].next": _one(ALICE, 20, AT, "bob"),
