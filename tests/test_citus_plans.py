@@ -113,7 +113,7 @@ SAMPLES: dict[str, Sample] = {
     "_OWN_EDGES_AMONG": _one(ALICE, FIVE),
     "_OWN_FOLLOWS_AMONG": _one(ALICE, FIVE),  # with a reference table (account_tombstones)
     "_UNFOLLOW_OWN": _one(ALICE, FIVE, -5, -2),
-    "_UNFOLLOW_THEIRS": Sample((["bob"], ALICE, 3, ["bob"]), ("bob",)),  # one shard's users
+    "_UNFOLLOW_THEIRS": Sample((["bob"], ALICE), ("bob",)),  # the users of one shard
     "_SET_THEIR_MUTUALS": Sample((["bob"], ALICE, AT), ("bob",)),  # the users of one shard
     # Single-node only (store.SINGLE_NODE_ONLY): EXPLAINed and shown, not judged.
     "_WRITE_FOLLOWS": Sample((ALICE, FIVE, AT, FIVE[:2], 3, "::1", "gRPC"), (ALICE, *FIVE)),
