@@ -313,6 +313,8 @@ class Sender(_Wakeable):
         # outcomes not marked yet: ('' = a 2xx, else what failed; when, time.time())
         self._done: list[tuple[Delivery, str, float]] = []
         self._done_since = 0.0  # time.monotonic() when the first of them came back
+        self._done_failed = False  # a failure among them: mark at once
+        self._done_frees = False  # marking one of them frees its user's next delivery
         self._look = True  # there may be due heads: claim at the next round
         self._last_claim = 0.0  # time.monotonic() of the last claim
         self._claim_every = POLL_SECONDS  # IDLE_CLAIM_SECONDS after a claim found nothing
@@ -350,6 +352,8 @@ class Sender(_Wakeable):
         left = {q.user_id for q in queued if q.event_id not in handed}
         self._handed.update(handed)
         self._behind.update(left)
+        if left and self._done and not self._done_frees:
+            self._done_frees = any(d.user_id in left for d, _, _ in self._done)
         self._waiting.extend(claimed)
         self._start()
         if left - {d.user_id for d in claimed}:
@@ -461,19 +465,21 @@ class Sender(_Wakeable):
         MARK_SECONDS (only its lease waits: a handed-over delivery with nothing behind it);
         at once with a failure among them, PREFETCH * --callback-concurrency of them, or
         nothing more on the wire."""
-        if (
+        if self._done_failed or self._mark_now():
+            return self._done_since
+        return self._done_since + (GATHER_SECONDS if self._done_frees else MARK_SECONDS)
+
+    def _mark_now(self) -> bool:
+        return (
             self.stopping
             or len(self._done) >= PREFETCH * self._config.concurrency
             or not (self._flying or self._waiting)
-        ):
-            return self._done_since
-        delay = MARK_SECONDS
-        for d, error, _ in self._done:
-            if error:
-                return self._done_since
-            if d.event_id not in self._handed or d.user_id in self._behind:
-                delay = GATHER_SECONDS
-        return self._done_since + delay
+        )
+
+    def _frees(self, d: Delivery) -> bool:
+        """Marking `d` may make its user's next delivery due: it came from a claim, or its
+        user has more queued behind it."""
+        return d.event_id not in self._handed or d.user_id in self._behind
 
     def _start(self) -> None:
         """Start workers for the claimed deliveries waiting, up to config.concurrency
@@ -502,10 +508,19 @@ class Sender(_Wakeable):
                     error = f"{type(exc).__name__}: {exc}"
                 finally:
                     self._flying.pop(d.event_id, None)
-                if not self._done:
+                first = not self._done
+                if first:
                     self._done_since = time.monotonic()
                 self._done.append((d, error, time.time()))
-                super().wake()
+                frees = self._frees(d)
+                # The loop's sleep already ends at the marking time of what came back before
+                # (_mark_at): woken only when this outcome moves it (the first one, a
+                # failure, one that frees a user's next delivery: GATHER_SECONDS) or marks
+                # now (_mark_now), not once per answer.
+                if first or error or (frees and not self._done_frees) or self._mark_now():
+                    super().wake()
+                self._done_failed = self._done_failed or bool(error)
+                self._done_frees = self._done_frees or frees
         finally:
             # at once, not in the done callback (a loop step later): a _start in between
             # would count this worker as about to take a waiting delivery
@@ -543,9 +558,7 @@ class Sender(_Wakeable):
         database error leaves the rest for the next round (their leases still hold).
         Whether a user's next delivery may be due now: a delivery marked came from a claim,
         or its user has more queued behind it."""
-        freed = any(
-            d.event_id not in self._handed or d.user_id in self._behind for d, _, _ in self._done
-        )
+        freed = any(self._frees(d) for d, _, _ in self._done)
         ok = [(d, at) for d, error, at in self._done if not error]
         if ok:
             gone = await webhook_queue.delivered(
@@ -569,6 +582,9 @@ class Sender(_Wakeable):
             self._done.remove(item)
             self._handed.discard(d.event_id)
         self._done_since = time.monotonic()
+        # what came back while the statements ran stays for the next marking
+        self._done_failed = any(error for _, error, _ in self._done)
+        self._done_frees = any(self._frees(d) for d, _, _ in self._done)
         return freed
 
     async def _failed(self, d: Delivery, error: str) -> None:
