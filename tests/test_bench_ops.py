@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from tests.bench.ops import CHECK, FOLLOW, ClientRecords, compare, window_stats
+from tests.bench.ops import CHECK, FOLLOW, ClientRecords, compare, importer_phases, window_stats
+from tests.bench.opslocks import step_at
 
 
 def records(*calls: tuple[float, float, bool]) -> ClientRecords:
@@ -49,3 +50,42 @@ def test_compare_ratios_and_target() -> None:
     assert compare(base, slow)["target_met"] is False  # 600 ms > 500 ms
     assert compare(base, fast)["target_met"] is True
     assert compare(base, fast)["calls_per_s"] == 2.5
+
+
+def test_importer_phases_read_from_its_log_line_in_order() -> None:
+    """The importer's `phases:` INFO line becomes its steps and seconds, in order."""
+    log = (
+        "2026-11-26 INFO server.importer.cli importing into postgresql://x (database ready)\n"
+        "2026-11-26 INFO server.importer.cli phases: prepare 0.09s, read accounts 2.48s,"
+        " check edges 16.78s, write edges 100.00s, analyze 1.06s\n"
+    )
+    assert importer_phases(log) == [
+        ("prepare", 0.09),
+        ("read accounts", 2.48),
+        ("check edges", 16.78),
+        ("write edges", 100.0),
+        ("analyze", 1.06),
+    ]
+    assert importer_phases("no such line\n") == []
+
+
+def test_step_at_places_the_batches_at_the_first_batch() -> None:
+    """With batches, "write edges" starts at the first batch; before the first step the
+    process was starting; without phases there is no step."""
+    phases = [("prepare", 1.0), ("check edges", 4.0), ("write edges", 10.0), ("analyze", 1.0)]
+    # the first batch at 7 s: prepare 2-3, check 3-7, write edges 7-17, analyze 17-18
+    assert step_at(phases, 7.0, 20.0, 1.5) == "starting"
+    assert step_at(phases, 7.0, 20.0, 2.5) == "prepare"
+    assert step_at(phases, 7.0, 20.0, 6.9) == "check edges"
+    assert step_at(phases, 7.0, 20.0, 7.1) == "write edges"
+    assert step_at(phases, 7.0, 20.0, 17.5) == "analyze"
+    assert step_at(phases, 7.0, 20.0, 19.0) == "exiting"
+    assert step_at([], 7.0, 20.0, 5.0) == ""
+
+
+def test_step_at_without_batches_ends_with_the_process() -> None:
+    """Without a batch the steps are placed to end when the importer's process ended."""
+    phases = [("prepare", 1.0), ("check edges", 4.0)]
+    assert step_at(phases, None, 10.0, 4.5) == "starting"
+    assert step_at(phases, None, 10.0, 5.5) == "prepare"
+    assert step_at(phases, None, 10.0, 9.9) == "check edges"

@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -451,7 +452,7 @@ def run_import(
     command, env, cwd = importer_command(checkout)
     command += ["--database-url", url]
     command += ["--accounts", str(accounts.resolve()), "--edges", str(edges.resolve())]
-    command += ["--no-progress", "--log-level", "WARNING", *extra]
+    command += ["--no-progress", "--log-level", "INFO", *extra]
     if batch_log is not None:
         command += ["--batch-log", str(batch_log)]
     began = time.monotonic()
@@ -468,8 +469,22 @@ def run_import(
         "import_s": round(ended - began, 3),
         "edges": lines,
         "edges_per_s": round(lines / (ended - began)),
-        "output_tail": (done.stdout + done.stderr)[-600:],
+        "output_tail": done.stdout[-600:],
+        "phases": importer_phases(done.stderr),
     }
+
+
+_PHASE = re.compile(r"([^,]+?) (\d+(?:\.\d+)?)s(?:, |$)")
+
+
+def importer_phases(log: str) -> list[tuple[str, float]]:
+    """The importer's steps and their seconds, in order, from its `phases:` log line (INFO):
+    with the import's start they place each slow call in the step it met."""
+    for line in log.splitlines():
+        _, sep, tail = line.partition("phases: ")
+        if sep:
+            return [(m[1].strip(), float(m[2])) for m in _PHASE.finditer(tail.strip())]
+    return []
 
 
 # -- the template ---------------------------------------------------------------------------
@@ -642,7 +657,15 @@ def _slow_calls(
         if c[0] < ended and c[0] + c[1] >= began
     ]
     tries = opslocks.read_batches(batch_log, opslocks.read_edges(edges))
-    return opslocks.slow_calls(calls, OP_NAMES, frozenset((FOLLOW, UNFOLLOW)), tries, began)
+    return opslocks.slow_calls(
+        calls,
+        OP_NAMES,
+        frozenset((FOLLOW, UNFOLLOW)),
+        tries,
+        began,
+        ended,
+        result.get("phases", []),
+    )
 
 
 def _median(values: list[Any]) -> float | None:

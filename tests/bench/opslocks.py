@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import bisect
 import csv
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,18 +78,42 @@ def meets_locks(kind_writes: bool, actor: int, target: int, batch: BatchTry) -> 
     return actor in batch.followers or actor in batch.targets or target in batch.followers
 
 
+def step_at(
+    phases: Sequence[tuple[str, float]], first_batch: float | None, ended: float, at: float
+) -> str:
+    """The importer's step running `at` seconds after the import's process started, from its
+    phases (their seconds in order, counted from when its report began, after the process
+    started and connected): placed so that the batches' step ("write edges") begins at the
+    first batch when there was one, else so that the last step ends when the process did."""
+    if not phases:
+        return ""
+    names = [n for n, _ in phases]
+    ends = list(itertools.accumulate(s for _, s in phases))
+    if first_batch is not None and "write edges" in names[1:]:
+        offset = first_batch - ends[names.index("write edges") - 1]
+    else:
+        offset = ended - ends[-1]
+    if at < offset:
+        return "starting"
+    return next((n for n, end in zip(names, ends, strict=True) if at < end + offset), "exiting")
+
+
 def slow_calls(
     calls: list[tuple[float, float, int, int, int]],
     names: tuple[str, ...],
     writes: frozenset[int],
     tries: list[BatchTry],
     began: float,
+    ended: float,
+    phases: Sequence[tuple[str, float]] = (),
 ) -> dict[str, Any]:
     """The slowest calls (start, latency, kind, actor, target), each with what it met: the
     batch tries overlapping it, the longest of them, whether it met their locks; and the
     worst latency among calls that met a batch's locks, met a batch without its locks, or
-    met no batch (the import's other steps, or its pauses)."""
+    met no batch (the import's other steps, or its pauses), and the importer's step it met
+    (step_at, from the importer's `phases`)."""
     starts = [t.began for t in tries]
+    first = tries[0].began - began if tries else None
     worst = {"met_locks": 0.0, "met_batch": 0.0, "no_batch": 0.0}
     slowest: list[dict[str, Any]] = []
     for start, latency, kind, actor, target in sorted(calls, key=lambda c: -c[1]):
@@ -107,6 +133,7 @@ def slow_calls(
                     "batches": len(met),
                     "longest_batch_ms": round(max((t.seconds for t in met), default=0) * 1000),
                     "met_locks": locks,
+                    "importer_step": step_at(phases, first, ended - began, start - began),
                 }
             )
     ok = [t for t in tries if t.outcome == "ok"]
