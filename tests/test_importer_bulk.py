@@ -328,6 +328,11 @@ async def test_a_graph_big_enough_to_sample_is_built_in_halves_with_exact_counts
     (count,) = mutual[0]
     assert isinstance(count, int)
     assert count > 0
+    # the followers table was written in its key's order (each user's fans on neighbouring
+    # pages)
+    rows = await _fetch(db_url, "SELECT user_id, follower_id FROM followers ORDER BY ctid")
+    assert len(rows) == report.edges_added
+    assert [tuple(r) for r in rows] == sorted(tuple(r) for r in rows)
 
 
 async def test_only_an_import_of_edges_into_empty_edge_tables_is_paired(db_url: str) -> None:

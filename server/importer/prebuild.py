@@ -6,12 +6,12 @@ are all of import_new. Then the new edge tables of server.importer.swap, their i
 each user's counts need nothing from the bulk transaction, so they are built before it, on
 the importer's two connections at once (server.importer.pair): the following table (with
 each edge's mutual state, joining import_new with itself, in two halves of the followers,
-one on each connection), the followers table, each of their indexes once its table is
-filled, and the counts per user. They are tables nobody else reads (import_swap_*,
-import_count*), each statement committing on its own; a killed import leaves them for the
-next one to drop. The bulk transaction (server.importer.bulk) then creates the accounts,
-writes their counter rows from the counts and swaps the tables in; if an account turned
-out to exist meanwhile, it drops them and takes its own way.
+one on each connection), the followers table (in its key's order), each of their indexes
+once its table is filled, and the counts per user. They are tables nobody else reads
+(import_swap_*, import_count*), each statement committing on its own; a killed import
+leaves them for the next one to drop. The bulk transaction (server.importer.bulk) then
+creates the accounts, writes their counter rows from the counts and swaps the tables in;
+if an account turned out to exist meanwhile, it drops them and takes its own way.
 
 On 2 cores the build took as long as the same statements in the bulk transaction on one
 connection (5,000,000 edges: 38-43 s against 42 s, see the README's import figures); what
@@ -57,11 +57,16 @@ SELECT quote_literal(percentile_disc(0.5) WITHIN GROUP (ORDER BY follower))
 FROM import_new {sample}
 """
 _SAMPLE = "TABLESAMPLE SYSTEM (1) REPEATABLE (0)"
-# The join's settings, for its own transaction only.
+# The join's and the followers' sort's settings, for their own transaction only.
 _JOIN_SETTINGS = "BEGIN; SET LOCAL work_mem = '1GB'; SET LOCAL enable_mergejoin = off"
+_SORT_SETTINGS = "BEGIN; SET LOCAL work_mem = '1GB'"
+# The followers table written in its primary key's order (import_new is in the following
+# table's): its two indexes are then built from sorted rows, which costs less than the sort
+# here (5,000,000 edges: ~3% less CPU for the whole import), and each user's fans lie on
+# neighbouring pages, which is what a List of fans reads.
 _FILL_FOLLOWERS = f"""
 INSERT INTO {new_name(_FOLLOWERS)} (user_id, follower_id, followed_at)
-SELECT target, follower, at FROM import_new
+SELECT target, follower, at FROM import_new ORDER BY target, follower
 """  # noqa: S608 - constant names
 _COUNT_OUT = f"""
 CREATE UNLOGGED TABLE import_count_out AS
@@ -124,7 +129,7 @@ async def build(conn: Conn, second: Conn) -> Prebuilt | None:
     filled = {_FOLLOWING.name: ("half 1", "half 2"), _FOLLOWERS.name: (_FOLLOWERS.name,)}
     jobs = [
         *(Job(f"half {n}", (_JOIN_SETTINGS, h, "COMMIT")) for n, h in enumerate(halves, 1)),
-        Job(_FOLLOWERS.name, (_FILL_FOLLOWERS,)),
+        Job(_FOLLOWERS.name, (_SORT_SETTINGS, _FILL_FOLLOWERS, "COMMIT")),
     ]
     for table in EDGE_TABLES:
         jobs += [
