@@ -362,7 +362,7 @@ async def test_kill_9_between_write_and_delivery_loses_nothing(
     total = sum(len(v) for v in expected.values())
     async with follow_server(*args) as server:
         await server.wait_for(r"gRPC listening")
-        # The killed server's lease (10 s + 2 x timeout) must run out first.
+        # The killed server's lease (10 s + (PREFETCH + 1) x timeout) must run out first.
         await until(lambda: len(receiver.delivered) >= total, within=120, what="after restart")
     for user in users:
         assert _seen(receiver, user) == expected[user]
