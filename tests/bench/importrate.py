@@ -6,8 +6,9 @@ tests.bench.graph writes them) into a fresh database of a throwaway PostgreSQL
 given on this machine, server.embedded_conf: a quarter of the memory as shared buffers,
 checkpoints further apart), --runs times, each into an empty database, or with --base into
 a database that already holds the --base graph (imported first, not timed; --exclusive:
-the timed import with `--exclusive`). Prints each run's seconds, edges/s and the
-importer's phases, then the median rate.
+the timed import with `--exclusive`). Prints each run's seconds, edges/s, the importer's
+phases and the CPU seconds spent (PostgreSQL's processes, the importer's) with the rate
+that work would allow with every core busy throughout, then the median rate.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -27,19 +29,29 @@ import asyncpg
 
 from server.embedded_conf import embedded_settings, machine_memory
 from server.importer import ImportOptions, import_graph
+from tests.bench.cpu import own_cpu_seconds, postmaster_pid, tree_cpu_seconds
 from tests.support.pgcluster import LocalPostgres
 
 
-async def _import(url: str, graph: Path, options: ImportOptions) -> dict[str, object]:
-    """Import the graph's edges.csv, with its accounts.csv when there is one."""
+async def _import(
+    url: str, graph: Path, options: ImportOptions, postmaster: int
+) -> dict[str, object]:
+    """Import the graph's edges.csv, with its accounts.csv when there is one; with the CPU
+    seconds PostgreSQL (all its processes) and this process (the importer) spent on it, and
+    the rate those would allow if every core were busy all the time (their sum spread over
+    the machine's cores): the bound on the rate that comes from the work alone."""
     with contextlib.ExitStack() as files:
         accounts = None
         if (graph / "accounts.csv").exists():
             accounts = files.enter_context((graph / "accounts.csv").open(newline=""))
         edges = files.enter_context((graph / "edges.csv").open(newline=""))
         began = time.perf_counter()
+        cpu_pg, cpu_own = tree_cpu_seconds(postmaster), own_cpu_seconds()
         report = await import_graph(url, accounts, edges, options)
         seconds = time.perf_counter() - began
+        await asyncio.sleep(1)  # the importer's backends exit and are reaped (their CPU)
+        cpu_pg, cpu_own = tree_cpu_seconds(postmaster) - cpu_pg, own_cpu_seconds() - cpu_own
+    cores = os.cpu_count() or 1
     return {
         "seconds": round(seconds, 2),
         "edges_per_s": round(report.edges_read / seconds),
@@ -48,6 +60,8 @@ async def _import(url: str, graph: Path, options: ImportOptions) -> dict[str, ob
         "batches": report.batches,
         "swapped": report.swapped,
         "longest_batch": round(report.longest_batch, 3),
+        "cpu_s": {"postgres": round(cpu_pg, 1), "importer": round(cpu_own, 1)},
+        "cpu_bound_edges_per_s": round(report.edges_read / ((cpu_pg + cpu_own) / cores)),
         "phases": {k: round(v, 2) for k, v in report.phases.items()},
     }
 
@@ -71,14 +85,18 @@ async def _main(args: argparse.Namespace) -> None:
     pg.init()
     pg.start()
     rates: list[float] = []
+    postmaster = postmaster_pid(pg.pgdata)
     try:
         for run in range(args.runs):
             url = await _fresh(pg, "importrate")
             if args.base is not None:
-                base = await _import(url, args.base, ImportOptions(progress=False))
+                base = await _import(url, args.base, ImportOptions(progress=False), postmaster)
                 print(f"base: {json.dumps(base)}", file=sys.stderr)
             result = await _import(
-                url, args.graph, ImportOptions(progress=False, exclusive=args.exclusive)
+                url,
+                args.graph,
+                ImportOptions(progress=False, exclusive=args.exclusive),
+                postmaster,
             )
             rates.append(float(result["edges_per_s"]))  # type: ignore[arg-type]
             print(f"run {run + 1}: {json.dumps(result)}", file=sys.stderr)
