@@ -54,12 +54,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 import asyncpg
-import psutil
 
 from server.errors import FollowType
 from server.migrations import migrate
 from server.store import _CHECK, _COUNTS, _PAGES, _PROFILES
 from tests.bench import graph as graphs
+from tests.bench.cpu import tree_cpu_seconds
 from tests.bench.load import USERS_FORMAT, Target
 from tests.bench.report import CLUSTER_TARGETS, render_citus_chart, render_citus_table
 from tests.bench.run import (
@@ -459,20 +459,6 @@ class WaitSampler:
         return {k: round(v / n, 2) for k, v in self._counts.most_common()}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU seconds of a postmaster and all its backends, living and ended (an ended
-    child's time is in its parent's children_* times once reaped)."""
-    try:
-        root = psutil.Process(pid)
-        total = sum(root.cpu_times()[:4])
-        for child in root.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += sum(child.cpu_times()[:2])
-        return total
-    except psutil.Error:
-        return 0.0
-
-
 def _counter_probe(system: System) -> Callable[[str], None]:
     """A run_scenarios probe: the coordinator's Citus statement counters and the CPU time
     of the coordinator and of the workers before and after each scenario (their
@@ -495,7 +481,7 @@ def _counter_probe(system: System) -> Callable[[str], None]:
             f" WHERE name = '{system.database}'",
             database=system.database,
         )
-        cpu = [_cpu_seconds(pid) for pid in pids]
+        cpu = [tree_cpu_seconds(pid) for pid in pids]
         return [
             *(int(x) for x in out.strip().split("|")),
             round(cpu[0] * 1000),
