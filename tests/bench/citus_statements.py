@@ -21,6 +21,7 @@ import asyncpg
 import psutil
 
 from server import store
+from tests.bench.cpu import tree_cpu_seconds
 
 # The forms compared: the one Store.counts sends on Citus, the single-node one, and the
 # correlated form used before _COUNT_ROWS.
@@ -39,18 +40,6 @@ FROM follow_counts c
 WHERE c.user_id = ANY($1::text[])
 """,
 }
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of a postmaster and its living backends."""
-    root = psutil.Process(pid)
-    total = float(sum(root.cpu_times()[:4]))
-    for child in root.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except psutil.Error:
-            continue
-    return total
 
 
 async def _postmaster(url: str) -> int:
@@ -84,10 +73,10 @@ async def measure(url: str, users: int, calls: int, rounds: int) -> dict[str, li
         for _ in range(rounds):
             for name, sql in FORMS.items():
                 batches = [rnd.sample(ids, users) for _ in range(calls)]
-                before = sum(_tree_cpu(p) for p in pids)
+                before = sum(tree_cpu_seconds(p) for p in pids)
                 for batch in batches:
                     await conn.fetch(sql, batch)
-                out[name].append((sum(_tree_cpu(p) for p in pids) - before) / calls * 1e3)
+                out[name].append((sum(tree_cpu_seconds(p) for p in pids) - before) / calls * 1e3)
         return out
     finally:
         await conn.close()
