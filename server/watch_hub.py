@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from server.errors import Reason, ServiceError
 from server.metrics import WatchMetrics
@@ -57,9 +57,9 @@ MAX_BATCH_EVENTS = 500
 MUTUAL_NONE, BECAME_MUTUAL, STOPPED_BEING_MUTUAL = 0, 1, 2
 
 
-@dataclass(frozen=True, slots=True)
-class Slice:
-    """Events `start` to `end` (exclusive, counted from 0) of one outbox row."""
+class Slice(NamedTuple):
+    """Events `start` to `end` (exclusive, counted from 0) of one outbox row (a NamedTuple:
+    one is made per row sent, and a frozen dataclass costs ~6 times a tuple to make)."""
 
     row: OutboxRow
     start: int

@@ -80,6 +80,10 @@ class WatchTokens:
     def row_tokens(self, position: Position, dones: Iterable[int]) -> list[str]:
         """The tokens of Cursor(position, done) for each of `dones`, as encode() makes them:
         the row's part is packed and hashed once."""
+        return [token.decode() for token in self.row_token_bytes(position, dones)]
+
+    def row_token_bytes(self, position: Position, dones: Iterable[int]) -> list[bytes]:
+        """row_tokens as ASCII bytes (what the Watch message's encoder writes)."""
         row = _ROW.pack(_VERSION, position.txid, position.id)
         state = hashlib.blake2b(row, key=self._key, digest_size=_MAC_BYTES)
         tokens = []
@@ -87,7 +91,7 @@ class WatchTokens:
             tail = _DONE.pack(done)
             mac = state.copy()
             mac.update(tail)
-            tokens.append(_b64(row + tail + mac.digest()))
+            tokens.append(_b64_bytes(row + tail + mac.digest()))
         return tokens
 
     def decode(self, token: str) -> Cursor:
@@ -119,4 +123,9 @@ class WatchTokens:
 def _b64(raw: bytes) -> str:
     """URL-safe base64 without padding (binascii directly: base64's wrapper costs more than
     the MAC)."""
-    return binascii.b2a_base64(raw, newline=False).translate(_URL_SAFE).rstrip(b"=").decode()
+    return _b64_bytes(raw).decode()
+
+
+def _b64_bytes(raw: bytes) -> bytes:
+    """_b64, as ASCII bytes."""
+    return binascii.b2a_base64(raw, newline=False).translate(_URL_SAFE).rstrip(b"=")

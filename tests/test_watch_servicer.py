@@ -42,8 +42,8 @@ class StreamBridge:
         out: queue.Queue[tuple[str, Any]] = queue.Queue()
 
         class AioContext:
-            async def write(self, message: ev.WatchResponse) -> None:
-                out.put(("event", message))
+            async def write(self, message: bytes) -> None:  # written serialised
+                out.put(("event", ev.WatchResponse.FromString(message)))
 
             async def abort(self, code: grpc.StatusCode, details: str, trailing: Any) -> None:
                 raise AbortedError(code, details, tuple(trailing))
@@ -163,8 +163,9 @@ def test_a_full_message_of_the_longest_events_stays_well_under_the_receive_limit
         platform="",
     )
     batch = Batch((Slice(row, 0, MAX_BATCH_EVENTS),), Cursor(row.position))
-    message = servicer.response(batch)
+    raw = servicer.response(batch)
+    message = ev.WatchResponse.FromString(raw)
     assert len(message.events) == MAX_BATCH_EVENTS
     assert message.events[-1].position == message.position
     assert tokens.decode(message.events[0].position) == Cursor(row.position, 1)
-    assert len(message.SerializeToString()) < 100_000
+    assert len(raw) < 100_000
