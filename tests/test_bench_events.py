@@ -15,6 +15,7 @@ from tests.bench.events import (
     FOLLOW_DELETE,
     Consumers,
     Hook,
+    HookServer,
     Received,
     Seen,
     Written,
@@ -181,3 +182,54 @@ def test_a_run_with_no_call_completed_is_left_out_of_the_medians() -> None:
     (row, *_) = summarise(runs)
     assert (row["calls_per_s_off"], row["calls_per_s_on"], row["stalled_runs"]) == (100.0, 90.0, 2)
     assert round(row["ratio"], 2) == 0.9
+
+
+class _Transport(asyncio.Transport):
+    """What HookServer writes, and whether it closed the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_the_bench_receiver_parses_split_and_back_to_back_requests() -> None:
+    """HookServer hands each POST to /hook (its target as sent and its body) to its handler
+    once the whole body is in, however the bytes arrive (a request cut anywhere, two in one
+    read), and writes the handler's answer; another path is a 404 and a request without
+    Content-Length a 411 that closes the connection."""
+    seen: list[tuple[bytes, bytes]] = []
+
+    def handle(target: bytes, body: bytes) -> bytes:
+        seen.append((target, body))
+        return b"ok;"
+
+    server = HookServer(handle)
+    transport = _Transport()
+    server.connection_made(transport)
+
+    def request(target: bytes, body: bytes) -> bytes:
+        head = f"POST {target.decode()} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+        return head.encode() + b"\r\n\r\n" + body
+
+    one = request(b"/hook?Sign=AbC&RequestTime=1", b'{"a":1}')
+    for cut in (5, len(one) - 3):
+        server.data_received(one[:cut])
+        server.data_received(one[cut:])
+    server.data_received(request(b"/hook?x=1", b"{}") + request(b"/other", b"{}"))
+    assert seen == [(b"/hook?Sign=AbC&RequestTime=1", b'{"a":1}')] * 2 + [(b"/hook?x=1", b"{}")]
+    assert transport.written.startswith(b"ok;ok;ok;HTTP/1.1 404 ")
+    assert not transport.closed
+    server.data_received(b"POST /hook HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.written.endswith(b"{}")
+    assert b"411 Length Required" in transport.written
+    assert transport.closed

@@ -9,8 +9,9 @@ and how late they arrive.
      (follow_events) are still written: they are part of every write's transaction and cannot
      be turned off, so "off" measures the service without delivery, not without the outbox.
    - "on": `follow-server --callback-url http://127.0.0.1:PORT/hook --callback-token T`, the URL
-     a real aiohttp receiver run by the bench (a process of its own: it checks each request's
-     Sign, answers 200 and records when each webhook arrived), and, in a second process (as a
+     a real HTTP receiver run by the bench (HookServer, a lean HTTP/1.1 server on asyncio's
+     transports, in a process of its own: it checks each request's Sign, answers 200 and
+     records when each webhook arrived), and, in a second process (as a
      separate system would be: its decoding of 20 events per Follow call does not delay the
      receiver's answers), one follow.v1.EventService/Watch stream read by a real gRPC client
      (every event, resuming from its last position if the stream breaks).
@@ -46,15 +47,18 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import parse_qsl
 
 import asyncpg
 import psutil
 
 from server.database import Database, open_database
+from server.runner import run as run_loop
 from tests.bench.load import Target
 from tests.bench.report import _num
 from tests.bench.run import (
@@ -150,14 +154,76 @@ def hook_from(query: dict[str, str], body: dict[str, Any], at: float, token: str
 
 
 def consumer_main(pipe: Connection, token: str) -> None:
-    """The consumer process: answers the parent's commands over `pipe` (see Consumer)."""
-    asyncio.run(_consume(pipe, token))
+    """The consumer process: answers the parent's commands over `pipe` (see Consumer). On
+    uvloop where installed, as the server runs (server.runner.run): the default loop's
+    rounds were most of the receiver's CPU per webhook."""
+    run_loop(_consume(pipe, token))
+
+
+def _answer(status: str, body: bytes) -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+_OK = _answer("200 OK", b'{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}')
+_FORBIDDEN = _answer(
+    "403 Forbidden", b'{"ActionStatus":"FAIL","ErrorCode":1,"ErrorInfo":"bad Sign"}'
+)
+_NOT_FOUND = _answer("404 Not Found", b"{}")
+_LENGTH_REQUIRED = _answer("411 Length Required", b"{}")
+
+
+class HookServer(asyncio.Protocol):
+    """The bench's webhook receiver: HTTP/1.1 with Content-Length bodies and kept-alive
+    connections, enough for the service's sender (and aiohttp's client in the tests), on
+    asyncio's transports. It shares the 2 cores with the server under test, where a real
+    receiver would be a system of its own: aiohttp's server took ~200 us of CPU per webhook
+    (several % of a core under the bench's load), this ~a fifth of that, so the on runs
+    measure the service more than its receiver. `handle(target, body)` records a POST to
+    /hook and returns the whole answer."""
+
+    def __init__(self, handle: Callable[[bytes, bytes], bytes]) -> None:
+        self._handle = handle
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        transport = self._transport
+        while transport is not None and not transport.is_closing():
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            raw = bytes(self._buffer[:end])
+            head = raw.lower()
+            at = head.find(b"\r\ncontent-length:")
+            if at < 0:
+                transport.write(_LENGTH_REQUIRED)
+                transport.close()
+                return
+            line_end = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17 : line_end if line_end > 0 else len(head)])
+            if len(self._buffer) < end + 4 + length:
+                return
+            body = bytes(self._buffer[end + 4 : end + 4 + length])
+            del self._buffer[: end + 4 + length]
+            method, target, _ = raw[: head.find(b"\r\n")].split(b" ", 2)
+            if method != b"POST" or not target.startswith(b"/hook"):
+                transport.write(_NOT_FOUND)
+            else:
+                transport.write(self._handle(target, body))
+            if b"\r\nconnection: close" in head:
+                transport.close()
 
 
 async def _consume(pipe: Connection, token: str) -> None:
     import grpc
     import orjson
-    from aiohttp import web
 
     from follow.v1 import events_pb2 as ev
     from follow.v1 import events_pb2_grpc as ev_rpc
@@ -166,24 +232,24 @@ async def _consume(pipe: Connection, token: str) -> None:
     # What arrived, kept as it came and turned into Hooks and Seens only at stop, after the
     # load: the consumers share the 2 cores with the server under test, so they do no more
     # per item while it is measured than a receiver has to (the Sign check, the answer).
-    bodies: list[tuple[float, dict[str, str], bytes, bool]] = []
+    bodies: list[tuple[float, bytes, bytes, bool]] = []  # (when, query, body, signed)
     messages: list[tuple[float, Any]] = []
-    ok = orjson.dumps({"ActionStatus": "OK", "ErrorCode": 0, "ErrorInfo": ""})
-    fail = orjson.dumps({"ActionStatus": "FAIL", "ErrorCode": 1, "ErrorInfo": "bad Sign"})
 
-    async def hook(request: web.Request) -> web.Response:
-        body = await request.read()
+    def hook(target: bytes, body: bytes) -> bytes:
         at = time.time()
-        query = dict(request.query)
-        signed = sign_ok(token, query.get("RequestTime", ""), query.get("Sign", ""))
-        bodies.append((at, query, body, signed))
-        if not signed:
-            return web.Response(body=fail, status=403, content_type="application/json")
-        return web.Response(body=ok, content_type="application/json")
+        raw = target.partition(b"?")[2]
+        # RequestTime and Sign (digits, hex) need no unquoting; the rest is decoded at stop
+        params = dict(part.partition(b"=")[::2] for part in raw.split(b"&"))
+        signed = sign_ok(
+            token, params.get(b"RequestTime", b"").decode(), params.get(b"Sign", b"").decode()
+        )
+        bodies.append((at, raw, body, signed))
+        return _OK if signed else _FORBIDDEN
 
     def settle() -> None:
         """Turn what arrived into Hooks and Seens (at stop)."""
-        for at, query, body, _ in bodies:
+        for at, raw, body, _ in bodies:
+            query = dict(parse_qsl(raw.decode()))
             got.hooks.append(hook_from(query, orjson.loads(body), at, token))
         bodies.clear()
         for at, message in messages:
@@ -192,13 +258,9 @@ async def _consume(pipe: Connection, token: str) -> None:
                 got.seen.append(Seen(at, event.id, t.seconds * 1_000_000 + t.nanos // 1000))
         messages.clear()
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server: Any = site._server
+    server = await asyncio.get_running_loop().create_server(
+        lambda: HookServer(hook), "127.0.0.1", 0
+    )
     pipe.send(server.sockets[0].getsockname()[1])
 
     async def watch(address: str) -> None:
@@ -242,7 +304,7 @@ async def _consume(pipe: Connection, token: str) -> None:
                 pipe.send(got)
                 return
     finally:
-        await runner.cleanup()
+        server.close()
 
 
 class Consumer:
