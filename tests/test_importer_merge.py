@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from server.importer import import_graph
-from server.importer.merge import (
-    MAX_PAUSE,
-    MIN_BATCH_EDGES,
-    _end_failed_transaction,
-    next_batch_edges,
-    pause_after,
-)
+from server.importer import import_graph, staging
+from server.importer.merge import MIN_BATCH_EDGES, _end_failed_transaction, next_batch_edges
 from server.importer.options import ImportOptions
+from server.importer.pair import MAX_PAUSE, pause_after
 from tests.conftest import CITUS
 from tests.test_importer import T0, assert_counts_equal_lists, at, csv_text, run, snapshot
 
@@ -93,6 +89,41 @@ async def test_exclusive_merge_leaves_the_graph_the_live_merge_leaves(db_url: st
         assert ("a", "b", at(T0), at(T0 + 20)) in rows["following"]
     finally:
         await _drop_database(db_url, "exclusive_copy")
+
+
+async def test_new_edges_found_a_range_of_followers_at_a_time_are_those_found_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into a graph in use the first row of each new edge is found a range of followers at
+    a time (staging.SLICE_ROWS staged rows each, here 2: several ranges): the same file on
+    the same graph, sliced and in one statement (two databases from one template), ends in
+    the same rows, counts and report, with a duplicate and a bad row among the rows."""
+    if CITUS:
+        pytest.skip("the ranges are for one PostgreSQL (on Citus the shards share the work)")
+    await run(db_url, BASE_ACCOUNTS, BASE_EDGES)
+    other = await _copy_database(db_url, "sliced_copy")
+    rows = [*ON_TOP, f"c,d,{T0 + 9}", "e,e", f"e,b,{T0 + 6}", f"d,a,{T0 + 8}"]
+    try:
+        whole = await run(db_url, None, rows, skip_bad_rows=True)
+        monkeypatch.setattr(staging, "SLICE_ROWS", 2)
+        ranges: list[int] = []
+        find_ranges = staging._slices
+
+        async def counted(*args: Any) -> list[tuple[str, str]]:
+            found = await find_ranges(*args)
+            ranges.append(len(found))
+            return found
+
+        monkeypatch.setattr(staging, "_slices", counted)
+        sliced = await run(other, None, rows, skip_bad_rows=True)
+        assert ranges[0] > 2  # five followers in ten rows
+        assert (sliced.edges_added, sliced.edges_already_present) == (7, 1)
+        assert (whole.edges_added, whole.edges_already_present) == (7, 1)
+        assert [b.line for b in sliced.bad_rows] == [b.line for b in whole.bad_rows] == [7, 8]
+        assert await snapshot(other) == await snapshot(db_url)
+        await assert_counts_equal_lists(other)
+    finally:
+        await _drop_database(db_url, "sliced_copy")
 
 
 async def test_exclusive_merge_keeps_the_cap(db_url: str) -> None:

@@ -69,6 +69,7 @@ import asyncpg
 
 from server.importer.batchlog import BatchLog
 from server.importer.options import ImportOptions
+from server.importer.pair import pause_after
 from server.importer.report import BadRow, ImportReport, progress_bar
 from server.importer.staging import BEING_DELETED, Batch, Staging
 from server.store import _GATE, _SHARDS_OF, DELTA_SHARDS
@@ -365,7 +366,6 @@ MAX_BATCH_EDGES = 200_000  # whatever the time budget allows
 # by every session (max_locks_per_transaction x max_connections entries, 6,400+ by default).
 MAX_BATCH_FOLLOWERS = 2_000
 FIRST_BATCH_EDGES = 2_500  # before any batch has been timed
-MAX_PAUSE = 1.0  # seconds: a batch slowed by a stall must not make the merge sleep long
 
 
 # The least a batch is asked to hold (it always takes at least one of the plan's chunks):
@@ -381,12 +381,6 @@ def next_batch_edges(size: int, edges: int, seconds: float, budget: float) -> in
     `budget`, at most twice `size`, at least MIN_BATCH_EDGES, at most MAX_BATCH_EDGES."""
     want = edges * budget / seconds if seconds > 0 else 2 * size
     return int(max(MIN_BATCH_EDGES, min(2 * size, want, MAX_BATCH_EDGES)))
-
-
-def pause_after(seconds: float, ratio: float) -> float:
-    """How long the merge rests after a batch that took `seconds` (ImportOptions.pause_ratio
-    times as long, at most MAX_PAUSE): the duty cycle that leaves the CPU to the service."""
-    return min(seconds * ratio, MAX_PAUSE)
 
 
 def _take(chunks: list[Batch], start: int, size: int) -> int:

@@ -14,11 +14,19 @@ the README's import figures). The relations both connections read are regular un
 tables (server.importer.staging: `shared`), since a temporary table is its session's alone.
 
 Both connections get the importer's session settings (SESSION).
+
+Into a graph a service is using (not paired), the importer's one connection keeps to one
+core (ONE_CORE: no parallel workers) and rests after each statement (RestingConnection,
+ImportOptions.pause_ratio times as long as the statement took, as the merge does after each
+batch): on a small machine a set-based check over the staged rows otherwise holds a core
+for seconds while the service's calls share the other (bench-ops measured the slowest calls
+of other users during a live import in these steps, meeting no lock of the import's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,12 +50,57 @@ SET temp_buffers = '1GB';
 SET jit = off;
 """
 SERVER_SETTINGS = {"application_name": "follow-server import"}
+# Into a graph in use: one core for the importer's statements (an INSERT ... SELECT takes no
+# parallel plan anyway; a SELECT, an ANALYZE's neighbours and CREATE INDEX could).
+ONE_CORE = "SET max_parallel_workers_per_gather = 0; SET max_parallel_maintenance_workers = 0"
+
+MAX_PAUSE = 1.0  # seconds: a statement or batch slowed by a stall must not make it sleep long
 
 
-async def connect(database_url: str) -> Conn:
+def pause_after(seconds: float, ratio: float) -> float:
+    """How long the importer rests after a statement or a merge batch that took `seconds`
+    (ImportOptions.pause_ratio times as long, at most MAX_PAUSE): the duty cycle that leaves
+    the CPU to the service."""
+    return min(seconds * ratio, MAX_PAUSE)
+
+
+if TYPE_CHECKING:
+    _Connection = asyncpg.Connection[asyncpg.Record]
+else:  # generic in the type stubs only
+    _Connection = asyncpg.Connection
+
+
+class RestingConnection(_Connection):
+    """The importer's connection: with `rest_ratio` > 0, each `execute` is followed by a
+    rest of pause_after(its seconds, rest_ratio). Set while no transaction holds locks that
+    the service's calls wait for (the staging steps, the bulk step, ANALYZE); 0 during the
+    merge's batches, which rest between their transactions instead (server.importer.merge)."""
+
+    rest_ratio = 0.0
+
+    async def execute(
+        self,
+        query: str,
+        *args: object,
+        timeout: float | None = None,  # noqa: ASYNC109 - asyncpg's own signature
+    ) -> str:
+        began = time.perf_counter()
+        status = await super().execute(query, *args, timeout=timeout)
+        await self.rest(time.perf_counter() - began)
+        return status
+
+    async def rest(self, seconds: float) -> None:
+        """Rest after `seconds` of work (nothing when rest_ratio is 0)."""
+        if self.rest_ratio > 0:
+            await asyncio.sleep(pause_after(seconds, self.rest_ratio))
+
+
+async def connect(database_url: str) -> RestingConnection:
     """A connection with the importer's session settings (and without the service pool's
     per-statement timeout: a set-based statement over millions of rows may run minutes)."""
-    conn = await asyncpg.connect(database_url, server_settings=SERVER_SETTINGS)
+    conn = await asyncpg.connect(
+        database_url, server_settings=SERVER_SETTINGS, connection_class=RestingConnection
+    )
     await conn.execute(SESSION)
     return conn
 

@@ -89,6 +89,10 @@ async def import_graph(
         await staging.create(conn)
         if staging.paired:
             second = await pair.connect(database_url)
+        else:
+            # Into a graph in use: one core, and a rest after each statement (pair's doc).
+            await conn.execute(pair.ONE_CORE)
+            conn.rest_ratio = options.pause_ratio
         report.lap("prepare")
         no_accounts = await _stage(
             conn, staging, report, options, accounts, edges, accounts_size, edges_size, second
@@ -101,15 +105,17 @@ async def import_graph(
         sizes = await _table_sizes(conn)
         if accounts is not None and not staging.citus:
             await write_fresh(conn, second, report, edges=edges is not None, only_file=no_accounts)
+        chunks = await plan_chunks(conn) if edges is not None else []
+        report.lap("plan batches")
+        resting, conn.rest_ratio = conn.rest_ratio, 0.0  # the batches rest between them
         if accounts is not None:
             await write_accounts(conn, await account_batches(conn), report, options)
         if edges is not None:
-            chunks = await plan_chunks(conn)
-            report.lap("plan batches")
             if options.exclusive and not staging.citus:
                 await write_edges_exclusive(conn, staging, chunks, report, options)
             else:
                 await write_edges(conn, staging, chunks, report, options)
+        conn.rest_ratio = resting
         report.bad_rows.sort(key=lambda b: (b.source, b.line))
         await staging.drop(conn)
         staging = None
@@ -153,11 +159,12 @@ async def _table_sizes(conn: Conn) -> dict[str, float]:
 
 
 async def _analyze(conn: Conn, second: Conn | None, tables: list[str]) -> None:
-    """ANALYZE the tables (two at a time with the second connection)."""
+    """ANALYZE the tables (two at a time with the second connection, else one after the
+    other, each a statement of its own after which the connection may rest)."""
     if tables and second is not None:
         await pair.run_jobs([conn, second], [pair.Job(t, (f"ANALYZE {t}",)) for t in tables])
-    elif tables:
-        await conn.execute(f"ANALYZE {', '.join(tables)}")
+    for table in tables if second is None else ():
+        await conn.execute(f"ANALYZE {table}")
 
 
 def _stale_tables(report: ImportReport, sizes: dict[str, float]) -> list[str]:
