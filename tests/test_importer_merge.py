@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from server.importer import import_graph, staging
+from server.importer import bulk, import_graph, staging
 from server.importer.merge import MIN_BATCH_EDGES, _end_failed_transaction, next_batch_edges
 from server.importer.options import ImportOptions
 from server.importer.pair import MAX_PAUSE, pause_after
@@ -97,15 +97,21 @@ async def test_new_edges_found_a_range_of_followers_at_a_time_are_those_found_at
     """Into a graph in use the first row of each new edge is found a range of followers at
     a time (staging.SLICE_ROWS staged rows each, here 2: several ranges): the same file on
     the same graph, sliced and in one statement (two databases from one template), ends in
-    the same rows, counts and report, with a duplicate and a bad row among the rows."""
+    the same rows, counts and report, with a duplicate, a self-follow, unknown accounts and
+    an account of the accounts file among the rows; the accounts the file creates are
+    created a run of the profiles' batches at a time (bulk.ACCOUNTS_PER_STATEMENT) in the
+    same way as all at once."""
     if CITUS:
         pytest.skip("the ranges are for one PostgreSQL (on Citus the shards share the work)")
     await run(db_url, BASE_ACCOUNTS, BASE_EDGES)
     other = await _copy_database(db_url, "sliced_copy")
     rows = [*ON_TOP, f"c,d,{T0 + 9}", "e,e", f"e,b,{T0 + 6}", f"d,a,{T0 + 8}"]
+    rows += ["zz,a", "a,zz", f"f,a,{T0 + 10}", f"a,f,{T0 + 11}"]  # zz unknown, f in the file
+    accounts = ["f", *(f"n{i:05}" for i in range(4500))]  # three of the profiles' batches
     try:
-        whole = await run(db_url, None, rows, skip_bad_rows=True)
+        whole = await run(db_url, accounts, rows, skip_bad_rows=True)
         monkeypatch.setattr(staging, "SLICE_ROWS", 2)
+        monkeypatch.setattr(bulk, "ACCOUNTS_PER_STATEMENT", staging.ACCOUNT_BATCH)
         ranges: list[int] = []
         find_ranges = staging._slices
 
@@ -115,11 +121,14 @@ async def test_new_edges_found_a_range_of_followers_at_a_time_are_those_found_at
             return found
 
         monkeypatch.setattr(staging, "_slices", counted)
-        sliced = await run(other, None, rows, skip_bad_rows=True)
-        assert ranges[0] > 2  # five followers in ten rows
-        assert (sliced.edges_added, sliced.edges_already_present) == (7, 1)
-        assert (whole.edges_added, whole.edges_already_present) == (7, 1)
-        assert [b.line for b in sliced.bad_rows] == [b.line for b in whole.bad_rows] == [7, 8]
+        sliced = await run(other, accounts, rows, skip_bad_rows=True)
+        assert sliced.accounts_written == whole.accounts_written == 4501
+        assert ranges[0] > 2  # six followers in fourteen rows
+        assert (sliced.edges_added, sliced.edges_already_present) == (9, 1)
+        assert (whole.edges_added, whole.edges_already_present) == (9, 1)
+        bad = [(b.line, b.problem) for b in whole.bad_rows]
+        assert [(b.line, b.problem) for b in sliced.bad_rows] == bad
+        assert [line for line, _ in bad] == [7, 8, 11, 12]
         assert await snapshot(other) == await snapshot(db_url)
         await assert_counts_equal_lists(other)
     finally:

@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pause-ratio",
         type=non_negative_float,
         default=DEFAULT_PAUSE_RATIO,
-        help="after each merge batch, rest this many times as long as it took, leaving the"
-        " CPU to the service's calls (0: no rest; default %(default)s)",
+        help="after each merge batch, and into a graph in use after each statement before"
+        " them, rest this many times as long as it took, leaving the CPU to the service's"
+        " calls (0: no rest; default %(default)s)",
     )
     parser.add_argument(
         "--exclusive",

@@ -11,7 +11,8 @@ from server import rules
 DEFAULT_BATCH_SECONDS = 0.1
 # After each merge batch, the merge rests this many times as long as the batch took, so that
 # on a small machine the import (its process and its PostgreSQL backend) leaves CPU to the
-# service's calls between batches; 0: no rest.
+# service's calls between batches; into a graph in use, so does each statement before the
+# batches (server.importer.pair.RestingConnection); 0: no rest.
 DEFAULT_PAUSE_RATIO = 1.0
 
 

@@ -504,15 +504,21 @@ async def check_edges(
         await staging.fill(conn, "import_targets")
         await conn.execute(_UNKNOWN_ACCOUNTS)
         unknown = _FOUND_UNKNOWN
-    find_bad = _FIND_BAD_ROWS.format(unknown=unknown)
     new_edges = functools.partial(
         _NEW_EDGES.format, stored="false" if was_empty else _STORED, now=time.time_ns() // 1000
     )
-    resting = not staging.citus and second is None and options.pause_ratio > 0
-    slices = await _slices(conn, staged, math.ceil(staged / SLICE_ROWS) if resting else 1)
-    per_row, distinct, cap_may_bite = await _bad_and_first_rows(
-        conn, second, find_bad, new_edges, options.max_following, slices
-    )
+    find_bad = _FIND_BAD_ROWS.format(unknown=unknown)
+    cap_may_bite: bool | None = None
+    if second is not None:
+        per_row, distinct, cap_may_bite = await _paired_checks(
+            conn, second, find_bad, new_edges, options.max_following
+        )
+    else:
+        per_row = rowcount(await conn.execute(find_bad))
+        # Into a graph in use: a range of followers at a time (see SLICE_ROWS).
+        resting = not staging.citus and options.pause_ratio > 0
+        slices = await _slices(conn, staged, math.ceil(staged / SLICE_ROWS) if resting else 1)
+        distinct = await _first_rows(conn, new_edges, _GOOD if per_row else "", slices)
     good = _GOOD if per_row else ""
     if distinct < staged - per_row:
         await conn.execute(_DUPLICATES.format(good=good))
@@ -533,31 +539,33 @@ async def check_edges(
     return no_accounts
 
 
-async def _bad_and_first_rows(
+async def _first_rows(
+    conn: Conn, new_edges: Callable[..., str], good: str, slices: Sequence[tuple[str, str]]
+) -> int:
+    """Fill import_new with each new edge's first row among the `good` rows, in one
+    statement or a range of followers at a time (`slices`); how many."""
+    if not slices:
+        return rowcount(await conn.execute(new_edges(good=good)))
+    distinct = 0
+    for n, (lo, hi) in enumerate(slices, 1):
+        in_slice = _IN_LAST_SLICE if n == len(slices) else _IN_SLICE
+        where = f"{good} AND {in_slice}" if good else f"WHERE {in_slice}"
+        distinct += rowcount(await conn.execute(new_edges(good=where), lo, hi))
+    return distinct
+
+
+async def _paired_checks(
     conn: Conn,
-    second: Conn | None,
+    second: Conn,
     find_bad: str,
     new_edges: Callable[..., str],
     cap: int,
-    slices: Sequence[tuple[str, str]],
-) -> tuple[int, int, bool | None]:
-    """Fill import_bad and import_new: how many bad rows, how many new edges, and whether
-    a follower may pass the cap (None: not looked at). With `second`, three statements on
-    the two connections at once (server.importer.pair): each edge's first row taken among
-    all rows (when there are bad rows, rare in a big import, again among the good ones),
-    the bad rows, and a bound of the cap check over all staged rows. Else one after the
-    other, the first rows a range of followers at a time when `slices` has several."""
-    if second is None:
-        per_row = rowcount(await conn.execute(find_bad))
-        good = _GOOD if per_row else ""
-        if not slices:
-            return per_row, rowcount(await conn.execute(new_edges(good=good))), None
-        distinct = 0
-        for n, (lo, hi) in enumerate(slices, 1):
-            in_slice = _IN_LAST_SLICE if n == len(slices) else _IN_SLICE
-            where = f"{good} AND {in_slice}" if good else f"WHERE {in_slice}"
-            distinct += rowcount(await conn.execute(new_edges(good=where), lo, hi))
-        return per_row, distinct, None
+) -> tuple[int, int, bool]:
+    """Fill import_bad and import_new with three statements on the two connections at once
+    (server.importer.pair): each edge's first row taken among all rows (when there are bad
+    rows, rare in a big import, again among the good ones), the bad rows, and a bound of
+    the cap check over all staged rows. How many bad rows, how many new edges, and whether
+    a follower may pass the cap."""
     jobs = [
         Job("new", (new_edges(good=""),)),
         Job("bad", (find_bad,)),

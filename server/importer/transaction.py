@@ -104,7 +104,14 @@ async def import_graph(
             )
         sizes = await _table_sizes(conn)
         if accounts is not None and not staging.citus:
-            await write_fresh(conn, second, report, edges=edges is not None, only_file=no_accounts)
+            await write_fresh(
+                conn,
+                second,
+                report,
+                edges=edges is not None,
+                only_file=no_accounts,
+                resting=conn.rest_ratio > 0,
+            )
         chunks = await plan_chunks(conn) if edges is not None else []
         report.lap("plan batches")
         resting, conn.rest_ratio = conn.rest_ratio, 0.0  # the batches rest between them
