@@ -33,6 +33,7 @@ _EVENT_USER = b"\x1a"
 _EVENT_OTHER = b"\x22"
 _EVENT_TIME = b"\x2a"
 _EVENT_MUTUAL = (b"", b"\x30\x01", b"\x30\x02")  # MUTUAL_CHANGE_NONE is left out
+_EVENT_POSITION = b"\x3a"
 _SECONDS = b"\x08"
 _NANOS = b"\x10"
 
@@ -86,23 +87,46 @@ class RowEvents:
         `index` (its id "<prefix><index>"), its (other user, mutual change) and position
         token (ASCII)."""
         prefix, kind_user, at = self._id_prefix, self._kind_user, self._time
+        one_byte, mutuals, slow = _ONE_BYTE, _EVENT_MUTUAL, _event
         for index, (other, mutual), position in zip(indexes, edges, positions, strict=True):
             event_id = (prefix + str(index)).encode()
-            event = b"".join(
-                (
-                    _EVENT_ID,
-                    varint(len(event_id)),
-                    event_id,
-                    kind_user,
-                    length_delimited(_EVENT_OTHER, other.encode()) if other else b"",
-                    at,
-                    _EVENT_MUTUAL[mutual],
-                    b"\x3a",
-                    varint(len(position)),
-                    position,
+            other_bytes = other.encode()
+            id_n, other_n, position_n = len(event_id), len(other_bytes), len(position)
+            if id_n < 0x80 and other_n < 0x80 and position_n < 0x80:  # lengths of one byte
+                event = b"".join(
+                    (
+                        _EVENT_ID,
+                        one_byte[id_n],
+                        event_id,
+                        kind_user,
+                        _EVENT_OTHER + one_byte[other_n] + other_bytes if other_n else b"",
+                        at,
+                        mutuals[mutual],
+                        _EVENT_POSITION,
+                        one_byte[position_n],
+                        position,
+                    )
                 )
-            )
-            out.append(_RESPONSE_EVENT + varint(len(event)) + event)
+            else:
+                event = slow(event_id, kind_user, other_bytes, at, mutual, position)
+            n = len(event)
+            out.append(_RESPONSE_EVENT + (one_byte[n] if n < 0x80 else varint(n)) + event)
+
+
+def _event(
+    event_id: bytes, kind_user: bytes, other: bytes, at: bytes, mutual: int, position: bytes
+) -> bytes:
+    """An Event's bytes, whatever the lengths of its fields (RowEvents.add's general case)."""
+    return b"".join(
+        (
+            length_delimited(_EVENT_ID, event_id),
+            kind_user,
+            length_delimited(_EVENT_OTHER, other) if other else b"",
+            at,
+            _EVENT_MUTUAL[mutual],
+            length_delimited(_EVENT_POSITION, position),
+        )
+    )
 
 
 def response_tail(position: bytes, sent_seconds: int, sent_nanos: int) -> bytes:

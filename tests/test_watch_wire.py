@@ -58,7 +58,8 @@ def encoded(batch: Batch) -> bytes:
     return EventServicer(cast(WatchHub, None), TOKENS).response(batch)
 
 
-user_ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
+# up to 140 characters (up to 560 bytes): lengths of one varint byte and of several
+user_ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=140)
 rows = st.builds(
     lambda user, row_id, txid, kind, others, mutual_mask, at_us: OutboxRow(
         user_id=user,
