@@ -60,8 +60,8 @@ INSERT INTO import_fresh (user_id) SELECT user_id FROM made
 # Into a graph in use (the importer's connection resting after each statement:
 # server.importer.pair), ACCOUNTS_PER_STATEMENT at a time (runs of import_profiles'
 # batches, which number the ids in order), each a statement of its own in the transaction:
-# 100,000 accounts took 1.1 s of a core in one statement.
-ACCOUNTS_PER_STATEMENT = 50_000
+# 100,000 accounts took 1.1 s of a core in one statement (0.6 for 50,000).
+ACCOUNTS_PER_STATEMENT = 25_000
 _IN_BATCHES = "AND p.batch >= $1 AND p.batch < $2"
 _ANY_ACCOUNT = "SELECT EXISTS (SELECT 1 FROM accounts)"
 # Into an empty accounts table: every staged profile, by a plain INSERT. ON CONFLICT costs
