@@ -35,6 +35,7 @@ import asyncpg
 
 import server.importer.prebuild as prebuild
 import server.importer.swap as swap
+from server.importer.pair import rests
 from server.importer.report import ImportReport
 from server.importer.staging import ACCOUNT_BATCH
 from server.importer.swap import EDGE_TABLES, Index
@@ -141,15 +142,14 @@ async def write_fresh(
     *,
     edges: bool,
     only_file: bool,
-    resting: bool = False,
 ) -> None:
     """Create the import's new accounts and write the new edges among them, in one
     transaction (see the module's doc); leave the rest of import_profiles and import_new
     to the locked batches. `only_file`: the edges were checked when the accounts table was
     empty, so each names an account of the file. `second`, the importer's second
     connection (one PostgreSQL), builds the new edge tables with `conn` beforehand when
-    they may be swapped in (server.importer.prebuild). `resting`: `conn` rests after each
-    statement (into a graph in use), so the accounts are created in several."""
+    they may be swapped in (server.importer.prebuild). When `conn` rests after each
+    statement (into a graph in use), the accounts are created in several."""
     await conn.execute(
         'CREATE TEMP TABLE IF NOT EXISTS import_fresh (user_id text COLLATE "C" NOT NULL);'
         ' CREATE TEMP TABLE IF NOT EXISTS import_bulk (follower text COLLATE "C" NOT NULL,'
@@ -173,7 +173,7 @@ async def write_fresh(
         created = await create_all(conn) if all_fresh else None
         all_fresh = created is not None
         if created is None:
-            created = await _create_accounts(conn, ACCOUNTS_PER_STATEMENT if resting else 0)
+            created = await _create_accounts(conn, ACCOUNTS_PER_STATEMENT if rests(conn) else 0)
             if created:
                 _rowcount(await conn.execute(_TOMBSTONED))
                 created = await conn.fetchval("SELECT count(*) FROM import_fresh")

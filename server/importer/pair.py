@@ -95,6 +95,11 @@ class RestingConnection(_Connection):
             await asyncio.sleep(pause_after(seconds, self.rest_ratio))
 
 
+def rests(conn: Conn) -> bool:
+    """Whether `conn` rests after each statement (the importer's, into a graph in use)."""
+    return isinstance(conn, RestingConnection) and conn.rest_ratio > 0
+
+
 async def connect(database_url: str) -> RestingConnection:
     """A connection with the importer's session settings (and without the service pool's
     per-statement timeout: a set-based statement over millions of rows may run minutes)."""

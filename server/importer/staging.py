@@ -53,7 +53,7 @@ from server.importer.csvread import (
     edge_records,
 )
 from server.importer.options import ImportOptions
-from server.importer.pair import Job, run_jobs
+from server.importer.pair import Job, rests, run_jobs
 from server.importer.report import BadRow, ImportReport, progress_bar
 
 if TYPE_CHECKING:
@@ -516,8 +516,8 @@ async def check_edges(
     else:
         per_row = rowcount(await conn.execute(find_bad))
         # Into a graph in use: a range of followers at a time (see SLICE_ROWS).
-        resting = not staging.citus and options.pause_ratio > 0
-        slices = await _slices(conn, staged, math.ceil(staged / SLICE_ROWS) if resting else 1)
+        ranges = math.ceil(staged / SLICE_ROWS) if rests(conn) and not staging.citus else 1
+        slices = await _slices(conn, staged, ranges)
         distinct = await _first_rows(conn, new_edges, _GOOD if per_row else "", slices)
     good = _GOOD if per_row else ""
     if distinct < staged - per_row:

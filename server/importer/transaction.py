@@ -104,16 +104,11 @@ async def import_graph(
             )
         sizes = await _table_sizes(conn)
         if accounts is not None and not staging.citus:
-            await write_fresh(
-                conn,
-                second,
-                report,
-                edges=edges is not None,
-                only_file=no_accounts,
-                resting=conn.rest_ratio > 0,
-            )
-        chunks = await plan_chunks(conn) if edges is not None else []
-        report.lap("plan batches")
+            await write_fresh(conn, second, report, edges=edges is not None, only_file=no_accounts)
+        chunks = []
+        if edges is not None:
+            chunks = await plan_chunks(conn)
+            report.lap("plan batches")
         resting, conn.rest_ratio = conn.rest_ratio, 0.0  # the batches rest between them
         if accounts is not None:
             await write_accounts(conn, await account_batches(conn), report, options)
