@@ -26,11 +26,11 @@ from typing import Any
 import asyncpg
 
 from server.database import open_database, use_int_timestamps
-from server.migrations import apply_migrations
 from server.outbox import OutboxSource
 from server.watch_hub import WatchHub
 from server.watch_servicer import EventServicer
 from server.watch_token import WatchTokens
+from tests.bench.webhook_drain import fresh_database
 
 DB = "watch_cost"
 
@@ -45,13 +45,7 @@ FROM generate_series(1, $1) g
 
 
 async def _fresh(admin_url: str, url: str, rows: int, edges: int) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {DB}")
-    finally:
-        await admin.close()
-    await apply_migrations(url)
+    await fresh_database(admin_url, url, DB)
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(_WRITE, rows, edges)

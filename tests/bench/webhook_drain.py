@@ -60,11 +60,13 @@ def _receive(ready: Queue[Any], counts: Queue[Any]) -> None:
     asyncio.run(main())
 
 
-async def _fresh(admin_url: str, url: str) -> None:
+async def fresh_database(admin_url: str, url: str, name: str = DB) -> None:
+    """Database `name` made again from nothing (through `admin_url`) and migrated (at `url`,
+    which names it): a bench's starting point (here, and tests.bench.watch_cost)."""
     admin = await asyncpg.connect(admin_url)
     try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {DB}")
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
     finally:
         await admin.close()
     await apply_migrations(url)
@@ -142,7 +144,7 @@ async def one_run(
     targets: int,
     rate: float,
 ) -> dict[str, float]:
-    await _fresh(admin_url, url)
+    await fresh_database(admin_url, url)
     config = WebhookConfig(urls=(hook_url,), sdkappid=1400000000, token="drain-token")
     before = ask()
     webhooks = await Webhooks.start(config, url, WebhookMetrics(CollectorRegistry()))
