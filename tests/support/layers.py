@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "server.cursor",
             "server.watch_hub",
             "server.watch_token",
+            "server.watch_wire",
             "server.webhook_request",
         ),
     ),
