@@ -10,7 +10,7 @@ forged or altered one is refused instead of silently starting somewhere else.
 
 Every Watch event carries its own position, so a token is made per event: the MAC is keyed
 BLAKE2b (a MAC by design, 128-bit tag, a few times cheaper than HMAC-SHA256 in CPython),
-and the events of one row share the hash state of their common prefix (`row_tokens`).
+and the events of one row share the hash state of their common prefix (`row_token_bytes`).
 """
 
 from __future__ import annotations
@@ -77,18 +77,15 @@ class WatchTokens:
         payload = _PAYLOAD.pack(_VERSION, cursor.position.txid, cursor.position.id, cursor.done)
         return _b64(payload + self._mac(payload))
 
-    def row_tokens(self, position: Position, dones: Iterable[int]) -> list[str]:
-        """The tokens of Cursor(position, done) for each of `dones`, as encode() makes them:
-        the row's part is packed and hashed once."""
-        return [token.decode() for token in self.row_token_bytes(position, dones)]
-
     def row_token_bytes(self, position: Position, dones: Iterable[int]) -> list[bytes]:
-        """row_tokens as ASCII bytes (what the Watch message's encoder writes)."""
+        """The tokens of Cursor(position, done) for each of `dones`, as encode() makes them
+        but as ASCII bytes (what the Watch message's encoder writes): the row's part is
+        packed and hashed once."""
         row = _ROW.pack(_VERSION, position.txid, position.id)
         state = hashlib.blake2b(row, key=self._key, digest_size=_MAC_BYTES)
         tokens = []
         pack, b64, url_safe = _DONE.pack, binascii.b2a_base64, _URL_SAFE
-        for done in dones:  # _b64_bytes inlined: its call per event cost more than the encoding
+        for done in dones:  # _b64 inlined: its call per event cost more than the encoding
             tail = pack(done)
             mac = state.copy()
             mac.update(tail)
@@ -126,9 +123,4 @@ class WatchTokens:
 def _b64(raw: bytes) -> str:
     """URL-safe base64 without padding (binascii directly: base64's wrapper costs more than
     the MAC)."""
-    return _b64_bytes(raw).decode()
-
-
-def _b64_bytes(raw: bytes) -> bytes:
-    """_b64, as ASCII bytes."""
-    return binascii.b2a_base64(raw, newline=False).translate(_URL_SAFE).rstrip(b"=")
+    return binascii.b2a_base64(raw, newline=False).translate(_URL_SAFE).rstrip(b"=").decode()
