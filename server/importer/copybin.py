@@ -1,0 +1,238 @@
+"""Columns of numpy arrays out, PostgreSQL's binary COPY format in: the bulk importer's
+in-memory initial load hands millions of rows per table to COPY without a Python step per
+row.
+
+Rows are encoded a chunk at a time (binary_copy), each chunk with numpy array operations
+only: every row's byte length from its fields' (2 for the field count, then per field 4 for
+the length and the value's bytes), the rows' starts by a cumulative sum, one uint8 buffer,
+the fixed-size fields (field count, lengths, int64 values) scattered into it as big-endian
+bytes, and the texts' bytes gathered from the columns' dictionaries (TextColumn) into their
+places. Memory stays bounded by the chunk: a few index arrays as long as the chunk's bytes.
+
+The format (PostgreSQL's documentation, COPY, "Binary Format"): the header, then per row
+the field count (int16) and per field its length (int32, -1 for NULL and then no bytes) and
+its bytes, all big-endian; the trailer is -1 as int16. text is its UTF-8 bytes, bigint an
+int64, timestamptz an int64 of microseconds since 2000-01-01 00:00:00 UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+TRAILER = (-1).to_bytes(2, "big", signed=True)
+
+# PostgreSQL's timestamps count from 2000-01-01 00:00:00 UTC; this is that instant in Unix
+# microseconds.
+PG_EPOCH_UNIX_MICROS = 946_684_800_000_000
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class TextColumn:
+    """Each row's text is strings[codes[row]]: `data` the concatenated UTF-8 bytes of the
+    distinct strings (uint8), `offsets` their bounds (int64, len = number of strings + 1),
+    `codes` per row (any integer dtype); `valid` (bool per row) or None: NULL where False.
+
+    data and offsets are Arrow's large_string layout, so an Arrow array's buffers (or
+    `dictionary` for a small list) serve as they are; a NULL row's code is not read."""
+
+    data: NDArray[np.uint8]
+    offsets: NDArray[np.int64]
+    codes: NDArray[np.integer]
+    valid: NDArray[np.bool_] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimestampColumn:
+    """timestamptz: microseconds since the Unix epoch (int64) per row; `valid` as above."""
+
+    micros: NDArray[np.int64]
+    valid: NDArray[np.bool_] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BigintColumn:
+    """bigint, never NULL."""
+
+    values: NDArray[np.int64]
+
+
+Column = TextColumn | TimestampColumn | BigintColumn
+
+
+def dictionary(strings: list[bytes]) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    """A TextColumn's data and offsets for `strings` (string i is code i)."""
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.frombuffer(bytearray(b"".join(strings)), dtype=np.uint8)
+    return data, offsets
+
+
+def binary_copy(columns: Sequence[Column], *, chunk_rows: int = 250_000) -> Iterator[bytes]:
+    """The rows (all columns the same length) as binary COPY data: the header with the
+    first chunk, the trailer (-1 as int16) after the last; one bytes object per chunk_rows
+    rows (zero rows: one chunk, the header and the trailer).
+
+    Raises ValueError for no columns, columns of different lengths, a `valid` of another
+    length, offsets that are not bounds within data, or a non-NULL row's code that names no
+    string (checked before the first chunk is encoded, so no partial COPY data is sent)."""
+    if not columns:
+        raise ValueError("binary_copy needs at least one column")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, not {chunk_rows}")
+    rows = _check(columns)
+    chunks = max(1, -(-rows // chunk_rows))
+    for index in range(chunks):
+        low = index * chunk_rows
+        high = min(rows, low + chunk_rows)
+        yield _encode(columns, low, high, first=index == 0, last=index == chunks - 1)
+
+
+def _length(column: Column) -> int:
+    match column:
+        case TextColumn():
+            return len(column.codes)
+        case TimestampColumn():
+            return len(column.micros)
+        case BigintColumn():
+            return len(column.values)
+
+
+def _check(columns: Sequence[Column]) -> int:
+    """The number of rows, once the columns are known to encode (see binary_copy)."""
+    rows = _length(columns[0])
+    for number, column in enumerate(columns):
+        if _length(column) != rows:
+            raise ValueError(f"column {number} has {_length(column)} rows, not {rows}")
+        valid = None if isinstance(column, BigintColumn) else column.valid
+        if valid is not None and len(valid) != rows:
+            raise ValueError(f"column {number}'s valid has {len(valid)} rows, not {rows}")
+        if isinstance(column, TextColumn):
+            _check_text(number, column)
+    return rows
+
+
+def _check_text(number: int, column: TextColumn) -> None:
+    offsets = column.offsets
+    if len(offsets) < 1 or offsets[0] < 0 or offsets[-1] > len(column.data):
+        raise ValueError(f"column {number}'s offsets are not bounds within its data")
+    lengths = np.diff(offsets)
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > _INT32_MAX):
+        raise ValueError(f"column {number}'s offsets do not bound strings COPY can take")
+    codes = column.codes if column.valid is None else column.codes[column.valid]
+    if len(codes) and (codes.min() < 0 or codes.max() >= len(lengths)):
+        raise ValueError(f"column {number} has codes naming no string")
+
+
+def _scatter(buf: NDArray[np.uint8], at: NDArray[np.int64], values: NDArray[np.generic]) -> None:
+    """Write each of `values` (a big-endian dtype) as its bytes at buf[at[i]:]."""
+    width = values.dtype.itemsize
+    buf[at[:, None] + np.arange(width)] = values.view(np.uint8).reshape(-1, width)
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One column's rows in a chunk: the int32 length each row's field starts with (-1 for
+    NULL), its value's byte count (0 for NULL), and what writes the values at their places."""
+
+    length: NDArray[np.int64]
+    width: NDArray[np.int64]
+    write: Callable[[NDArray[np.uint8], NDArray[np.int64]], None]
+
+
+def _field(column: Column, low: int, high: int) -> _Field:
+    match column:
+        case TextColumn():
+            return _text_field(column, low, high)
+        case TimestampColumn():
+            micros = column.micros[low:high] - PG_EPOCH_UNIX_MICROS
+            valid = None if column.valid is None else column.valid[low:high]
+            return _int64_field(micros, valid)
+        case BigintColumn():
+            return _int64_field(column.values[low:high], None)
+
+
+def _text_field(column: TextColumn, low: int, high: int) -> _Field:
+    codes = column.codes[low:high].astype(np.int64, copy=False)
+    valid = None if column.valid is None else column.valid[low:high]
+    if valid is None:
+        source = column.offsets[codes]
+        width = column.offsets[codes + 1] - source
+        length = width
+    else:  # a NULL row's code is not read: its bounds are offsets[0] and offsets[0]
+        source = column.offsets[np.where(valid, codes, 0)]
+        width = column.offsets[np.where(valid, codes + 1, 0)] - source
+        length = np.where(valid, width, -1)
+
+    def write(buf: NDArray[np.uint8], at: NDArray[np.int64]) -> None:
+        _gather(buf, at, column.data, source, width)
+
+    return _Field(length, width, write)
+
+
+def _int64_field(values: NDArray[np.int64], valid: NDArray[np.bool_] | None) -> _Field:
+    if valid is None:
+        width = np.full(len(values), 8, dtype=np.int64)
+        length = width
+    else:
+        width = np.where(valid, 8, 0).astype(np.int64)
+        length = np.where(valid, 8, -1).astype(np.int64)
+
+    def write(buf: NDArray[np.uint8], at: NDArray[np.int64]) -> None:
+        if valid is None:
+            _scatter(buf, at, values.astype(">i8"))
+        else:
+            _scatter(buf, at[valid], values[valid].astype(">i8"))
+
+    return _Field(length, width, write)
+
+
+def _encode(columns: Sequence[Column], low: int, high: int, *, first: bool, last: bool) -> bytes:
+    """Rows low..high as binary COPY data, after the header if `first`, before the
+    trailer if `last`."""
+    fields = [_field(column, low, high) for column in columns]
+    head = len(HEADER) if first else 0
+    row_bytes = np.full(high - low, 2 + 4 * len(fields), dtype=np.int64)
+    for field in fields:
+        row_bytes += field.width
+    row_end = np.cumsum(row_bytes) + head
+    total = (int(row_end[-1]) if len(row_end) else head) + (len(TRAILER) if last else 0)
+    buf = np.empty(total, dtype=np.uint8)
+    if first:
+        buf[:head] = np.frombuffer(HEADER, dtype=np.uint8)
+    if last:
+        buf[total - len(TRAILER) :] = np.frombuffer(TRAILER, dtype=np.uint8)
+    at = row_end - row_bytes
+    _scatter(buf, at, np.full(high - low, len(fields), dtype=">i2"))
+    at += 2
+    for field in fields:
+        _scatter(buf, at, field.length.astype(">i4"))
+        at += 4
+        field.write(buf, at)
+        at += field.width
+    return buf.tobytes()
+
+
+def _gather(
+    buf: NDArray[np.uint8],
+    at: NDArray[np.int64],
+    data: NDArray[np.uint8],
+    source: NDArray[np.int64],
+    width: NDArray[np.int64],
+) -> None:
+    """Copy data[source[i] : source[i] + width[i]] to buf[at[i]:] for every row at once:
+    byte k of the chunk's texts (T bytes in all) comes from source + (k - the bytes of the
+    texts before its row's) and goes to at + the same."""
+    before = np.cumsum(width) - width
+    count = int(before[-1] + width[-1]) if len(width) else 0
+    if count == 0:
+        return
+    k = np.arange(count, dtype=np.int64)
+    buf[k + np.repeat(at - before, width)] = data[k + np.repeat(source - before, width)]
