@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.importer import copybin
 from server.importer.copybin import (
     HEADER,
     PG_EPOCH_UNIX_MICROS,
@@ -197,6 +198,18 @@ async def test_codes_of_any_integer_dtype_and_bigint_only_columns_are_taken(
     ]
 
 
+async def test_a_long_text_among_short_ones_reads_back(
+    conn: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    """One 3 MB text among a thousand short ones (a chunk padded to its widest text would
+    be a thousand times its bytes, so it is written in place instead) reads back exact,
+    as do the rows around it."""
+    long = "é" * 1_500_000
+    rows: list[Row] = [(i, "x" * (i % 9), None, i, None) for i in range(1000)]
+    rows[500] = (500, long, "y", 0, 1)
+    assert await copy_back(conn, rows, chunk_rows=400) == rows
+
+
 def test_dictionary_is_the_large_string_layout() -> None:
     """dictionary gives Arrow's large_string buffers: the bytes one after another and
     int64 bounds starting at 0, one more than the strings."""
@@ -233,7 +246,7 @@ def test_columns_that_cannot_be_encoded_are_refused_before_any_chunk() -> None:
 
 
 times_st = st.integers(-62_135_596_800_000_000, 253_402_300_799_999_999)
-texts_st = st.none() | st.sampled_from(["", "a", "zoë"]) | st.text(max_size=12)
+texts_st = st.none() | st.sampled_from(["", "a", "zoë"]) | st.text(max_size=20)
 rows_st = st.lists(
     st.tuples(
         st.integers(INT64_MIN, INT64_MAX), texts_st, texts_st, times_st, st.none() | times_st
@@ -247,11 +260,18 @@ rows_st = st.lists(
 def test_the_bytes_are_a_row_by_row_encoders(rows: list[Row], chunk_rows: int) -> None:
     """For any rows and chunk size, the chunks joined are byte for byte what a plain
     struct-based encoder makes row by row, and each chunk holds chunk_rows rows (the
-    header in the first, the trailer in the last)."""
+    header in the first, the trailer in the last), whichever way a chunk is laid out (in
+    a matrix padded to its widest text, or scattered in place)."""
     chunks = list(binary_copy(columns_of(rows), chunk_rows=chunk_rows))
     assert b"".join(chunks) == HEADER + reference(rows) + TRAILER
     assert len(chunks) == max(1, -(-len(rows) // chunk_rows))
+    columns = columns_of(rows)
     for i, chunk in enumerate(chunks):
-        head = HEADER if i == 0 else b""
-        tail = TRAILER if i == len(chunks) - 1 else b""
-        assert chunk == head + reference(rows[i * chunk_rows : (i + 1) * chunk_rows]) + tail
+        first, last = i == 0, i == len(chunks) - 1
+        low, high = i * chunk_rows, min(len(rows), (i + 1) * chunk_rows)
+        head, tail = (HEADER if first else b""), (TRAILER if last else b"")
+        expected = head + reference(rows[low:high]) + tail
+        assert chunk == expected
+        for padded in (True, False):
+            made = copybin._encode(columns, low, high, first=first, last=last, padded=padded)
+            assert made == expected
