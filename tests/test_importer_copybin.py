@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from server.importer import copybin
 from server.importer.copybin import (
     HEADER,
+    MIN_UNIX_MICROS,
     PG_EPOCH_UNIX_MICROS,
     TRAILER,
     BigintColumn,
@@ -221,16 +222,19 @@ def test_dictionary_is_the_large_string_layout() -> None:
 
 
 def test_columns_that_cannot_be_encoded_are_refused_before_any_chunk() -> None:
-    """No columns, columns of different lengths, a `valid` of another length, offsets
-    beyond the data, and a non-NULL row's code naming no string (negative, or past the
-    last string) each raise ValueError at the first chunk, so no partial COPY is sent; a
-    NULL row's code is not checked."""
+    """No columns, columns of different lengths, arrays of other dtypes or shapes, a
+    `valid` of another length, offsets beyond the data, a non-NULL row's code naming no
+    string (negative, or past the last string) and a non-NULL time before PostgreSQL's
+    first each raise ValueError at the first chunk, so no partial COPY is sent; a NULL
+    row's code and time are not checked, and codes may be of any integer dtype."""
     data, offsets = dictionary([b"a", b"b"])
     times = TimestampColumn(np.zeros(2, dtype=np.int64))
+    both = np.array([True, False])
 
     def codes(*values: int) -> TextColumn:
-        return TextColumn(data, offsets, np.array(values), np.array([True, False]))
+        return TextColumn(data, offsets, np.array(values), both)
 
+    early = np.array([MIN_UNIX_MICROS - 1, MIN_UNIX_MICROS - 1], dtype=np.int64)
     bad: list[Sequence[Column]] = [
         [],
         [times, TimestampColumn(np.zeros(3, dtype=np.int64))],
@@ -238,11 +242,36 @@ def test_columns_that_cannot_be_encoded_are_refused_before_any_chunk() -> None:
         [TextColumn(data, np.array([0, 1, 5], dtype=np.int64), np.zeros(2, dtype=np.int64))],
         [times, codes(-1, 0)],
         [times, codes(2, 0)],
+        [TimestampColumn(np.zeros(2, dtype=np.int32))],
+        [BigintColumn(np.zeros((2, 1), dtype=np.int64))],
+        [TimestampColumn(np.zeros(2, dtype=np.int64), np.ones(2, dtype=np.int8))],
+        [TextColumn(data, offsets.astype(np.int32), np.zeros(2, dtype=np.int64))],
+        [TextColumn(data, offsets, np.zeros(2, dtype=np.float64))],
+        [TimestampColumn(early, np.array([False, True]))],
     ]
     for columns in bad:
-        with pytest.raises(ValueError, match=r"column|offsets|codes"):
+        with pytest.raises(ValueError, match=r"column"):
             next(binary_copy(columns))
-    assert len(b"".join(binary_copy([times, codes(1, 99)]))) > len(HEADER + TRAILER)
+    fine: list[Column] = [times, codes(1, 99), TimestampColumn(early, np.zeros(2, dtype=np.bool_))]
+    assert len(b"".join(binary_copy(fine))) > len(HEADER + TRAILER)
+    uint = TextColumn(data, offsets, np.array([1, 0], dtype=np.uint64))
+    assert len(b"".join(binary_copy([uint]))) == len(HEADER + TRAILER) + 2 * (2 + 4 + 1)
+
+
+async def test_the_earliest_time_postgresql_takes_is_stored_as_that_time(
+    conn: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    """MIN_UNIX_MICROS, the earliest time binary_copy takes, is PostgreSQL's earliest
+    timestamptz (4714-11-24 00:00:00 UTC BC), so every time it takes is one PostgreSQL
+    takes as it is (a microsecond earlier is refused, test above)."""
+    rows: list[Row] = [(1, None, None, MIN_UNIX_MICROS, None)]
+
+    async def source() -> AsyncIterator[bytes]:
+        for chunk in binary_copy(columns_of(rows)):
+            yield chunk
+
+    await conn.copy_to_table("copied", source=source(), format="binary")
+    assert await conn.fetchval("SELECT t = '4714-11-24 00:00:00+00 BC' FROM copied") is True
 
 
 times_st = st.integers(-62_135_596_800_000_000, 253_402_300_799_999_999)

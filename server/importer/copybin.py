@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 TRAILER = (-1).to_bytes(2, "big", signed=True)
@@ -29,6 +29,10 @@ TRAILER = (-1).to_bytes(2, "big", signed=True)
 # PostgreSQL's timestamps count from 2000-01-01 00:00:00 UTC; this is that instant in Unix
 # microseconds.
 PG_EPOCH_UNIX_MICROS = 946_684_800_000_000
+# PostgreSQL's earliest timestamp (4714-11-24 00:00:00 UTC, BC) in Unix microseconds: the
+# subtraction of PG_EPOCH_UNIX_MICROS cannot wrap from there on (PostgreSQL refuses earlier
+# times, but a wrapped one would pass as a time in the year 294247).
+MIN_UNIX_MICROS = -211_813_488_000_000_000 + PG_EPOCH_UNIX_MICROS
 
 _INT32_MAX = 2**31 - 1
 
@@ -80,9 +84,11 @@ def binary_copy(columns: Sequence[Column], *, chunk_rows: int = 250_000) -> Iter
     first chunk, the trailer (-1 as int16) after the last; one bytes object per chunk_rows
     rows (zero rows: one chunk, the header and the trailer).
 
-    Raises ValueError for no columns, columns of different lengths, a `valid` of another
-    length, offsets that are not bounds within data, or a non-NULL row's code that names no
-    string (checked before the first chunk is encoded, so no partial COPY data is sent)."""
+    Raises ValueError for no columns, columns of different lengths, arrays of other dtypes
+    than the columns' (codes: any integer), a `valid` of another length, offsets that are
+    not bounds within data, a non-NULL row's code that names no string, or a non-NULL time
+    before PostgreSQL's first (checked before the first chunk is encoded, so no partial
+    COPY data is sent)."""
     if not columns:
         raise ValueError("binary_copy needs at least one column")
     if chunk_rows < 1:
@@ -114,15 +120,33 @@ def _check(columns: Sequence[Column]) -> int:
         valid = None if isinstance(column, BigintColumn) else column.valid
         if valid is not None and len(valid) != rows:
             raise ValueError(f"column {number}'s valid has {len(valid)} rows, not {rows}")
-        if isinstance(column, TextColumn):
-            _check_text(number, column)
+        match column:
+            case TextColumn():
+                _check_text(number, column)
+            case TimestampColumn():
+                _check_array(number, "micros", column.micros, np.int64)
+                _check_array(number, "valid", column.valid, np.bool_)
+                micros = column.micros if column.valid is None else column.micros[column.valid]
+                if len(micros) and micros.min() < MIN_UNIX_MICROS:
+                    raise ValueError(f"column {number} has times before 4714-11-24 BC")
+            case BigintColumn():
+                _check_array(number, "values", column.values, np.int64)
     return rows
 
 
+def _check_array(
+    number: int, name: str, array: NDArray[np.generic] | None, dtype: DTypeLike
+) -> None:
+    if array is not None and (array.ndim != 1 or not np.issubdtype(array.dtype, dtype)):
+        raise ValueError(f"column {number}'s {name} is not a 1-d array of {dtype}")
+
+
 def _check_text(number: int, column: TextColumn) -> None:
+    _check_array(number, "data", column.data, np.uint8)
+    _check_array(number, "offsets", column.offsets, np.int64)
+    _check_array(number, "codes", column.codes, np.integer)
+    _check_array(number, "valid", column.valid, np.bool_)
     offsets = column.offsets
-    if column.data.dtype != np.uint8 or column.data.ndim != 1:
-        raise ValueError(f"column {number}'s data is not a 1-d uint8 array")
     if len(offsets) < 1 or offsets[0] < 0 or offsets[-1] > len(column.data):
         raise ValueError(f"column {number}'s offsets are not bounds within its data")
     lengths = np.diff(offsets)
@@ -269,7 +293,7 @@ def _words(data: NDArray[np.uint8], source: NDArray[np.int64], width: int) -> ND
     end of data), read as unaligned uint64 words, a word per row at a time (a byte per
     row at a time costs an index per byte)."""
     count = -(-width // 8)
-    words = np.empty((len(source), count), dtype=np.uint64)
+    words = np.empty((len(source), count), dtype="<u8")
     # Rows whose words would leave data read from a copy of its end with zeros after it.
     base = max(0, len(data) - 8 * count)
     near = np.flatnonzero(source >= base)
