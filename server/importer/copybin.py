@@ -217,12 +217,17 @@ def _fixed_field(values: NDArray[np.int64], valid: NDArray[np.bool_] | None) -> 
     return _Fixed(np.where(valid, 8, -1).astype(np.int64), width, valid, values)
 
 
-# A chunk is laid out in a matrix, one row per row, when that matrix is at most this many
-# times the chunk's bytes (plus _PAD_SLACK): each field in a column block as wide as its
-# widest value in the chunk, the bytes past a value's end masked out. Wider (a long text
-# among short ones), the chunk's bytes are written in place by scattered indices instead.
-_PAD_RATIO = 3
-_PAD_SLACK = 1 << 20
+# A chunk is laid out in a matrix, a row per row (_write_padded), when that matrix is at
+# most _PAD_RATIO times the chunk's bytes and no text block is wider than _PAD_WIDEST: each
+# field in a column block as wide as its widest value in the chunk, the bytes past a value's
+# end masked out. Else (texts of very different lengths, or long ones) the chunk's bytes are
+# written in place by scattered indices (_write_scattered), whose cost follows the bytes.
+# Measured on 1,000,000 rows of (text, text, timestamptz, nullable timestamptz), texts of
+# random lengths: padded/scattered CPU 0.52/0.68 s at 8 bytes (ratio 1.09), 0.59/0.66 at
+# 1-16 (1.40), 0.99/1.02 at 1-32 (1.55), 1.52/1.30 at 1-64 (1.70), 2.8/0.74 at a mean of
+# 10 bytes up to 200 (5.2).
+_PAD_RATIO = 1.5
+_PAD_WIDEST = 256
 
 
 def _encode(
@@ -249,7 +254,8 @@ def _encode(
     buf[head + size :] = np.frombuffer(TRAILER[: len(buf) - head - size], dtype=np.uint8)
     blocks = [8 if isinstance(f, _Fixed) else int(f.width.max(initial=0)) for f in fields]
     if padded is None:
-        padded = rows * (2 + 4 * len(fields) + sum(blocks)) <= _PAD_RATIO * size + _PAD_SLACK
+        matrix = rows * (2 + 4 * len(fields) + sum(blocks))
+        padded = max(blocks, default=0) <= _PAD_WIDEST and matrix <= _PAD_RATIO * size
     if padded:
         _write_padded(buf[head : head + size], fields, blocks)
     else:
