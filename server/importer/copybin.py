@@ -2,12 +2,16 @@
 in-memory initial load hands millions of rows per table to COPY without a Python step per
 row.
 
-Rows are encoded a chunk at a time (binary_copy), each chunk with numpy array operations
-only: every row's byte length from its fields' (2 for the field count, then per field 4 for
-the length and the value's bytes), the rows' starts by a cumulative sum, one uint8 buffer,
-the fixed-size fields (field count, lengths, int64 values) scattered into it as big-endian
-bytes, and the texts' bytes gathered from the columns' dictionaries (TextColumn) into their
-places. Memory stays bounded by the chunk: a few index arrays as long as the chunk's bytes.
+Rows are encoded a chunk at a time (binary_copy) by numpy array operations only. Each row's
+byte length comes from its fields' (2 for the field count, then per field 4 for the length
+and the value's bytes). When the chunk's texts are of similar, short lengths (ids), its rows
+are laid out in a matrix, a row per row and a column block per field as wide as the field's
+widest value (texts read from their dictionary as unaligned 8-byte words), and the matrix's
+bytes are taken row by row through a mask that leaves the padding out (_write_padded).
+Else the fixed-size fields are scattered as big-endian bytes to their places, the rows'
+starts by a cumulative sum, and the texts' bytes gathered there, an index per byte
+(_write_scattered). Memory stays bounded by the chunk: the matrix and its mask, or a few
+index arrays as long as the chunk's text bytes.
 
 The format (PostgreSQL's documentation, COPY, "Binary Format"): the header, then per row
 the field count (int16) and per field its length (int32, -1 for NULL and then no bytes) and
