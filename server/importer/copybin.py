@@ -7,7 +7,7 @@ byte length comes from its fields' (2 for the field count, then per field 4 for 
 and the value's bytes). When the chunk's texts are of similar, short lengths (ids), its rows
 are laid out in a matrix, a row per row and a column block per field as wide as the field's
 widest value (texts read from their dictionary as unaligned 8-byte words), and the matrix's
-bytes are taken row by row through a mask that leaves the padding out (_write_padded).
+bytes are taken row by row through a mask that leaves the padding out (_padded).
 Else the fixed-size fields are scattered as big-endian bytes to their places, the rows'
 starts by a cumulative sum, and the texts' bytes gathered there, an index per byte
 (_write_scattered). Memory stays bounded by the chunk: the matrix and its mask, or a few
@@ -221,7 +221,7 @@ def _fixed_field(values: NDArray[np.int64], valid: NDArray[np.bool_] | None) -> 
     return _Fixed(np.where(valid, 8, -1).astype(np.int64), width, valid, values)
 
 
-# A chunk is laid out in a matrix, a row per row (_write_padded), when that matrix is at
+# A chunk is laid out in a matrix, a row per row (_padded), when that matrix is at
 # most _PAD_RATIO times the chunk's bytes and no text block is wider than _PAD_WIDEST: each
 # field in a column block as wide as its widest value in the chunk, the bytes past a value's
 # end masked out. Else (texts of very different lengths, or long ones) the chunk's bytes are
@@ -252,23 +252,21 @@ def _encode(
         row_bytes += field.width
     row_end = np.cumsum(row_bytes)
     size = int(row_end[-1]) if rows else 0
-    head = len(HEADER) if first else 0
-    buf = np.empty(head + size + (len(TRAILER) if last else 0), dtype=np.uint8)
-    buf[:head] = np.frombuffer(HEADER[:head], dtype=np.uint8)
-    buf[head + size :] = np.frombuffer(TRAILER[: len(buf) - head - size], dtype=np.uint8)
     blocks = [8 if isinstance(f, _Fixed) else int(f.width.max(initial=0)) for f in fields]
     if padded is None:
         matrix = rows * (2 + 4 * len(fields) + sum(blocks))
         padded = max(blocks, default=0) <= _PAD_WIDEST and matrix <= _PAD_RATIO * size
     if padded:
-        _write_padded(buf[head : head + size], fields, blocks)
+        body = _padded(fields, blocks)
     else:
-        _write_scattered(buf, row_end - row_bytes + head, fields)
-    return buf.tobytes()
+        body = np.empty(size, dtype=np.uint8)
+        _write_scattered(body, row_end - row_bytes, fields)
+    # bytes.join copies the body once (its buffer), header and trailer around it.
+    return b"".join((HEADER if first else b"", body.data, TRAILER if last else b""))
 
 
-def _write_padded(out: NDArray[np.uint8], fields: list[_Field], blocks: list[int]) -> None:
-    """The rows into `out`, laid out first in a matrix (a row per row, a column block per
+def _padded(fields: list[_Field], blocks: list[int]) -> NDArray[np.uint8]:
+    """The rows' bytes, laid out first in a matrix (a row per row, a column block per
     field as wide as `blocks` says, the bytes past each value masked out) and then taken
     from it by the mask, row by row."""
     rows = len(fields[0].length) if fields else 0
@@ -290,7 +288,7 @@ def _write_padded(out: NDArray[np.uint8], fields: list[_Field], blocks: list[int
             matrix[:, at : at + block] = _words(field.data, field.source, block)
             np.less(np.arange(block), field.width[:, None], out=mask[:, at : at + block])
         at += block
-    out[:] = matrix[mask]  # (np.compress with out= took 4 times as long)
+    return matrix[mask]  # (np.compress took 4 times as long)
 
 
 def _bytes_of(values: NDArray[np.generic]) -> NDArray[np.uint8]:
