@@ -180,6 +180,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def _print_summary(report: ImportReport) -> None:
     log.info("phases: %s", ", ".join(f"{k} {v:.2f}s" for k, v in report.phases.items()))
+    log.info("in-memory load: %s", report.in_memory)
     print(
         f"imported {report.accounts_written} account(s) and {report.edges_added} new edge(s)"
         f" ({report.edges_already_present} already present,"

@@ -53,10 +53,10 @@ _ONE_MICROSECOND = datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC) - _EPOCH
 # Such an id passes rules.user_id_problem and such a profile field passes
 # rules.profile_field_problem; the time is Unix seconds with an optional fraction. What the
 # patterns refuse is not necessarily bad: it goes to the slow path, which decides.
-_FAST_CHARS = r"!#-+\--\[\]-~"  # printable ASCII but space, quote, comma and backslash
-_FAST_ID = f"[{_FAST_CHARS}]{{1,{rules.MAX_USER_ID_BYTES}}}"
-_FAST_TEXT = f"[ {_FAST_CHARS}]{{0,{rules.MAX_PROFILE_FIELD_BYTES}}}"
-_FAST_TIME = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
+FAST_CHARS = r"!#-+\--\[\]-~"  # printable ASCII but space, quote, comma and backslash
+FAST_ID = f"[{FAST_CHARS}]{{1,{rules.MAX_USER_ID_BYTES}}}"
+FAST_TEXT = f"[ {FAST_CHARS}]{{0,{rules.MAX_PROFILE_FIELD_BYTES}}}"
+FAST_TIME = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
 _FAST_CHUNK = 1 << 20  # characters per regular-expression match and COPY message
 
 
@@ -78,17 +78,17 @@ ACCOUNTS = Shape(
     "accounts",
     ("user_id",),
     {
-        1: (_lines_of(_FAST_ID), ("user_id",)),
-        2: (_lines_of(_FAST_ID, _FAST_TEXT), ("user_id", "nick")),
-        3: (_lines_of(_FAST_ID, _FAST_TEXT, _FAST_TEXT), ("user_id", "nick", "face_url")),
+        1: (_lines_of(FAST_ID), ("user_id",)),
+        2: (_lines_of(FAST_ID, FAST_TEXT), ("user_id", "nick")),
+        3: (_lines_of(FAST_ID, FAST_TEXT, FAST_TEXT), ("user_id", "nick", "face_url")),
     },
 )
 EDGES = Shape(
     "edges",
     ("follower_id",),
     {
-        2: (_lines_of(_FAST_ID, _FAST_ID), ("follower", "target")),
-        3: (_lines_of(_FAST_ID, _FAST_ID, _FAST_TIME), ("follower", "target", "at")),
+        2: (_lines_of(FAST_ID, FAST_ID), ("follower", "target")),
+        3: (_lines_of(FAST_ID, FAST_ID, FAST_TIME), ("follower", "target", "at")),
     },
 )
 
@@ -119,7 +119,7 @@ class FastReader:
         while "\n" not in buffer and (more := self._read()):
             buffer += more
         first, newline, after = buffer.partition("\n")
-        if newline and '"' not in first and _is_header(first.split(","), self._shape.header):
+        if newline and '"' not in first and is_header(first.split(","), self._shape.header):
             buffer = after
             self.lines_used = 1
         fields = self._shape.fields.get(buffer.partition("\n")[0].count(",") + 1)
@@ -206,7 +206,7 @@ def csv_rows(
             continue
         if first:
             first = False
-            if _is_header(row, header):
+            if is_header(row, header):
                 continue
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
@@ -269,7 +269,7 @@ def edge_records(
         yield line, row[0], row[1], at, problem
 
 
-def _is_header(row: list[str], header: tuple[str, ...]) -> bool:
+def is_header(row: list[str], header: tuple[str, ...]) -> bool:
     return tuple(f.strip().lower() for f in row[: len(header)]) == header
 
 

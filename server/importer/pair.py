@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -110,13 +110,18 @@ async def connect(database_url: str) -> RestingConnection:
     return conn
 
 
+# A step of a job that is not one statement (a COPY, say): called with the connection.
+Step = Callable[["Conn"], Awaitable[str]]
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
-    """Statements run in order on one connection, once the jobs named in `after` have
-    finished: each commits on its own, unless the job brackets them in BEGIN ... COMMIT."""
+    """Statements (or steps) run in order on one connection, once the jobs named in `after`
+    have finished: each commits on its own, unless the job brackets them in BEGIN ...
+    COMMIT (or a step in a transaction)."""
 
     name: str
-    statements: tuple[str, ...]
+    statements: tuple[str | Step, ...]
     after: tuple[str, ...] = ()
 
 
@@ -141,7 +146,10 @@ async def run_jobs(conns: Sequence[Conn], jobs: Sequence[Job]) -> dict[str, str]
                 pending.remove(job)
             status = ""
             for statement in job.statements:
-                status = await conn.execute(statement)
+                if isinstance(statement, str):
+                    status = await conn.execute(statement)
+                else:
+                    status = await statement(conn)
             async with changed:
                 done[job.name] = status
                 changed.notify_all()

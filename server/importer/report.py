@@ -54,6 +54,8 @@ class ImportReport:
     longest_batch: float = 0.0  # seconds the longest of them held its locks
     refused_while_merging: int = 0  # bad rows found under the merge's locks (see merge)
     swapped: bool = False  # the edge tables were built anew and swapped in (importer.swap)
+    # Whether the load was worked out in memory (server.importer.inmemory): "taken", or why not.
+    in_memory: str = "not tried (accounts and edges into an empty database only)"
     retries: int = 0  # merge transactions run again after a deadlock (none expected)
     bad_rows: list[BadRow] = field(default_factory=list)
     seconds: float = 0.0

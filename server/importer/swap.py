@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,12 +74,13 @@ WHERE i.indrelid = $1::regclass
 ORDER BY c.relname
 """
 _DEF = re.compile(r"^(CREATE (?:UNIQUE )?INDEX) (\S+) ON (\S+) (.*)$")
+EDGE_NAMES = tuple(t.name for t in EDGE_TABLES)
 _HOLDS_ROWS = "SELECT EXISTS (SELECT 1 FROM following) OR EXISTS (SELECT 1 FROM followers)"
 # A table replaced must be one the importer's role owns and has granted nothing on, with no
 # trigger, row security, publication or view over it: the new one gets its owner and none of
 # those (and a view would make DROP TABLE fail).
 _OWNED_PLAIN = """
-WITH t AS (SELECT unnest(ARRAY['following', 'followers']::regclass[]) AS oid)
+WITH t AS (SELECT unnest($1::text[]::regclass[]) AS oid)
 SELECT bool_and(pg_get_userbyid(c.relowner) = current_user AND c.relacl IS NULL
                 AND NOT c.relrowsecurity)
    AND NOT EXISTS (SELECT 1 FROM pg_trigger g JOIN t ON g.tgrelid = t.oid)
@@ -102,7 +104,13 @@ class Index:
 async def can_swap(conn: Conn) -> bool:
     """Whether the live edge tables may be replaced: empty (in this transaction's view),
     owned by the importer's role, with nothing attached that the new tables would lack."""
-    return bool(await conn.fetchval(_OWNED_PLAIN)) and not await conn.fetchval(_HOLDS_ROWS)
+    return await replaceable(conn, EDGE_NAMES) and not await conn.fetchval(_HOLDS_ROWS)
+
+
+async def replaceable(conn: Conn, tables: Sequence[str]) -> bool:
+    """Whether these live tables are owned by the importer's role, with nothing attached
+    that new tables of their shape would lack (see _OWNED_PLAIN)."""
+    return bool(await conn.fetchval(_OWNED_PLAIN, list(tables)))
 
 
 async def build(conn: Conn) -> dict[str, list[Index]]:
@@ -120,20 +128,25 @@ async def build(conn: Conn) -> dict[str, list[Index]]:
     return built
 
 
-def new_name(table: EdgeTable) -> str:
-    return f"import_swap_{table.name}"
+def new_name(table: EdgeTable | str) -> str:
+    return f"import_swap_{_name(table)}"
 
 
-def create_new(table: EdgeTable) -> str:
+def _name(table: EdgeTable | str) -> str:
+    return table if isinstance(table, str) else table.name
+
+
+def create_new(table: EdgeTable | str) -> str:
     """The statement making the new table, of the live one's shape, without indexes."""
-    return f"CREATE TABLE {new_name(table)} (LIKE {table.name} INCLUDING ALL EXCLUDING INDEXES)"
+    name = _name(table)
+    return f"CREATE TABLE {new_name(name)} (LIKE {name} INCLUDING ALL EXCLUDING INDEXES)"
 
 
-async def index_plan(conn: Conn, table: EdgeTable) -> list[tuple[str, Index]]:
+async def index_plan(conn: Conn, table: EdgeTable | str) -> list[tuple[str, Index]]:
     """The statements building the live table's indexes on the new one, each with the
     index it makes (its name until the swap, and the live one's)."""
     plan: list[tuple[str, Index]] = []
-    for n, row in enumerate(await conn.fetch(_INDEXES, table.name)):
+    for n, row in enumerate(await conn.fetch(_INDEXES, _name(table))):
         match = _DEF.match(row["def"])
         if match is None:
             raise RuntimeError(f"unexpected index definition: {row['def']}")
@@ -148,15 +161,15 @@ async def index_plan(conn: Conn, table: EdgeTable) -> list[tuple[str, Index]]:
     return plan
 
 
-async def lock_live(conn: Conn) -> bool:
-    """Take the live edge tables' ACCESS EXCLUSIVE lock, in tries of SWAP_LOCK_TIMEOUT with
-    pauses between them (a call holding a table makes a try fail, and the calls that
-    queued behind the try then pass); False after SWAP_LOCK_TRIES tries."""
+async def lock_live(conn: Conn, tables: Sequence[str] = EDGE_NAMES) -> bool:
+    """Take the live tables' (by default the edge tables') ACCESS EXCLUSIVE lock, in tries
+    of SWAP_LOCK_TIMEOUT with pauses between them (a call holding a table makes a try fail,
+    and the calls that queued behind the try then pass); False after SWAP_LOCK_TRIES tries."""
     for _ in range(SWAP_LOCK_TRIES):
         try:
             async with conn.transaction():  # a savepoint: a failed try keeps the rest
                 await conn.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")
-                await conn.execute("LOCK TABLE following, followers IN ACCESS EXCLUSIVE MODE")
+                await conn.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
                 await conn.execute("SET LOCAL lock_timeout = 0")
                 return True
         except asyncpg.LockNotAvailableError:
@@ -178,16 +191,17 @@ async def few_live_rows(conn: Conn) -> bool:
 
 async def swap(conn: Conn, built: dict[str, list[Index]]) -> None:
     """Under the live tables' lock: copy in their rows, drop them and put the new ones in
-    their place, under their names, with their indexes' and primary keys' names."""
-    for table in EDGE_TABLES:
+    their place, under their names, with their indexes' and primary keys' names (`built`:
+    the new tables' indexes, by live table)."""
+    for table, indexes in built.items():
         new = new_name(table)
-        await conn.execute(f"INSERT INTO {new} SELECT * FROM {table.name}")  # noqa: S608
-        await conn.execute(f"DROP TABLE {table.name}")
-        await conn.execute(f"ALTER TABLE {new} RENAME TO {table.name}")
-        for index in built[table.name]:
+        await conn.execute(f"INSERT INTO {new} SELECT * FROM {table}")  # noqa: S608
+        await conn.execute(f"DROP TABLE {table}")
+        await conn.execute(f"ALTER TABLE {new} RENAME TO {table}")
+        for index in indexes:
             if index.constraint is not None:
                 await conn.execute(
-                    f"ALTER TABLE {table.name} ADD CONSTRAINT {index.constraint}"
+                    f"ALTER TABLE {table} ADD CONSTRAINT {index.constraint}"
                     f" PRIMARY KEY USING INDEX {index.built}"
                 )
                 if index.constraint != index.name:
@@ -196,6 +210,6 @@ async def swap(conn: Conn, built: dict[str, list[Index]]) -> None:
                 await conn.execute(f"ALTER INDEX {index.built} RENAME TO {index.name}")
 
 
-async def drop_built(conn: Conn) -> None:
+async def drop_built(conn: Conn, tables: Sequence[str] = EDGE_NAMES) -> None:
     """Drop the new tables (when the swap did not happen)."""
-    await conn.execute("DROP TABLE IF EXISTS import_swap_following, import_swap_followers")
+    await conn.execute(f"DROP TABLE IF EXISTS {', '.join(map(new_name, tables))}")

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from typing import TYPE_CHECKING, TextIO
 
 import asyncpg
 
+import server.importer.inmemory as inmemory
 import server.importer.pair as pair
 from server.importer.bulk import write_fresh
 from server.importer.csvread import IdChecker
@@ -86,43 +88,30 @@ async def import_graph(
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _IMPORT_LOCK):
             raise ImportBusyError("another follow-server import is running on this database")
         staging = await Staging.detect(conn, edges=edges is not None)
-        await staging.create(conn)
         if staging.paired:
             second = await pair.connect(database_url)
-        else:
-            # Into a graph in use: one core, and a rest after each statement (pair's doc).
-            await conn.execute(pair.ONE_CORE)
-            conn.rest_ratio = options.pause_ratio
-        report.lap("prepare")
-        no_accounts = await _stage(
-            conn, staging, report, options, accounts, edges, accounts_size, edges_size, second
-        )
-        report.bad_rows.sort(key=lambda b: (b.source, b.line))
-        if report.bad_row_count and not options.skip_bad_rows:
-            raise ImportAbortedError(
-                f"{report.bad_row_count} bad row(s); nothing was imported", report
-            )
-        sizes = await _table_sizes(conn)
-        if accounts is not None and not staging.citus:
-            await write_fresh(conn, second, report, edges=edges is not None, only_file=no_accounts)
-        chunks = []
-        if edges is not None:
-            chunks = await plan_chunks(conn)
-            report.lap("plan batches")
-        resting, conn.rest_ratio = conn.rest_ratio, 0.0  # the batches rest between them
-        if accounts is not None:
-            await write_accounts(conn, await account_batches(conn), report, options)
-        if edges is not None:
-            if options.exclusive and not staging.citus:
-                await write_edges_exclusive(conn, staging, chunks, report, options)
+        texts = None
+        if second is not None and accounts is not None and edges is not None:
+            texts = inmemory.read_texts(accounts, edges, accounts_size, edges_size)
+            if texts is None:
+                report.in_memory = "not tried: the files' sizes are unknown, or too large"
+        if second is not None and texts is not None:
+            try:
+                await inmemory.load(conn, second, texts, options, report)
+            except inmemory.LoadFallbackError as why:
+                report.in_memory = f"not taken: {why}"
+                # The staged path takes the same text (and reports what this refused).
+                accounts, edges = io.StringIO(texts.accounts), io.StringIO(texts.edges)
+                report.lap("work out the graph in memory")
             else:
-                await write_edges(conn, staging, chunks, report, options)
-        conn.rest_ratio = resting
-        report.bad_rows.sort(key=lambda b: (b.source, b.line))
-        await staging.drop(conn)
-        staging = None
-        await _analyze(conn, second, _stale_tables(report, sizes))
-        report.lap("analyze")
+                await _analyze(conn, second, list(dict.fromkeys(_ACCOUNT_TABLES + _EDGE_TABLES)))
+                report.lap("analyze")
+                staging = None
+        if staging is not None:
+            await _staged(
+                conn, second, staging, report, options, accounts, edges, (accounts_size, edges_size)
+            )
+            staging = None
     finally:
         if staging is not None and not conn.is_closed():
             # Best effort: what an interrupted import leaves on Citus the next one drops.
@@ -139,6 +128,49 @@ async def import_graph(
             report,
         )
     return report
+
+
+async def _staged(
+    conn: pair.RestingConnection,
+    second: Conn | None,
+    staging: Staging,
+    report: ImportReport,
+    options: ImportOptions,
+    accounts: TextIO | None,
+    edges: TextIO | None,
+    sizes: tuple[int | None, int | None],
+) -> None:
+    """The staged path: the staging tables, the checks, the bulk step and the merge."""
+    await staging.create(conn)
+    if not staging.paired:
+        # Into a graph in use: one core, and a rest after each statement (pair's doc).
+        await conn.execute(pair.ONE_CORE)
+        conn.rest_ratio = options.pause_ratio
+    report.lap("prepare")
+    no_accounts = await _stage(conn, staging, report, options, accounts, edges, *sizes, second)
+    report.bad_rows.sort(key=lambda b: (b.source, b.line))
+    if report.bad_row_count and not options.skip_bad_rows:
+        raise ImportAbortedError(f"{report.bad_row_count} bad row(s); nothing was imported", report)
+    table_sizes = await _table_sizes(conn)
+    if accounts is not None and not staging.citus:
+        await write_fresh(conn, second, report, edges=edges is not None, only_file=no_accounts)
+    chunks = []
+    if edges is not None:
+        chunks = await plan_chunks(conn)
+        report.lap("plan batches")
+    resting, conn.rest_ratio = conn.rest_ratio, 0.0  # the batches rest between them
+    if accounts is not None:
+        await write_accounts(conn, await account_batches(conn), report, options)
+    if edges is not None:
+        if options.exclusive and not staging.citus:
+            await write_edges_exclusive(conn, staging, chunks, report, options)
+        else:
+            await write_edges(conn, staging, chunks, report, options)
+    conn.rest_ratio = resting
+    report.bad_rows.sort(key=lambda b: (b.source, b.line))
+    await staging.drop(conn)
+    await _analyze(conn, second, _stale_tables(report, table_sizes))
+    report.lap("analyze")
 
 
 # After the merge the planner is given statistics of the tables the import grew by more

@@ -59,6 +59,7 @@ async def _import(
         "present": report.edges_already_present,
         "batches": report.batches,
         "swapped": report.swapped,
+        "in_memory": report.in_memory,
         "longest_batch": round(report.longest_batch, 3),
         "cpu_s": {"postgres": round(cpu_pg, 1), "importer": round(cpu_own, 1)},
         "cpu_bound_edges_per_s": round(report.edges_read / ((cpu_pg + cpu_own) / cores)),
