@@ -159,18 +159,20 @@ def _body(text: str, header: tuple[str, ...], columns: tuple[str, ...]) -> tuple
     return body.encode("ascii"), fields
 
 
-def _frame(body: bytes, columns: tuple[str, ...]) -> pl.DataFrame:
+def _frame(body: bytes, fields: int, columns: tuple[str, ...]) -> pl.DataFrame:
+    """The rows as strings, in `columns` (those past the first line's `fields` NULL); a row
+    of fewer fields has NULLs, a row of more is a LoadFallbackError."""
     try:
-        return pl.read_csv(
+        frame = pl.read_csv(
             body,
             has_header=False,
-            new_columns=list(columns),
             infer_schema=False,
             quote_char=None,
-            schema={c: pl.String for c in columns},
+            schema={c: pl.String for c in columns[:fields]},
         )
     except pl.exceptions.PolarsError as exc:
         raise LoadFallbackError(f"not the fast shape: {exc}") from exc
+    return frame.with_columns(pl.lit(None, pl.String).alias(c) for c in columns[fields:])
 
 
 def _require(ok: pl.Series | bool | None, why: str) -> None:
@@ -184,13 +186,13 @@ def work_out(texts: Texts, options: ImportOptions, now_us: int) -> Graph:
     """The graph of the two files (see Graph); a LoadFallbackError for anything the staged
     path would have to decide or report. Independent steps run in threads (polars and numpy
     release the interpreter), on the cores PostgreSQL is not using yet."""
-    account_body, _ = _body(texts.accounts, ("user_id",), _ACCOUNT_COLUMNS)
+    account_body, account_fields = _body(texts.accounts, ("user_id",), _ACCOUNT_COLUMNS)
     edge_body, edge_fields = _body(texts.edges, ("follower_id",), _EDGE_COLUMNS)
     if edge_fields < 2 or not account_body or not edge_body:
         raise LoadFallbackError("no accounts, no edges, or an edge of one field")
     with ThreadPoolExecutor(_THREADS) as pool:
-        reading = pool.submit(_frame, edge_body, _EDGE_COLUMNS[:edge_fields])
-        read = _frame(account_body, _ACCOUNT_COLUMNS)
+        reading = pool.submit(_frame, edge_body, edge_fields, _EDGE_COLUMNS[:edge_fields])
+        read = _frame(account_body, account_fields, _ACCOUNT_COLUMNS)
         accounts = _accounts(read)
         edges = reading.result()
         ids = accounts["user_id"]
