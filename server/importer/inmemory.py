@@ -193,13 +193,14 @@ def work_out(texts: Texts, options: ImportOptions, now_us: int) -> Graph:
     with ThreadPoolExecutor(_THREADS) as pool:
         reading = pool.submit(_frame, edge_body, edge_fields, _EDGE_COLUMNS[:edge_fields])
         read = _frame(account_body, account_fields, _ACCOUNT_COLUMNS)
-        accounts = _accounts(read)
+        accounts_read, accounts = read.height, _accounts(read)
         edges = reading.result()
+        del read, account_body, edge_body  # what is no longer needed goes at once (memory)
         ids = accounts["user_id"]
         codes = [pool.submit(_codes, edges[c], ids) for c in ("follower", "target")]
         at = _micros(edges, now_us)
         follower, target = (c.result() for c in codes)
-    del edges
+    del edges, codes
     if bool(np.any(follower == target)):
         raise LoadFallbackError("a self-follow")
     following = np.bincount(follower, minlength=ids.len()).astype(np.int64)
@@ -239,7 +240,7 @@ def work_out(texts: Texts, options: ImportOptions, now_us: int) -> Graph:
         following=following,
         followers=np.bincount(target, minlength=ids.len()).astype(np.int64),
         mutuals=np.bincount(follower[mutual], minlength=ids.len()).astype(np.int64),
-        accounts_read=read.height,
+        accounts_read=accounts_read,
         edges_read=int(follower.size),
     )
 

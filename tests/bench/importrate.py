@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -63,6 +64,8 @@ async def _import(
         "longest_batch": round(report.longest_batch, 3),
         "cpu_s": {"postgres": round(cpu_pg, 1), "importer": round(cpu_own, 1)},
         "cpu_bound_edges_per_s": round(report.edges_read / ((cpu_pg + cpu_own) / cores)),
+        # The importer's peak resident memory so far (this process: the runs before count too).
+        "importer_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "phases": {k: round(v, 2) for k, v in report.phases.items()},
     }
 
