@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+import asyncpg
 import numpy as np
 import polars as pl
 
@@ -75,9 +76,15 @@ SELECT NOT EXISTS (SELECT 1 FROM accounts) AND NOT EXISTS (SELECT 1 FROM followi
    AND NOT EXISTS (SELECT 1 FROM followers) AND NOT EXISTS (SELECT 1 FROM account_tombstones)
    AND NOT EXISTS (SELECT 1 FROM follow_counts)
 """
+# The same under the live tables' lock, once the load's counter rows are written (a service
+# call that writes a counter row writes its account's row too).
+_STILL_EMPTY = """
+SELECT NOT EXISTS (SELECT 1 FROM accounts) AND NOT EXISTS (SELECT 1 FROM following)
+   AND NOT EXISTS (SELECT 1 FROM followers) AND NOT EXISTS (SELECT 1 FROM account_tombstones)
+"""
 # The live tables the load replaces (empty, as _EMPTY finds them). Not follow_counts: a view
 # (follow_totals) reads it, so it cannot be dropped; its rows are COPYed into it in the
-# swap's transaction (1,000,000 rows: ~1.5 s).
+# swap's transaction, before the lock (1,000,000 rows: ~2 s).
 _LIVE = ("following", "followers", "accounts")
 _COUNTS = "follow_counts"
 _ONE_WORKER = "SET max_parallel_maintenance_workers = 0"
@@ -405,14 +412,20 @@ async def _chunks(columns: list[Column]) -> AsyncIterator[bytes]:
 async def _swap_in(
     conn: Conn, indexes: dict[str, list[Index]], counts: tuple[list[str], list[Column]]
 ) -> None:
-    """One short transaction: under the live tables' lock, still empty, the new ones take
-    their place and the counter rows are written. A service call that wrote meanwhile
-    makes it a LoadFallbackError."""
-    async with conn.transaction():
-        if not await swap.lock_live(conn, (*_LIVE, _COUNTS)):
-            raise LoadFallbackError("the live tables stayed in use")
-        if not await conn.fetchval(_EMPTY):
-            raise LoadFallbackError("the service wrote meanwhile")
-        await swap.swap(conn, indexes)
-        names, columns = counts
-        await conn.copy_to_table(_COUNTS, source=_chunks(columns), columns=names, format="binary")
+    """One transaction: the counter rows COPYed into follow_counts before any table lock
+    (rows nobody else sees until the commit; seconds for a million), then, under the live
+    tables' lock and finding them still empty, the new tables in their place
+    (milliseconds). A service call that wrote meanwhile makes it a LoadFallbackError."""
+    names, columns = counts
+    try:
+        async with conn.transaction():
+            await conn.copy_to_table(
+                _COUNTS, source=_chunks(columns), columns=names, format="binary"
+            )
+            if not await swap.lock_live(conn, _LIVE):
+                raise LoadFallbackError("the live tables stayed in use")
+            if not await conn.fetchval(_STILL_EMPTY):
+                raise LoadFallbackError("the service wrote meanwhile")
+            await swap.swap(conn, indexes)
+    except asyncpg.UniqueViolationError as exc:  # a counter row of one of the accounts
+        raise LoadFallbackError("the service wrote meanwhile") from exc
