@@ -41,6 +41,15 @@ async def run(
     )
 
 
+async def fetch_rows(db_url: str, sql: str) -> list[tuple[object, ...]]:
+    """The rows of one query, as tuples."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
 async def snapshot(db_url: str) -> dict[str, list[tuple[object, ...]]]:
     """Every row of the edge tables and accounts, and each user's counts (counter row plus
     delta rows: follow_totals), in key order."""

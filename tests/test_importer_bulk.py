@@ -16,7 +16,7 @@ import pytest
 from server.importer import ImportReport, bulk, prebuild, swap
 from server.importer.staging import Staging
 from tests.conftest import skip_on_citus
-from tests.test_importer import T0, assert_counts_equal_lists, at, run, snapshot
+from tests.test_importer import T0, assert_counts_equal_lists, at, fetch_rows, run, snapshot
 
 pytestmark = skip_on_citus("the bulk path runs on one PostgreSQL (Citus takes the batches)")
 
@@ -52,14 +52,6 @@ def swap_always(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(swap, "SWAP_MIN_EDGES", 1)
 
 
-async def _fetch(db_url: str, sql: str) -> list[tuple[object, ...]]:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return [tuple(r) for r in await conn.fetch(sql)]
-    finally:
-        await conn.close()
-
-
 async def _check(db_url: str, report: ImportReport) -> None:
     assert report.edges_added == len(FOLLOWING)
     assert report.batches == 0  # no locked batch: every edge is between created accounts
@@ -85,11 +77,11 @@ async def test_into_empty_edge_tables_new_ones_are_built_and_swapped_in(
 ) -> None:
     """Into empty edge tables the edges go into new tables, swapped in with the live ones'
     index and primary key names; a re-run then finds every edge present, changes nothing."""
-    before = await _fetch(db_url, _INDEXES)
+    before = await fetch_rows(db_url, _INDEXES)
     report = await run(db_url, ACCOUNTS, EDGES)
     assert report.swapped
     await _check(db_url, report)
-    assert await _fetch(db_url, _INDEXES) == before
+    assert await fetch_rows(db_url, _INDEXES) == before
     rows = await snapshot(db_url)
     again = await run(db_url, ACCOUNTS, EDGES)
     assert (again.edges_added, again.edges_already_present) == (0, len(FOLLOWING))
@@ -166,7 +158,7 @@ async def test_no_swap_when_something_hangs_on_the_live_tables(
     report = await run(db_url, ACCOUNTS, EDGES)
     assert not report.swapped
     await _check(db_url, report)
-    assert len(await _fetch(db_url, "SELECT * FROM following_view")) == len(FOLLOWING)
+    assert len(await fetch_rows(db_url, "SELECT * FROM following_view")) == len(FOLLOWING)
 
 
 async def test_a_batch_whose_user_a_call_holds_lets_its_locks_go_and_is_tried_again(
@@ -283,7 +275,7 @@ async def test_an_account_created_while_the_tables_were_prebuilt_takes_the_other
     rows = await snapshot(db_url)
     assert rows["following"] == FOLLOWING
     assert rows["follow_counts"] == COUNTS
-    assert await _fetch(db_url, _LEFT_TABLES) == []
+    assert await fetch_rows(db_url, _LEFT_TABLES) == []
 
 
 async def test_what_a_killed_import_left_is_dropped_by_the_next(
@@ -301,7 +293,7 @@ async def test_what_a_killed_import_left_is_dropped_by_the_next(
     report = await run(db_url, ACCOUNTS, EDGES)
     assert report.swapped
     await _check(db_url, report)
-    assert await _fetch(db_url, _LEFT_TABLES) == []
+    assert await fetch_rows(db_url, _LEFT_TABLES) == []
 
 
 async def test_a_graph_big_enough_to_sample_is_built_in_halves_with_exact_counts(
@@ -324,13 +316,15 @@ async def test_a_graph_big_enough_to_sample_is_built_in_halves_with_exact_counts
     assert report.batches == 0
     assert report.edges_added + report.bad_row_count == len(edges) - 1
     await assert_counts_equal_lists(db_url)
-    mutual = await _fetch(db_url, "SELECT count(*) FROM following WHERE mutual_since IS NOT NULL")
+    mutual = await fetch_rows(
+        db_url, "SELECT count(*) FROM following WHERE mutual_since IS NOT NULL"
+    )
     (count,) = mutual[0]
     assert isinstance(count, int)
     assert count > 0
     # the followers table was written in its key's order (each user's fans on neighbouring
     # pages)
-    rows = await _fetch(db_url, "SELECT user_id, follower_id FROM followers ORDER BY ctid")
+    rows = await fetch_rows(db_url, "SELECT user_id, follower_id FROM followers ORDER BY ctid")
     assert len(rows) == report.edges_added
     assert [tuple(r) for r in rows] == sorted(tuple(r) for r in rows)
 

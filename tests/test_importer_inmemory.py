@@ -24,7 +24,7 @@ from server.database import Database
 from server.importer import ImportAbortedError, ImportOptions, ImportReport, import_graph
 from server.importer.swap import Index
 from tests.conftest import scratch_database, skip_on_citus
-from tests.test_importer import T0, assert_counts_equal_lists, snapshot
+from tests.test_importer import T0, assert_counts_equal_lists, fetch_rows, snapshot
 
 pytestmark = skip_on_citus("the in-memory load runs on one PostgreSQL (Citus stages)")
 
@@ -63,14 +63,6 @@ async def _import(
         accounts_size=sizes[0],
         edges_size=sizes[1],
     )
-
-
-async def _fetch(db_url: str, sql: str) -> list[tuple[object, ...]]:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return [tuple(r) for r in await conn.fetch(sql)]
-    finally:
-        await conn.close()
 
 
 def _now_as_now(rows: dict[str, list[tuple[object, ...]]]) -> dict[str, list[tuple[object, ...]]]:
@@ -129,7 +121,7 @@ async def test_an_initial_load_in_memory_equals_the_staged_one(
     assert ("u0000", "renamed 0", None, 0) in ours["accounts"]
     assert any(r[3] is not None for r in ours["following"])  # some mutual
     await assert_counts_equal_lists(db_url)
-    assert await _fetch(db_url, _LEFT_TABLES) == []
+    assert await fetch_rows(db_url, _LEFT_TABLES) == []
 
 
 async def test_the_swapped_tables_keep_their_indexes_constraints_and_the_view(
@@ -145,11 +137,11 @@ async def test_the_swapped_tables_keep_their_indexes_constraints_and_the_view(
     WHERE c.relname IN ('accounts', 'following', 'followers', 'follow_counts')
     ORDER BY 1, 2
     """
-    before = await _fetch(db_url, shape)
+    before = await fetch_rows(db_url, shape)
     accounts, edges = (_text(lines) for lines in _graph(50, 200))
     assert (await _import(db_url, accounts, edges, in_memory=True)).in_memory == "taken"
-    assert await _fetch(db_url, shape) == before
-    totals = await _fetch(db_url, "SELECT count(*) FROM follow_totals")
+    assert await fetch_rows(db_url, shape) == before
+    totals = await fetch_rows(db_url, "SELECT count(*) FROM follow_totals")
     assert totals == [(50,)]
 
 
@@ -198,7 +190,7 @@ async def test_files_outside_the_fast_shape_go_the_staged_way_alike(
     await _import(other_url, a, e, in_memory=False)
     assert report.in_memory.startswith(why)
     assert _now_as_now(await snapshot(db_url)) == _now_as_now(await snapshot(other_url))
-    assert await _fetch(db_url, _LEFT_TABLES) == []
+    assert await fetch_rows(db_url, _LEFT_TABLES) == []
 
 
 @pytest.mark.parametrize(
@@ -286,7 +278,7 @@ async def test_a_service_write_before_the_swap_sends_the_load_the_staged_way(
     assert ours["following"] == theirs["following"]
     assert ours["follow_counts"] == theirs["follow_counts"]
     await assert_counts_equal_lists(db_url)
-    assert await _fetch(db_url, _LEFT_TABLES) == []
+    assert await fetch_rows(db_url, _LEFT_TABLES) == []
 
 
 async def test_what_a_killed_load_left_is_dropped_by_the_next(any_size: None, db_url: str) -> None:
@@ -299,7 +291,7 @@ async def test_what_a_killed_load_left_is_dropped_by_the_next(any_size: None, db
         await conn.close()
     report = await _import(db_url, _text(["user_id", "a", "b"]), _text(["a,b"]), in_memory=True)
     assert report.in_memory == "taken"
-    assert await _fetch(db_url, _LEFT_TABLES) == []
+    assert await fetch_rows(db_url, _LEFT_TABLES) == []
 
 
 async def test_files_of_unknown_or_too_large_size_are_not_read_into_memory(
