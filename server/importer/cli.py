@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Bulk-load accounts and follow edges from CSV into the database while the "
             "service runs: everything is checked first (any bad row aborts, changing "
-            "nothing, unless --skip-bad-rows), then written in short batches. Safe to "
-            "re-run, and an interrupted import is completed by running it again: edges "
-            "already present are skipped."
+            "nothing, unless --skip-bad-rows), then written in short batches (an initial "
+            "load of both files into an empty database is worked out in memory and "
+            "swapped in at once). Safe to re-run, and an interrupted import is completed "
+            "by running it again: edges already present are skipped."
         ),
     )
     parser.add_argument(
