@@ -313,10 +313,11 @@ async def load(
     graph = await asyncio.to_thread(work_out, texts, options, time.time_ns() // 1000)
     report.lap("work out the graph in memory")
     await swap.drop_built(conn, _LIVE)
+    rows = _rows(graph)
     try:
-        indexes = await _build(conn, second, graph)
+        indexes = await _build(conn, second, rows)
         report.lap("build new tables")
-        await _swap_in(conn, indexes, _rows(graph)[_COUNTS])
+        await _swap_in(conn, indexes, rows[_COUNTS])
         report.lap("swap")
     except BaseException:
         await swap.drop_built(conn, _LIVE)
@@ -329,7 +330,11 @@ async def load(
     report.edges_added += graph.edges_read
 
 
-def _rows(graph: Graph) -> dict[str, tuple[list[str], list[Column]]]:
+# Each table's columns and their values (_rows).
+Rows = dict[str, tuple[list[str], list[Column]]]
+
+
+def _rows(graph: Graph) -> Rows:
     """Each new table's columns and their values, in its key's order."""
     ids = _strings(graph.ids)
     follower, target, fans = graph.follower, graph.target, graph.by_target
@@ -387,11 +392,10 @@ def _fill(table: str, names: list[str], columns: list[Column]) -> Step:
     return step
 
 
-async def _build(conn: Conn, second: Conn, graph: Graph) -> dict[str, list[Index]]:
+async def _build(conn: Conn, second: Conn, rows: Rows) -> dict[str, list[Index]]:
     """The new tables, each filled by one COPY, then their indexes: on the two connections,
     each taking the next job whose table is filled (the edge tables' first: the longest)."""
     plans = {t: await swap.index_plan(conn, t) for t in _LIVE}
-    rows = _rows(graph)
     jobs = [Job(f"fill {t}", (_fill(t, *rows[t]),)) for t in _LIVE]
     jobs += [
         Job(index.built, (_ONE_WORKER, statement), after=(f"fill {t}",))

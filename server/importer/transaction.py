@@ -90,23 +90,23 @@ async def import_graph(
         staging = await Staging.detect(conn, edges=edges is not None)
         if staging.paired:
             second = await pair.connect(database_url)
-        texts = None
         if second is not None and accounts is not None and edges is not None:
             texts = inmemory.read_texts(accounts, edges, accounts_size, edges_size)
             if texts is None:
                 report.in_memory = "not tried: the files' sizes are unknown, or too large"
-        if second is not None and texts is not None:
-            try:
-                await inmemory.load(conn, second, texts, options, report)
-            except inmemory.LoadFallbackError as why:
-                report.in_memory = f"not taken: {why}"
-                # The staged path takes the same text (and reports what this refused).
-                accounts, edges = io.StringIO(texts.accounts), io.StringIO(texts.edges)
-                report.lap("work out the graph in memory")
             else:
-                await _analyze(conn, second, list(dict.fromkeys(_ACCOUNT_TABLES + _EDGE_TABLES)))
-                report.lap("analyze")
-                staging = None
+                try:
+                    await inmemory.load(conn, second, texts, options, report)
+                except inmemory.LoadFallbackError as why:
+                    report.in_memory = f"not taken: {why}"
+                    # The staged path takes the same text (and reports what this refused).
+                    accounts, edges = io.StringIO(texts.accounts), io.StringIO(texts.edges)
+                    report.lap("work out the graph in memory")
+                else:
+                    tables = list(dict.fromkeys(_ACCOUNT_TABLES + _EDGE_TABLES))
+                    await _analyze(conn, second, tables)
+                    report.lap("analyze")
+                    staging = None
         if staging is not None:
             await _staged(
                 conn, second, staging, report, options, accounts, edges, (accounts_size, edges_size)
