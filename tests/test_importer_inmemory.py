@@ -252,9 +252,9 @@ async def test_a_service_write_before_the_swap_sends_the_load_the_staged_way(
     async def build_then_create_a(
         conn: asyncpg.Connection[asyncpg.Record],
         second: asyncpg.Connection[asyncpg.Record],
-        graph: inmemory.Graph,
+        rows: inmemory.Rows,
     ) -> dict[str, list[Index]]:
-        built = await build(conn, second, graph)
+        built = await build(conn, second, rows)
         service = await asyncpg.connect(db_url)
         try:
             await service.execute("INSERT INTO accounts (user_id) VALUES ('a')")
