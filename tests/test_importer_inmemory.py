@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -99,13 +100,19 @@ def _graph(users: int = 300, edges: int = 3000) -> tuple[list[str], list[str]]:
 
 
 async def test_an_initial_load_in_memory_equals_the_staged_one(
-    any_size: None, db_url: str, other_url: str
+    any_size: None, db_url: str, other_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Same accounts (the later row of an id winning, NULL nick and face), same edges with
     their times truncated to microseconds, mutual state, both copies and counts, in memory
-    as staged; the in-memory one swapped its tables in and left no table of its own."""
+    as staged; the in-memory one swapped its tables in, left no table of its own and logged
+    its steps as it went."""
     accounts, edges = (_text(lines) for lines in _graph())
-    report = await _import(db_url, accounts, edges, in_memory=True)
+    with caplog.at_level(logging.INFO, logger="server.importer.inmemory"):
+        report = await _import(db_url, accounts, edges, in_memory=True)
+    steps = [r.getMessage() for r in caplog.records if r.name == "server.importer.inmemory"]
+    assert len(steps) == 2
+    assert steps[0].startswith(f"in-memory load: 300 accounts and {report.edges_read} edges")
+    assert steps[1].startswith("in-memory load: tables and indexes built")
     staged = await _import(other_url, accounts, edges, in_memory=False)
     assert report.in_memory == "taken"
     assert staged.in_memory.startswith("not tried")

@@ -26,6 +26,7 @@ changes how fast an import is, never what it does.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 
     from server.importer.options import ImportOptions
     from server.importer.pair import Conn
+
+log = logging.getLogger(__name__)
 
 # The files may take this share of the machine's memory at most: the text, frames and arrays
 # made from them took ~5 times the files' size at their peak (1.33 GB for the 260 MB of
@@ -92,6 +95,10 @@ _COUNTS = "follow_counts"
 # on top measured slower: 95,014 against 102,609 edges/s). For its own transaction only, so
 # that a staged import after a fallback keeps PostgreSQL's setting.
 _ONE_WORKER = "BEGIN; SET LOCAL max_parallel_maintenance_workers = 0"
+
+
+def _since(began: float) -> float:
+    return time.perf_counter() - began
 
 
 class LoadFallbackError(Exception):
@@ -313,13 +320,22 @@ async def load(
         raise LoadFallbackError("the database is not empty")
     if texts.edges.count("\n") < MIN_EDGES:
         raise LoadFallbackError("a small graph")
+    began = time.perf_counter()
     graph = await asyncio.to_thread(work_out, texts, options, time.time_ns() // 1000)
     report.lap("work out the graph in memory")
+    # What an operator watching a long load sees between the start and the summary.
+    log.info(
+        "in-memory load: %d accounts and %d edges read and checked (%.1fs); building tables",
+        graph.ids.len(),
+        graph.edges_read,
+        _since(began),
+    )
     await swap.drop_built(conn, _LIVE)
     rows = _rows(graph)
     try:
         indexes = await _build(conn, second, rows)
         report.lap("build new tables")
+        log.info("in-memory load: tables and indexes built (%.1fs); swapping in", _since(began))
         await _swap_in(conn, indexes, rows[_COUNTS])
         report.lap("swap")
     except BaseException:
