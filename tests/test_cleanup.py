@@ -36,6 +36,9 @@ CELEBRITY = "celebrity"
 # Fans of the account that is deleted: more than the call's 3 s of cleanup removes on a quiet
 # machine (30,000 were all gone before the kill there, and the test proved nothing).
 FANS = 100_000
+# A fan whose gate another session holds until the kill, so that edges are certainly left
+# when the first server dies (on a faster machine even 100,000 fans were all gone before it).
+HELD_FAN = "f050000"
 OTHERS = [f"o{i:02d}" for i in range(20)]  # users who keep following meanwhile
 
 
@@ -81,11 +84,14 @@ async def wait_until_gone(conn: asyncpg.Connection, user_id: str, budget: float 
 async def test_big_deletion_survives_kill_and_others_keep_working(db_url: str) -> None:
     """Deleting an account with 100,000 fans: the call answers within seconds with the
     account already unknown; the server is killed (-9) while edges remain; a new server
-    picks the job up and finishes it. Meanwhile other users follow and unfollow without
-    pause, each call well under a second. Afterwards no edge of the account is left, counts
-    equal lists and every invariant holds (the checker finds nothing)."""
+    picks the job up and finishes it (one fan's gate held by another session until the kill
+    keeps the first server's job from finishing before it). Meanwhile other users follow and
+    unfollow without pause, each call well under a second. Afterwards no edge of the account
+    is left, counts equal lists and every invariant holds (the checker finds nothing)."""
     await seed(db_url, FANS)
     conn = await asyncpg.connect(db_url)
+    holder = await asyncpg.connect(db_url)
+    await holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", HELD_FAN)
     grpc_port = free_port()
     args = (
         *("--database-url", db_url),
@@ -136,6 +142,7 @@ async def test_big_deletion_survives_kill_and_others_keep_working(db_url: str) -
                 await asyncio.gather(*background)
                 first.process.send_signal(signal.SIGKILL)
                 await first.process.wait()
+        await holder.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", HELD_FAN)
         left = await edges_of(conn, CELEBRITY)
         assert left > 0, "the first server finished everything; nothing was interrupted"
         assert await conn.fetchval("SELECT count(*) FROM account_tombstones") == 1
@@ -150,6 +157,7 @@ async def test_big_deletion_survives_kill_and_others_keep_working(db_url: str) -
         assert report.total == 0, report
     finally:
         stop.set()
+        await holder.close()
         await conn.close()
     assert latencies, "the other users made no calls"
     worst = max(latencies)
