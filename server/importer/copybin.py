@@ -77,10 +77,16 @@ Column = TextColumn | TimestampColumn | BigintColumn
 def dictionary(strings: list[bytes]) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
     """A TextColumn's data and offsets for `strings` (string i is code i)."""
     lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
-    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    return laid_out(b"".join(strings), lengths)
+
+
+def laid_out(
+    joined: bytes, lengths: NDArray[np.int64]
+) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    """A TextColumn's data and offsets for strings given joined, with each one's length."""
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    data = np.frombuffer(bytearray(b"".join(strings)), dtype=np.uint8)
-    return data, offsets
+    return np.frombuffer(bytearray(joined), dtype=np.uint8), offsets
 
 
 def binary_copy(columns: Sequence[Column], *, chunk_rows: int = 250_000) -> Iterator[bytes]:

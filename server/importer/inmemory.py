@@ -46,6 +46,7 @@ from server.importer.copybin import (
     TextColumn,
     TimestampColumn,
     binary_copy,
+    laid_out,
 )
 from server.importer.csvread import FAST_ID, FAST_TEXT, FAST_TIME, is_header
 from server.importer.pair import Job, Step, run_jobs
@@ -298,11 +299,8 @@ def _micros(edges: pl.DataFrame, now_us: int) -> NDArray[np.int64]:
 def _strings(series: pl.Series) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
     """A string column as one buffer of bytes and their bounds (NULL as empty)."""
     filled = series.fill_null("")
-    data = filled.str.join("").item().encode("ascii") if filled.len() else b""
-    lengths = filled.str.len_bytes().to_numpy().astype(np.int64)
-    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return np.frombuffer(data, dtype=np.uint8), offsets
+    joined = filled.str.join("").item().encode("ascii") if filled.len() else b""
+    return laid_out(joined, filled.str.len_bytes().to_numpy().astype(np.int64))
 
 
 def _nullable(series: pl.Series) -> TextColumn:
